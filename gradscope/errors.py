@@ -1,0 +1,31 @@
+"""Errors raised by gradscope.
+
+Every message says what arrived, what was expected and how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class GradscopeError(Exception):
+    """Base class of every error gradscope raises on purpose."""
+
+
+class RecordingFormatError(GradscopeError):
+    """A file is not a gradscope Recording, is corrupt, or has an unknown format version."""
+
+
+class MissingMeasureError(GradscopeError):
+    """A Recording lacks the measure an operation needs (the message says how to record it)."""
+
+
+class ShapeError(GradscopeError, ValueError):
+    """Tensors given to an estimator have shapes that do not fit together."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
+    candidates = list(candidates)
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
