@@ -1,8 +1,18 @@
-"""gradscope: see how far back your gradient reaches in PyTorch sequence models."""
+"""gradscope: see how far back your gradient reaches in PyTorch sequence models.
+
+Public API::
+
+    with gradscope.watch(model) as scope:   # record during training
+        ...
+    rec = scope.recording                   # frozen numpy data; rec.save(path) / gradscope.load(path)
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import GradscopeError
+from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
+from .recording import Recording, load
+from .capture.scope import Scope, watch
 
-__all__ = ["GradscopeError", "__version__"]
+__all__ = ["watch", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
+           "MissingMeasureError", "__version__"]

@@ -1,0 +1,579 @@
+"""watch(): record the total gradient reaching every recurrent state, around an unchanged loop.
+
+How it works (the only code in gradscope that touches a live model):
+
+* The root module gets a forward pre-hook and a forward hook for the whole watch. They decide, per
+  forward pass with gradients enabled, whether the coming *step* (one backward pass that reaches
+  the model) is on the ``every`` schedule.
+* Off schedule, the only work is one tensor hook on the model's outputs that counts the backward
+  pass; fused modules run their own kernel untouched (bitwise identical results).
+* On schedule, fused ``nn.RNN/LSTM/GRU`` modules are replayed step by step
+  (:mod:`gradscope.capture.replay`) so every h_t and c_t is a graph node, user cells get a forward
+  hook for that pass only, and every state tensor gets a tensor hook that stores the norm of the
+  fully accumulated gradient. Parameters get tensor hooks for that step only. Norms stay on the
+  device until the backward pass ends (``queue_callback``); then they are copied to the host in one
+  transfer per device and dtype.
+* Every hook handle is owned by the :class:`Scope` and removed by :meth:`Scope.close`, which also
+  runs when the ``with`` block raises.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+import weakref
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import GradscopeError, did_you_mean
+from ..recording import Recording
+from .replay import replay_fused
+from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
+                    unsupported_reason)
+
+__all__ = ["watch", "Scope"]
+
+# Which models are watched right now (model -> scope). Only liveness lives here; every piece of
+# recording state lives on the Scope instance.
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
+
+
+def _norm(g: Tensor) -> Tensor:
+    """Frobenius norm on the gradient's device; half precisions accumulate in float32."""
+    if g.dtype not in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(g, dtype=torch.float32)
+    return torch.linalg.vector_norm(g)
+
+
+class _Pass:
+    """One forward pass with gradients enabled, until a backward pass consumes it."""
+
+    __slots__ = ("scheduled", "fired", "seq_len", "handles", "__weakref__")
+
+    def __init__(self, scheduled: bool):
+        self.scheduled = scheduled
+        self.fired = False
+        self.seq_len: Dict[str, int] = {}
+        self.handles: List[Any] = []
+
+
+class Scope:
+    """A live watch on one model. Use as a context manager or call :meth:`close` yourself.
+
+    Attributes:
+        model: the watched module.
+        every: record one step in ``every`` (steps are backward passes reaching the model).
+        sites: the :class:`SiteSpec` of every site, by name (user cells appear after the first
+            forward pass with gradients).
+    """
+
+    def __init__(self, model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
+                 max_steps: int = 10_000, probe_every: Optional[int] = None):
+        _check_model(model)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise GradscopeError(
+                f"every must be a positive integer (record one step in `every`), got {every!r}. "
+                f"Use every=1 to record every step.")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
+            raise GradscopeError(f"max_steps must be an integer >= 2, got {max_steps!r}.")
+        if probe_every is not None and (not isinstance(probe_every, int) or probe_every < 1):
+            raise GradscopeError(f"probe_every must be a positive integer or None, got {probe_every!r}.")
+        for m in model.modules():
+            ref = _ACTIVE.get(m)
+            other = ref() if ref is not None else None
+            if other is not None and not other.closed:
+                what = "this model" if m is model else f"its submodule {type(m).__name__}"
+                raise GradscopeError(
+                    f"{what} is already watched by {other!r}; one watch per model at a time. "
+                    f"Close the first with scope.close() (or leave its `with` block) before watching again.")
+        self.model = model
+        self.every = every
+        self.max_steps = max_steps
+        self.probe_every = probe_every
+        self.closed = False
+        self._stride = 1  # grows ×2 whenever the history is thinned to stay within max_steps
+        self._step = 0
+        self._handles: List[Any] = []
+        self._patched: List[nn.Module] = []
+        self._pending: List[_Pass] = []
+        self._current: Optional[_Pass] = None
+        self._bw_queued = False
+        self._vals: List[Tensor] = []
+        self._keys: List[Tuple] = []
+        self._param_handles: List[Any] = []
+        self._rows: List[Dict[str, Any]] = []
+        self._events: List[Dict[str, Any]] = []
+        self._event_keys: set = set()
+        self._notes: List[str] = []
+        self._note_keys: set = set()
+        self._unsupported: List[Dict[str, Any]] = []
+        self._discovered = False
+        self._discovery_log: Optional[Dict[str, list]] = None
+        self._discovery_handles: List[Any] = []
+        self._cell_handles: List[Any] = []
+        self._cell_counter: Dict[str, int] = {}
+        self._probe_records: List[Any] = []
+
+        names = dict(model.named_modules())
+        self._module_names = {id(m): n for n, m in names.items()}
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
+
+        # static sites: every fused recurrent module, one site per layer and direction
+        self.sites: Dict[str, SiteSpec] = {}
+        self._fused: Dict[str, nn.Module] = {}
+        for name, m in names.items():
+            reason = unsupported_reason(m)
+            if reason:
+                self._unsupported.append({"module": name, "type": type(m).__name__, "reason": reason})
+                continue
+            if isinstance(m, FUSED_TYPES):
+                self._fused[name] = m
+                for spec in fused_sites(name, m):
+                    self.sites[spec.name] = spec
+        self._explicit_cells: Dict[str, nn.Module] = {}
+        self._selected: Optional[set] = None
+        if sites is not None:
+            self._select(list(sites), names)
+        self._tracked_fused = {n: [s for s in self.sites.values() if s.module_name == n]
+                               for n in self._fused}
+
+        self._claimed = [model]
+        _ACTIVE[model] = weakref.ref(self)
+        try:
+            self._handles.append(model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(model.register_forward_hook(self._root_post))
+            for name, m in self._fused.items():
+                if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
+                    self._patch(m, name)
+        except Exception:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _select(self, wanted: List[str], names: Dict[str, nn.Module]) -> None:
+        if isinstance(wanted, str):
+            raise GradscopeError(f"sites must be a list of names, got the string {wanted!r}; "
+                                 f"write sites=[{wanted!r}].")
+        selected = set()
+        for w in wanted:
+            if w in self.sites:
+                selected.add(w)
+            elif w in self._fused:
+                selected |= {s for s, spec in self.sites.items() if spec.module_name == w}
+            elif w in names and w != "":
+                m = names[w]
+                self._explicit_cells[w] = m
+                self.sites[w] = SiteSpec(w, w, "cell", ("h",), info={"module_type": type(m).__name__,
+                                                                       "explicit": True})
+                selected.add(w)
+            else:
+                cands = list(self.sites) + [n for n in names if n]
+                raise GradscopeError(
+                    f"unknown site {w!r}: no module or site of that name in {type(self.model).__name__}."
+                    f"{did_you_mean(w, cands)} Site names are qualified module names "
+                    f"(model.named_modules()), with '.l<k>' / '.l<k>_reverse' for fused layers.")
+        self._selected = selected
+        self._discovered = True  # an explicit selection replaces automatic cell discovery
+
+    def _wanted(self, site: str) -> bool:
+        return self._selected is None or site in self._selected
+
+    def _patch(self, m: nn.Module, name: str) -> None:
+        """Shadow the fused module's forward with one that replays on scheduled passes."""
+        cls_forward = type(m).forward
+        scope_ref = weakref.ref(self)
+        specs = {(s.layer, s.reverse): s.name for s in self.sites.values()
+                 if s.module_name == name and self._wanted(s.name)}
+
+        def forward(*args, **kwargs):
+            scope = scope_ref()
+            p = scope._current if scope is not None and not scope.closed else None
+            if p is None or not p.scheduled or not torch.is_grad_enabled():
+                return cls_forward(m, *args, **kwargs)
+            return scope._replay(m, specs, p, args, kwargs)
+
+        forward.__gradscope__ = True  # type: ignore[attr-defined]
+        m.forward = forward  # instance attribute; removed by close()
+        self._patched.append(m)
+        _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
+        self._claimed.append(m)
+
+    # ------------------------------------------------------------- root hooks
+    def _root_pre(self, module, args):
+        if self.closed or not torch.is_grad_enabled():
+            self._current = None
+            return
+        p = _Pass(self._is_scheduled(self._step))
+        self._current = p
+        if p.scheduled:
+            if not self._param_handles:
+                for i, (_, prm) in enumerate(self._params):
+                    self._param_handles.append(prm.register_hook(functools.partial(self._on_param_grad, i)))
+            if not self._discovered:
+                self._start_discovery()
+            self._cell_counter = {}
+            for name, m in self._explicit_cells.items():
+                self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name)))
+            for name, spec in self.sites.items():
+                if spec.kind == "cell" and name not in self._explicit_cells and self._wanted(name):
+                    m = self._module_by_name(spec.module_name)
+                    self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name)))
+
+    def _root_post(self, module, args, output):
+        p = self._current
+        self._current = None
+        if p is None or self.closed:
+            return
+        for h in self._cell_handles:
+            h.remove()
+        self._cell_handles = []
+        if self._discovery_log is not None:
+            self._finish_discovery(p)
+        for name, n in self._cell_counter.items():
+            p.seq_len[name] = max(p.seq_len.get(name, 0), n)
+        outs = [t for t in flatten_tensors(output) if t.requires_grad]
+        if not outs:
+            return
+        hook = functools.partial(self._on_output_grad, weakref.ref(p))
+        for t in outs:
+            p.handles.append(t.register_hook(hook))
+        self._pending.append(p)
+        while len(self._pending) > _MAX_PENDING:
+            self._drop_pass(self._pending.pop(0))
+
+    def _on_output_grad(self, pref, grad):
+        p = pref()
+        if p is None or self.closed:
+            return
+        p.fired = True
+        if not self._bw_queued:
+            self._bw_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_backward_end(self):
+        self._bw_queued = False
+        if self.closed:
+            return
+        fired = [p for p in self._pending if p.fired]
+        self._pending = [p for p in self._pending if not p.fired]
+        step = self._step
+        self._step += 1
+        scheduled = [p for p in fired if p.scheduled]
+        for p in fired:
+            self._drop_pass(p)
+        if scheduled:
+            self._finalize(step, scheduled)
+
+    def _is_scheduled(self, step: int) -> bool:
+        return step % (self.every * self._stride) == 0
+
+    # ----------------------------------------------------------- state hooks
+    def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
+        if tensor.requires_grad:
+            p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
+
+    def _on_state_grad(self, key, grad):
+        if not self.closed:
+            self._vals.append(_norm(grad.detach()))
+            self._keys.append(key)
+
+    def _on_param_grad(self, i, grad):
+        if not self.closed:
+            self._vals.append(_norm(grad.detach()))
+            self._keys.append(("param", i))
+
+    def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs):
+        input = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        names = {key: (site, self.sites[site].states) for key, site in specs.items()}
+        seen: Dict[str, int] = {}
+
+        def on_state(layer, reverse, t, state):
+            entry = names.get((layer, reverse))
+            if entry is None:
+                return
+            site, states = entry
+            if t >= seen.get(site, 0):
+                seen[site] = t + 1
+            if isinstance(state, tuple):
+                for sname, s in zip(states, state):
+                    self._track(p, s, ("site", site, sname, t))
+            else:
+                self._track(p, state, ("site", site, "h", t))
+
+        out = replay_fused(m, input, hx, on_state)
+        for site, n in seen.items():
+            p.seq_len[site] = max(p.seq_len.get(site, 0), n)
+        return out
+
+    def _on_cell_call(self, name, module, args, output):
+        p = self._current
+        if p is None:
+            return
+        t = self._cell_counter.get(name, 0)
+        self._cell_counter[name] = t + 1
+        spec = self.sites[name]
+        outs = flatten_tensors(output)
+        idx = spec.state_outputs or tuple(range(len(outs)))
+        if spec.info.get("explicit") and not spec.state_outputs and len(spec.states) != len(idx):
+            spec.states = state_names(len(idx))
+        for sname, i in zip(spec.states, idx):
+            if i < len(outs):
+                self._track(p, outs[i], ("site", name, sname, t))
+
+    # -------------------------------------------------------------- discovery
+    def _start_discovery(self) -> None:
+        self._discovery_log = defaultdict(list)
+        for name, m in self.model.named_modules():
+            if not name or isinstance(m, FUSED_TYPES) or name in self.sites:
+                continue
+            if next(m.parameters(), None) is None:
+                continue  # parameter-free modules (activations, dropout) are never cells
+            self._discovery_handles.append(m.register_forward_hook(functools.partial(self._on_discovery_call, name)))
+
+    def _on_discovery_call(self, name, module, args, output):
+        if self._discovery_log is not None and torch.is_grad_enabled():
+            self._discovery_log[name].append((flatten_tensors(args), flatten_tensors(output)))
+
+    def _finish_discovery(self, p: _Pass) -> None:
+        log, self._discovery_log = self._discovery_log, None
+        for h in self._discovery_handles:
+            h.remove()
+        self._discovery_handles = []
+        self._discovered = True
+        cells = find_cells(log)
+        for name, (outs, ins) in cells.items():
+            m = self._module_by_name(name)
+            states = state_names(len(outs))
+            self.sites[name] = SiteSpec(name, name, "cell", states, info={"module_type": type(m).__name__,
+                                                                        "calls": len(log[name])},
+                                        state_outputs=outs, state_inputs=ins)
+            # Hooks on this pass's states are registered now: the backward has not run yet.
+            for t, (_, outputs) in enumerate(log[name]):
+                for sname, i in zip(states, outs):
+                    self._track(p, outputs[i], ("site", name, sname, t))
+            p.seq_len[name] = len(log[name])
+        if not self.sites:
+            self._note("no-sites", "no recurrent or attention site found: no nn.RNN/LSTM/GRU and no "
+                                   "module whose output feeds its own next call; parameter gradient "
+                                   "norms are still recorded. Name a module in watch(sites=[...]) to record it.")
+
+    def _module_by_name(self, name: str) -> nn.Module:
+        return dict(self.model.named_modules())[name]
+
+    # -------------------------------------------------------------- finalize
+    def _finalize(self, step: int, passes: List[_Pass]) -> None:
+        vals, keys = self._vals, self._keys
+        self._vals, self._keys = [], []
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles = []
+        # One host copy per (device, dtype) group: no .item() per value.
+        host = np.empty(len(vals), dtype=np.float64)
+        groups: Dict[Tuple, List[int]] = defaultdict(list)
+        for i, v in enumerate(vals):
+            groups[(v.device, v.dtype)].append(i)
+        for idx in groups.values():
+            host[idx] = torch.stack([vals[i] for i in idx]).cpu().double().numpy()
+
+        seq_len: Dict[str, int] = {}
+        for p in passes:
+            for s, n in p.seq_len.items():
+                seq_len[s] = max(seq_len.get(s, 0), n)
+        sumsq: Dict[Tuple[str, str], np.ndarray] = {}
+        fired_sites = set()
+        params = np.zeros(len(self._params))
+        got_param = np.zeros(len(self._params), dtype=bool)
+        for v, key in zip(host, keys):
+            if key[0] == "param":
+                params[key[1]] += v * v
+                got_param[key[1]] = True
+                continue
+            _, site, sname, t = key
+            n = seq_len.get(site, t + 1)
+            if t >= n:
+                n = seq_len[site] = t + 1
+            arr = sumsq.get((site, sname))
+            if arr is None or len(arr) < n:
+                new = np.zeros(n)
+                if arr is not None:
+                    new[:len(arr)] = arr
+                arr = sumsq[(site, sname)] = new
+            arr[t] += v * v
+            fired_sites.add(site)
+        grads = {}
+        for site, spec in self.sites.items():
+            if not self._wanted(site):
+                continue
+            n = seq_len.get(site, 0)
+            if n and site not in fired_sites:
+                self._note(("nograd", site), f"site {site!r} ran but no gradient reached its states "
+                                            f"(first at step {step}); its norms are recorded as 0.")
+            for sname in spec.states:
+                a = sumsq.get((site, sname))
+                row = np.zeros(n) if a is None else np.pad(a, (0, max(0, n - len(a))))
+                grads[(site, sname)] = np.sqrt(row)
+        params = np.sqrt(params)
+        self._check_finite(step, grads, params, got_param)
+        params[~got_param] = np.nan  # NaN: the parameter received no gradient in this step
+        self._rows.append({"step": step, "grads": grads, "seq": seq_len, "params": params})
+        if len(self._rows) >= self.max_steps:
+            self._rows = self._rows[::2]
+            self._stride *= 2
+
+    def _check_finite(self, step, grads, params, got_param) -> None:
+        """Record the first non-finite value per site state and per parameter as an event."""
+        for (site, sname), row in grads.items():
+            bad = np.flatnonzero(~np.isfinite(row))
+            if bad.size:
+                # backward runs from the last position: the highest index is where it showed first
+                self._event(("site", site, sname), {"kind": "nonfinite", "step": step, "site": site,
+                                                     "state": sname, "t": int(bad[-1]),
+                                                     "value": repr(float(row[bad[-1]])),
+                                                     "count": int(bad.size)})
+        for i in np.flatnonzero(got_param & ~np.isfinite(params)):
+            name = self._params[i][0]
+            self._event(("param", name), {"kind": "nonfinite", "step": step, "param": name,
+                                          "value": repr(float(params[i]))})
+
+    def _event(self, key, event) -> None:
+        if key not in self._event_keys:
+            self._event_keys.add(key)
+            self._events.append(event)
+
+    def _note(self, key, text) -> None:
+        if key not in self._note_keys:
+            self._note_keys.add(key)
+            self._notes.append(text)
+
+    def _drop_pass(self, p: _Pass) -> None:
+        for h in p.handles:
+            h.remove()
+        p.handles = []
+
+    # ---------------------------------------------------------------- public
+    @property
+    def step(self) -> int:
+        """Number of backward passes that reached the model so far."""
+        return self._step
+
+    @property
+    def recording(self) -> Recording:
+        """A frozen :class:`~gradscope.Recording` of everything recorded so far."""
+        rows = self._rows
+        sites = {n: s.to_dict() for n, s in self.sites.items() if self._wanted(n)}
+        grads, seq = {}, {}
+        for name, spec in self.sites.items():
+            if name not in sites:
+                continue
+            lens = np.array([r["seq"].get(name, 0) for r in rows], dtype=np.int64)
+            T = int(lens.max()) if len(lens) else 0
+            seq[name] = lens
+            for sname in spec.states:
+                a = np.full((len(rows), T), np.nan)
+                for i, r in enumerate(rows):
+                    row = r["grads"].get((name, sname))
+                    if row is not None:
+                        a[i, :len(row)] = row
+                grads[(name, sname)] = a
+        params = {n: np.array([r["params"][i] for r in rows]) for i, (n, _) in enumerate(self._params)}
+        notes = list(self._notes)
+        if not sites and self._discovered and not any("no recurrent" in n for n in notes):
+            notes.append("no recurrent or attention site found; parameter gradient norms are still recorded.")
+        meta = {"gradscope_version": __version__, "torch_version": torch.__version__,
+                "model": type(self.model).__name__, "every": self.every,
+                "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
+                "source": "watch"}
+        return Recording(sites=sites, steps=[r["step"] for r in rows], grads=grads, seq_lens=seq,
+                         params=params, events=self._events, unsupported=self._unsupported,
+                         notes=notes, meta=meta)
+
+    def close(self) -> None:
+        """Remove every hook and patch; safe to call twice. The recording stays available."""
+        if self.closed:
+            return
+        self.closed = True
+        for h in self._handles + self._param_handles + self._discovery_handles + self._cell_handles:
+            h.remove()
+        self._handles, self._param_handles, self._discovery_handles, self._cell_handles = [], [], [], []
+        for p in self._pending:
+            self._drop_pass(p)
+        self._pending = []
+        self._discovery_log = None
+        self._vals, self._keys = [], []
+        for m in self._patched:
+            fwd = m.__dict__.get("forward")
+            if getattr(fwd, "__gradscope__", False):
+                del m.__dict__["forward"]
+        self._patched = []
+        for m in self._claimed:
+            ref = _ACTIVE.get(m)
+            if ref is not None and ref() is self:
+                del _ACTIVE[m]
+
+    def __enter__(self) -> "Scope":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (f"<gradscope.Scope on {type(self.model).__name__} ({state}), every={self.every}, "
+                f"sites={list(self.sites)}, steps={self._step}>")
+
+
+def _check_model(model) -> None:
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise GradscopeError(
+            f"watch() received the class {model.__name__} instead of a model; instantiate it first, "
+            f"e.g. watch({model.__name__}(...)).")
+    if not isinstance(model, nn.Module):
+        raise GradscopeError(
+            f"watch() expects a torch.nn.Module, got {type(model).__name__}. Pass the model object "
+            f"itself (not its output, state_dict or parameters).")
+
+
+def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
+          max_steps: int = 10_000, probe_every: Optional[int] = None) -> Scope:
+    """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
+
+    Args:
+        model: the model to watch; its training loop stays unchanged.
+        every: record one step in ``every``; a step is one backward pass reaching the model.
+            Steps off the schedule run the model untouched.
+        sites: record only these sites: site names (``"lstm.l0_reverse"``), fused module names
+            (all their layers and directions) or any module's qualified name (its per-call outputs
+            become per-step states, even where automatic discovery would not pick it). Default:
+            every fused RNN/LSTM/GRU layer and direction plus every user cell found.
+        max_steps: the history stays below this many recorded steps; when it is reached every
+            other recorded step is dropped and the recording interval doubles, so a long run keeps
+            its whole span in bounded memory.
+        probe_every: reserved for periodic probes (Jacobians, Lyapunov exponents).
+
+    Returns:
+        A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
+
+    Raises:
+        GradscopeError: ``model`` is not an ``nn.Module`` instance, ``every < 1``, an unknown site
+            name, or the model is already watched.
+
+    Example:
+        >>> import torch, gradscope
+        >>> lstm = torch.nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+        >>> with gradscope.watch(lstm) as scope:
+        ...     out, _ = lstm(torch.randn(10, 3, 4))
+        ...     out.pow(2).mean().backward()
+        >>> scope.recording.sites
+        ('l0', 'l0_reverse', 'l1', 'l1_reverse')
+        >>> scope.recording.grad_norms("l1", state="c").shape
+        (1, 10)
+    """
+    return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every)

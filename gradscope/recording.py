@@ -1,0 +1,262 @@
+"""Recording: what gradscope measured, as frozen plain data (numpy + JSON-able metadata).
+
+A Recording holds no torch objects and never touches a model or a device. It is produced by
+:func:`gradscope.watch` (``scope.recording``) and :func:`gradscope.probe`, saved with
+:meth:`Recording.save` and read back with :func:`gradscope.load`.
+
+Index letters: S recorded training steps, T time steps (the longest sequence seen), B samples,
+k lags or exponents, H hidden units.
+
+Time axis. Column ``t`` of ``grad_norms(site)`` is the state produced after consuming input
+position ``t`` (``t = 0 … T−1``), for the reverse direction of a bidirectional layer too (its
+recurrence runs from ``T−1`` down to ``0``, so its gradient travels in the opposite direction).
+Variable sequence lengths across training steps are padded with NaN on the right: a step whose
+sequence had length 30 in a recording whose longest sequence is 50 has NaN in columns 30–49
+(``rec.seq_lens(site)`` gives each step's length). Within one step, samples of a
+``PackedSequence`` that have ended simply no longer contribute to the norm at later positions.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import GradscopeError, MissingMeasureError, RecordingFormatError, did_you_mean
+
+FORMAT_VERSION = 1
+_META_KEY = "__meta__"
+
+__all__ = ["Recording", "load", "FORMAT_VERSION"]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+def _jsonable(x: Any) -> Any:
+    """Make metadata JSON-safe: numpy scalars to Python, non-finite floats to strings."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)  # 'nan', 'inf', '-inf'
+    return x
+
+
+class Recording:
+    """Frozen measurements of one watched run or one probe.
+
+    Attributes:
+        sites: site names in discovery order (e.g. ``"encoder.lstm.l0"``,
+            ``"encoder.lstm.l0_reverse"``, ``"decoder.cell"``).
+        steps: ``[S]`` the training-step index of every recorded step.
+        events: list of dicts, e.g. the first non-finite value per source
+            (``{"kind": "nonfinite", "step": 12, "site": "lstm.l0", "state": "h", "t": 37}``).
+        unsupported: modules that look recurrent or attention-like but could not be measured,
+            each ``{"module": name, "type": cls, "reason": ...}``.
+        notes: human-readable remarks of the capture (e.g. "no recurrent site found").
+        meta: JSON-able metadata (gradscope and torch versions, model class, ``every``, …).
+
+    Example:
+        >>> import gradscope, torch
+        >>> rnn = torch.nn.RNN(3, 8)
+        >>> with gradscope.watch(rnn) as scope:
+        ...     out, _ = rnn(torch.randn(5, 2, 3))
+        ...     out.sum().backward()
+        >>> scope.recording.grad_norms("l0").shape
+        (1, 5)
+    """
+
+    def __init__(self, *, sites: Mapping[str, Mapping[str, Any]], steps: Sequence[int],
+                 grads: Mapping[Tuple[str, str], np.ndarray], seq_lens: Mapping[str, np.ndarray],
+                 params: Mapping[str, np.ndarray], events: Sequence[Mapping[str, Any]] = (),
+                 unsupported: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (),
+                 meta: Optional[Mapping[str, Any]] = None,
+                 measures: Optional[Mapping[Tuple[str, str], np.ndarray]] = None,
+                 measure_meta: Optional[Mapping[str, Any]] = None):
+        self._site_info = {k: dict(v) for k, v in sites.items()}
+        self._steps = _frozen(np.asarray(steps, dtype=np.int64))
+        self._grads = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in grads.items()}
+        self._seq_lens = {k: _frozen(np.asarray(v, dtype=np.int64)) for k, v in seq_lens.items()}
+        self._params = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in params.items()}
+        self._measures = {k: _frozen(np.asarray(v)) for k, v in (measures or {}).items()}
+        self._measure_meta = dict(measure_meta or {})
+        self.events: Tuple[Dict[str, Any], ...] = tuple(dict(e) for e in events)
+        self.unsupported: Tuple[Dict[str, Any], ...] = tuple(dict(u) for u in unsupported)
+        self.notes: Tuple[str, ...] = tuple(notes)
+        self.meta: Dict[str, Any] = dict(meta or {})
+        n = len(self._steps)
+        for (site, state), a in self._grads.items():
+            if site not in self._site_info:
+                raise RecordingFormatError(f"grad norms for unknown site {site!r}")
+            if a.ndim != 2 or a.shape[0] != n:
+                raise RecordingFormatError(
+                    f"grad norms of {site!r}/{state!r} have shape {a.shape}, expected [{n}, T]")
+        for name, a in self._params.items():
+            if a.shape != (n,):
+                raise RecordingFormatError(
+                    f"parameter norms of {name!r} have shape {a.shape}, expected [{n}]")
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def sites(self) -> Tuple[str, ...]:
+        return tuple(self._site_info)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self._steps
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def site_info(self, site: str) -> Dict[str, Any]:
+        """Static facts about a site: ``kind`` (``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``,
+        ``cell``), ``module`` (qualified name), ``layer``, ``direction``, ``states``, sizes."""
+        return dict(self._site_info[self._check_site(site)])
+
+    def states(self, site: str) -> Tuple[str, ...]:
+        """State names of a site: ``("h",)``, or ``("h", "c")`` for LSTM and two-state cells."""
+        return tuple(self._site_info[self._check_site(site)]["states"])
+
+    def grad_norms(self, site: str, state: str = "h") -> np.ndarray:
+        """‖∂L/∂h_t‖ per recorded step and time step: ``[S, T]`` (Frobenius over batch and
+        features; NaN right-padding for steps with shorter sequences)."""
+        site = self._check_site(site)
+        states = self._site_info[site]["states"]
+        if state not in states:
+            raise GradscopeError(
+                f"site {site!r} has states {tuple(states)}, not {state!r}.{did_you_mean(state, states)}")
+        key = (site, state)
+        if key not in self._grads:
+            return np.zeros((len(self._steps), 0))
+        return self._grads[key]
+
+    def seq_lens(self, site: str) -> np.ndarray:
+        """``[S]`` the sequence length the site ran for at every recorded step (0: not called)."""
+        site = self._check_site(site)
+        return self._seq_lens.get(site, np.zeros(len(self._steps), dtype=np.int64))
+
+    def param_grad_norms(self) -> Dict[str, np.ndarray]:
+        """``{name: [S]}`` the gradient norm of every named parameter at every recorded step
+        (NaN where the parameter received no gradient)."""
+        return dict(self._params)
+
+    # probe measures ---------------------------------------------------------
+    def has_measure(self, site: str, measure: str) -> bool:
+        return (site, measure) in self._measures
+
+    def measure(self, site: str, measure: str) -> np.ndarray:
+        """A probe measure of a site by name (``jacobian_norms``, ``lyapunov``, …)."""
+        site = self._check_site(site)
+        key = (site, measure)
+        if key not in self._measures:
+            have = sorted({m for (s, m) in self._measures if s == site})
+            raise MissingMeasureError(
+                f"the recording has no {measure!r} for site {site!r} (it has {have or 'none'}). "
+                f"Record it with gradscope.probe(model, batch) or watch(model, probe_every=N).")
+        return self._measures[key]
+
+    def measures(self) -> Dict[Tuple[str, str], np.ndarray]:
+        return dict(self._measures)
+
+    @property
+    def measure_meta(self) -> Dict[str, Any]:
+        return dict(self._measure_meta)
+
+    def _check_site(self, site: str) -> str:
+        if site not in self._site_info:
+            if not self._site_info:
+                raise GradscopeError(
+                    f"unknown site {site!r}: this recording has no sites (no recurrent or attention "
+                    f"module was found in the model).")
+            raise GradscopeError(
+                f"unknown site {site!r}; the recording has {list(self._site_info)}."
+                f"{did_you_mean(site, self._site_info)}")
+        return site
+
+    def __repr__(self) -> str:
+        return (f"Recording(sites={list(self.sites)}, steps={len(self)}, "
+                f"params={len(self._params)}, events={len(self.events)})")
+
+    # ----------------------------------------------------------------- file io
+    def save(self, path) -> Path:
+        """Write the recording to ``path`` (a ``.npz`` zip: arrays plus JSON metadata)."""
+        path = Path(path)
+        arrays: Dict[str, np.ndarray] = {"steps": self._steps}
+        index: Dict[str, Any] = {"grads": [], "seq_lens": [], "params": [], "measures": []}
+        for i, ((site, state), a) in enumerate(self._grads.items()):
+            arrays[f"g{i}"] = a
+            index["grads"].append([site, state, f"g{i}"])
+        for i, (site, a) in enumerate(self._seq_lens.items()):
+            arrays[f"l{i}"] = a
+            index["seq_lens"].append([site, f"l{i}"])
+        for i, (name, a) in enumerate(self._params.items()):
+            arrays[f"p{i}"] = a
+            index["params"].append([name, f"p{i}"])
+        for i, ((site, m), a) in enumerate(self._measures.items()):
+            arrays[f"m{i}"] = a
+            index["measures"].append([site, m, f"m{i}"])
+        meta = {
+            "format": "gradscope.recording", "version": FORMAT_VERSION,
+            "sites": self._site_info, "events": list(self.events), "unsupported": list(self.unsupported),
+            "notes": list(self.notes), "meta": self.meta, "measure_meta": self._measure_meta,
+            "index": index,
+        }
+        arrays[_META_KEY] = np.frombuffer(json.dumps(_jsonable(meta)).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
+
+
+def load(path) -> Recording:
+    """Read a Recording written by :meth:`Recording.save`.
+
+    Raises:
+        RecordingFormatError: the file is missing, not a gradscope recording, truncated or
+            corrupt, or written by a newer gradscope (unknown format version).
+    """
+    path = Path(path)
+    hint = "Pass a file written by Recording.save()."
+    if not path.is_file():
+        raise RecordingFormatError(f"no recording at {str(path)!r}: {'a directory' if path.is_dir() else 'no such file'}. {hint}")
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            if _META_KEY not in z.files:
+                raise RecordingFormatError(
+                    f"{str(path)!r} is an npz file but not a gradscope recording (no metadata). {hint}")
+            meta = json.loads(bytes(z[_META_KEY]).decode())
+            if not isinstance(meta, dict) or meta.get("format") != "gradscope.recording":
+                raise RecordingFormatError(f"{str(path)!r} is not a gradscope recording. {hint}")
+            version = meta.get("version")
+            if version != FORMAT_VERSION:
+                raise RecordingFormatError(
+                    f"{str(path)!r} has recording format version {version!r}; this gradscope reads "
+                    f"version {FORMAT_VERSION}. Upgrade gradscope (pip install -U gradscope) to read it.")
+            idx = meta["index"]
+            grads = {(s, st): z[k] for s, st, k in idx["grads"]}
+            seq_lens = {s: z[k] for s, k in idx["seq_lens"]}
+            params = {n: z[k] for n, k in idx["params"]}
+            measures = {(s, m): z[k] for s, m, k in idx["measures"]}
+            steps = z["steps"]
+    except RecordingFormatError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError,
+            json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordingFormatError(
+            f"{str(path)!r} is not a readable gradscope recording (corrupt or truncated: "
+            f"{type(e).__name__}). {hint}") from None
+    return Recording(sites=meta["sites"], steps=steps, grads=grads, seq_lens=seq_lens, params=params,
+                     events=meta.get("events", ()), unsupported=meta.get("unsupported", ()),
+                     notes=meta.get("notes", ()), meta=meta.get("meta", {}), measures=measures,
+                     measure_meta=meta.get("measure_meta", {}))

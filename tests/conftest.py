@@ -1,0 +1,28 @@
+"""Shared test settings. GRADSCOPE_TEST_DEVICE=cuda runs the device-agnostic tests on a GPU."""
+import os
+
+import pytest
+import torch
+
+DEVICE = torch.device(os.environ.get("GRADSCOPE_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_no_hooks(model: torch.nn.Module) -> None:
+    """No module of ``model`` carries a gradscope hook or patched forward."""
+    for name, m in model.named_modules():
+        assert not m._forward_hooks, f"{name!r} still has forward hooks"
+        assert not m._forward_pre_hooks, f"{name!r} still has forward pre-hooks"
+        assert not m._backward_hooks, f"{name!r} still has backward hooks"
+        assert "forward" not in m.__dict__, f"{name!r} still has a patched forward"
+    for name, p in model.named_parameters():
+        assert not p._backward_hooks, f"parameter {name!r} still has tensor hooks"

@@ -1,0 +1,461 @@
+"""watch(): true per-timestep gradients, safety of the user's run, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gradscope
+from gradscope import GradscopeError
+
+from conftest import assert_no_hooks
+
+
+# ----------------------------------------------------------------------------- models as data
+class LinearCell(nn.Module):
+    """h_{t+1} = W h_t + U x_t."""
+
+    def __init__(self, n, i, W=None):
+        super().__init__()
+        self.W = nn.Linear(n, n, bias=False)
+        self.U = nn.Linear(i, n, bias=False)
+        if W is not None:
+            with torch.no_grad():
+                self.W.weight.copy_(W)
+
+    def forward(self, x, h):
+        return self.W(h) + self.U(x)
+
+
+class CellLoop(nn.Module):
+    """A user loop over a cell; the cell may return a tensor or an (h, c) tuple."""
+
+    def __init__(self, cell, n, lstm=False, readout=None):
+        super().__init__()
+        self.cell, self.n, self.lstm = cell, n, lstm
+        self.readout = readout
+
+    def forward(self, x):
+        B = x.shape[1]
+        h = x.new_zeros(B, self.n)
+        state = (h, x.new_zeros(B, self.n)) if self.lstm else h
+        for t in range(x.shape[0]):
+            state = self.cell(x[t], state)
+        h = state[0] if self.lstm else state
+        return self.readout(h) if self.readout is not None else h
+
+
+class Seq(nn.Module):
+    def __init__(self, rnn, out):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[-1] if not self.rnn.batch_first else out[:, -1])
+
+
+def orthogonal(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q
+
+
+def train_steps(model, x, n=1, loss=lambda y: y.pow(2).mean()):
+    for _ in range(n):
+        loss(model(x)).backward()
+
+
+# ----------------------------------------------------------------------------- exact answers
+@pytest.mark.parametrize("s", [0.5, 1.0, 1.1])
+def test_linear_cell_gradient_norms_are_exact(s):
+    # L = ½‖h_T‖², ∂L/∂h_t = (W^{T-t})ᵀ h_T, W = s·Q  =>  ‖∂L/∂h_t‖ = s^{T-t} ‖h_T‖.
+    N, T = 12, 30
+    model = CellLoop(LinearCell(N, 3, s * orthogonal(N)).double(), N)
+    x = torch.randn(T, 4, 3, dtype=torch.float64)
+    with gradscope.watch(model) as scope:
+        hT = model(x)
+        (0.5 * hT.pow(2).sum()).backward()
+    rec = scope.recording
+    assert rec.sites == ("cell",)
+    got = rec.grad_norms("cell")[0]
+    t = np.arange(1, T + 1)  # column t-1 holds h_t
+    want = s ** (T - t) * hT.detach().norm().item()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _unrolled_lstm_norms(lstm, x, loss_fn):
+    """Independent reference: nn.LSTMCell per layer and direction, retain_grad on every state."""
+    T, B, _ = x.shape
+    D = 2 if lstm.bidirectional else 1
+    H = lstm.hidden_size
+    states = {}
+    layer_in = x
+    for layer in range(lstm.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            cell = nn.LSTMCell(layer_in.shape[-1], H).to(x.dtype)
+            with torch.no_grad():
+                for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(cell, p).copy_(getattr(lstm, p + sfx))
+            h, c = x.new_zeros(B, H), x.new_zeros(B, H)
+            seq = [None] * T
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                h, c = cell(layer_in[t], (h, c))
+                h.retain_grad(), c.retain_grad()
+                states[(layer, d, t)] = (h, c)
+                seq[t] = h
+            outs.append(torch.stack(seq))
+        layer_in = torch.cat(outs, -1) if D == 2 else outs[0]
+    loss_fn(layer_in).backward()
+    return {k: (h.grad.norm().item(), c.grad.norm().item()) for k, (h, c) in states.items()}
+
+
+def test_bidirectional_two_layer_lstm_matches_unrolled_cells():
+    torch.manual_seed(3)
+    lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True).double()
+    x = torch.randn(11, 3, 5, dtype=torch.float64)
+    loss_fn = lambda out: (out[-1].pow(2).sum() + out[0].sum() * 0.3)  # noqa: E731
+    ref = _unrolled_lstm_norms(lstm, x, loss_fn)
+    with gradscope.watch(lstm) as scope:
+        out, _ = lstm(x)
+        loss_fn(out).backward()
+    rec = scope.recording
+    for layer in range(2):
+        for d in range(2):
+            site = f"l{layer}" + ("_reverse" if d else "")
+            for si, state in enumerate("hc"):
+                got = rec.grad_norms(site, state)[0]
+                want = np.array([ref[(layer, d, t)][si] for t in range(11)])
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- sites
+def test_fused_sites_named_by_layer_and_direction():
+    model = Seq(nn.GRU(3, 4, num_layers=3, bidirectional=True), 8)
+    with gradscope.watch(model) as scope:
+        train_steps(model, torch.randn(5, 2, 3))
+    assert scope.recording.sites == ("rnn.l0", "rnn.l0_reverse", "rnn.l1", "rnn.l1_reverse",
+                                     "rnn.l2", "rnn.l2_reverse")
+    info = scope.recording.site_info("rnn.l1_reverse")
+    assert info["kind"] == "gru" and info["layer"] == 1 and info["direction"] == "reverse"
+
+
+@pytest.mark.parametrize("cell_cls,lstm", [(nn.RNNCell, False), (nn.GRUCell, False), (nn.LSTMCell, True)])
+def test_builtin_cells_are_found(cell_cls, lstm):
+    model = CellLoop(cell_cls(3, 6), 6, lstm=lstm)
+    with gradscope.watch(model) as scope:
+        train_steps(model, torch.randn(9, 2, 3))
+    rec = scope.recording
+    assert rec.sites == ("cell",)
+    assert rec.states("cell") == (("h", "c") if lstm else ("h",))
+    assert rec.grad_norms("cell").shape == (1, 9)
+    assert np.all(rec.grad_norms("cell") > 0)
+
+
+def test_reused_modules_that_are_not_cells_are_ignored():
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)  # applied to two unrelated inputs
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            a = self.act(self.shared(x[0]))
+            b = self.act(self.shared(x[1]))
+            return a + b
+
+    model = TwoTowers()
+    with gradscope.watch(model) as scope:
+        train_steps(model, torch.randn(2, 3, 4))
+    rec = scope.recording
+    assert rec.sites == ()
+    assert any("no recurrent" in n for n in rec.notes)
+    assert set(rec.param_grad_norms()) == {"shared.weight", "shared.bias"}
+    assert np.all(np.isfinite(rec.param_grad_norms()["shared.weight"]))
+
+
+def test_cell_found_through_dropout_between_calls():
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(3, 5)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            h = x.new_zeros(x.shape[1], 5)
+            for t in range(x.shape[0]):
+                h = self.drop(self.cell(x[t], h))
+            return h
+
+    model = Loop()
+    with gradscope.watch(model) as scope:
+        train_steps(model, torch.randn(6, 2, 3))
+    assert scope.recording.sites == ("cell",)
+
+
+def test_sites_selects_and_adds():
+    model = Seq(nn.LSTM(3, 4, num_layers=2), 4)
+    with gradscope.watch(model, sites=["rnn.l1", "head"]) as scope:
+        train_steps(model, torch.randn(5, 2, 3))
+    rec = scope.recording
+    assert rec.sites == ("rnn.l1", "head")
+    assert rec.grad_norms("rnn.l1", "c").shape == (1, 5)
+    assert rec.grad_norms("head").shape == (1, 1)  # called once: one "time step"
+
+
+def test_sites_module_name_selects_all_layers():
+    model = Seq(nn.LSTM(3, 4, num_layers=2, bidirectional=True), 8)
+    with gradscope.watch(model, sites=["rnn"]) as scope:
+        train_steps(model, torch.randn(5, 2, 3))
+    assert len(scope.recording.sites) == 4
+
+
+def test_unknown_site_suggests_the_closest_name():
+    model = Seq(nn.LSTM(3, 4, num_layers=2), 4)
+    with pytest.raises(GradscopeError, match=r"unknown site 'rnn.l3'.*Did you mean 'rnn.l\d'"):
+        gradscope.watch(model, sites=["rnn.l3"])
+    with pytest.raises(GradscopeError, match="Did you mean 'head'"):
+        gradscope.watch(model, sites=["haed"])
+    assert_no_hooks(model)
+
+
+def test_packed_sequence_and_variable_lengths():
+    lstm = nn.LSTM(3, 4, bidirectional=True, batch_first=True)
+    with gradscope.watch(lstm) as scope:
+        for T in (8, 5):
+            x = torch.randn(3, T, 3)
+            packed = pack_padded_sequence(x, torch.tensor([T, 2, T - 1]), batch_first=True, enforce_sorted=False)
+            out, (h, c) = lstm(packed)
+            (out.data.pow(2).sum() + h.sum()).backward()
+    rec = scope.recording
+    g = rec.grad_norms("l0")
+    assert g.shape == (2, 8)
+    assert list(rec.seq_lens("l0")) == [8, 5]
+    assert np.all(np.isfinite(g[0])) and np.all(np.isnan(g[1, 5:])) and np.all(np.isfinite(g[1, :5]))
+
+
+# ----------------------------------------------------------------------------- schedule and history
+def test_every_schedule_and_step_count():
+    model = Seq(nn.RNN(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=3) as scope:
+        train_steps(model, x, n=10)
+    rec = scope.recording
+    assert scope.step == 10
+    assert list(rec.steps) == [0, 3, 6, 9]
+    assert rec.meta["total_steps"] == 10
+
+
+def test_history_bounded_by_max_steps_keeps_whole_span():
+    model = Seq(nn.RNN(3, 4), 4)
+    x = torch.randn(4, 2, 3)
+    with gradscope.watch(model, max_steps=8) as scope:
+        train_steps(model, x, n=40)
+    steps = scope.recording.steps
+    assert len(steps) < 8
+    assert steps[0] == 0 and steps[-1] >= 32
+    assert np.all(np.diff(steps) == steps[1] - steps[0])  # evenly thinned
+
+
+def test_gradient_accumulation_counts_each_backward():
+    model = Seq(nn.LSTM(3, 4), 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model) as scope:
+        for _ in range(2):
+            for micro in range(3):
+                model(torch.randn(5, 2, 3)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert scope.step == 6
+    assert len(scope.recording.steps) == 6
+
+
+def test_two_forwards_one_backward_is_one_step():
+    model = Seq(nn.GRU(3, 4), 4)
+    with gradscope.watch(model) as scope:
+        a = model(torch.randn(5, 2, 3))
+        b = model(torch.randn(5, 2, 3))
+        (a.sum() + b.sum()).backward()
+    assert scope.step == 1
+    assert scope.recording.grad_norms("rnn.l0").shape == (1, 5)
+
+
+def test_no_grad_forwards_are_ignored():
+    model = Seq(nn.LSTM(3, 4), 4)
+    with gradscope.watch(model) as scope:
+        with torch.no_grad():
+            model(torch.randn(5, 2, 3))
+        model.eval()
+        with torch.inference_mode():
+            model(torch.randn(5, 2, 3))
+    assert scope.step == 0 and len(scope.recording) == 0
+
+
+def test_autocast_bfloat16():
+    model = Seq(nn.LSTM(3, 8, num_layers=2), 8)
+    with gradscope.watch(model) as scope:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(torch.randn(6, 2, 3))
+        y.float().pow(2).mean().backward()
+    g = scope.recording.grad_norms("rnn.l1")
+    assert g.shape == (1, 6) and np.all(np.isfinite(g)) and np.all(g > 0)
+
+
+def test_nonfinite_gradients_become_events_not_exceptions():
+    model = Seq(nn.RNN(3, 4), 4)
+    with gradscope.watch(model) as scope:
+        y = model(torch.randn(5, 2, 3))
+        (y * float("nan")).sum().backward()
+        model.zero_grad()
+        train_steps(model, torch.randn(5, 2, 3))
+    rec = scope.recording
+    kinds = {(e.get("site"), e.get("param")) for e in rec.events}
+    assert ("rnn.l0", None) in kinds
+    assert any(e.get("param") == "head.weight" for e in rec.events)
+    ev = next(e for e in rec.events if e.get("site") == "rnn.l0")
+    assert ev["step"] == 0 and ev["t"] == 4 and ev["kind"] == "nonfinite"
+    assert len(rec.steps) == 2
+
+
+# ----------------------------------------------------------------------------- never harms the run
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("every,bitwise", [(2, True), (1, False)], ids=["off-schedule", "on-schedule"])
+def test_outputs_and_gradients_equal_unwatched(every, bitwise):
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2), 4)
+    xs = [torch.randn(7, 2, 3) for _ in range(3)]
+    ref_out, ref_g = [], []
+    for x in xs:
+        model.zero_grad()
+        y = model(x)
+        y.pow(2).sum().backward()
+        ref_out.append(y.detach())
+        ref_g.append(_grads(model))
+    with gradscope.watch(model, every=every) as scope:
+        for i, x in enumerate(xs):
+            model.zero_grad()
+            y = model(x)
+            y.pow(2).sum().backward()
+            off = i % every != 0
+            got = [y.detach()] + _grads(model)
+            want = [ref_out[i]] + ref_g[i]
+            for a, b in zip(got, want):
+                if bitwise and off:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert scope.step == 3
+
+
+def test_hooks_removed_after_normal_exit_and_close_twice():
+    model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True, readout=nn.Linear(4, 1))
+    model2 = Seq(nn.GRU(3, 4, bidirectional=True), 8)
+    for m in (model, model2):
+        scope = gradscope.watch(m)
+        train_steps(m, torch.randn(5, 2, 3))
+        scope.close()
+        scope.close()
+        assert_no_hooks(m)
+        with gradscope.watch(m):  # a fresh watch is allowed after close
+            pass
+
+
+def test_hooks_removed_after_exception_in_block():
+    model = Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ZeroDivisionError):
+        with gradscope.watch(model):
+            y = model(x)  # graph with state hooks pending
+            1 / 0
+    assert_no_hooks(model)
+    y.sum().backward()  # the pending graph can still be used and nothing fires
+
+
+def test_hooks_removed_when_exception_in_backward_region():
+    model = CellLoop(nn.GRUCell(3, 4), 4)
+    with pytest.raises(RuntimeError):
+        with gradscope.watch(model):
+            y = model(torch.randn(5, 2, 3))
+            y.backward()  # non-scalar: torch raises
+    assert_no_hooks(model)
+
+
+def test_model_without_sites_records_parameter_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    with gradscope.watch(model) as scope:
+        train_steps(model, torch.randn(8, 3), n=2)
+    rec = scope.recording
+    assert rec.sites == ()
+    assert any("no recurrent" in n for n in rec.notes)
+    norms = rec.param_grad_norms()
+    assert set(norms) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    np.testing.assert_allclose(norms["2.bias"][-1], model[2].bias.grad.norm().item() / 2, rtol=1e-6)
+
+
+def test_parameter_norms_are_this_steps_gradient_not_the_accumulated_one():
+    model = Seq(nn.RNN(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope:
+        model(x).sum().backward()
+        g1 = model.head.weight.grad.norm().item()
+        model(x).sum().backward()  # no zero_grad: .grad holds twice the gradient
+    np.testing.assert_allclose(scope.recording.param_grad_norms()["head.weight"], [g1, g1], rtol=1e-6)
+
+
+def test_memory_of_pending_forwards_is_bounded():
+    model = Seq(nn.LSTM(3, 4), 4)
+    with gradscope.watch(model) as scope:
+        for _ in range(40):  # grad-enabled forwards never followed by backward
+            model(torch.randn(5, 2, 3))
+        assert len(scope._pending) <= 16
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_watch_rejects_non_modules():
+    with pytest.raises(GradscopeError, match="instantiate it first"):
+        gradscope.watch(nn.LSTM)
+    with pytest.raises(GradscopeError, match="expects a torch.nn.Module, got Tensor"):
+        gradscope.watch(torch.randn(3))
+    with pytest.raises(GradscopeError, match="expects a torch.nn.Module, got dict"):
+        gradscope.watch({"weight": torch.randn(3)})
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_watch_rejects_bad_every(every):
+    with pytest.raises(GradscopeError, match="every must be a positive integer"):
+        gradscope.watch(nn.LSTM(2, 3), every=every)
+
+
+def test_second_watch_is_refused_with_how_to_close():
+    model = Seq(nn.LSTM(3, 4), 4)
+    with gradscope.watch(model):
+        with pytest.raises(GradscopeError, match=r"already watched.*scope.close\(\)"):
+            gradscope.watch(model)
+        with pytest.raises(GradscopeError, match="submodule Seq is already watched"):
+            gradscope.watch(nn.Sequential(model))
+        with pytest.raises(GradscopeError, match="this model is already watched"):
+            gradscope.watch(model.rnn)
+    assert_no_hooks(model)
+
+
+def test_unsupported_modules_are_reported():
+    class MyLSTM(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)
+
+    model = nn.Sequential()
+    model.add_module("odd", MyLSTM(3, 4))
+    with gradscope.watch(model) as scope:
+        out, _ = model(torch.randn(5, 2, 3))
+        out.sum().backward()
+    rec = scope.recording
+    assert rec.unsupported and rec.unsupported[0]["module"] == "odd"
+    assert "overrides forward" in rec.unsupported[0]["reason"]
