@@ -106,3 +106,65 @@ def test_replay_reports_each_state_once_per_step():
     seen = []
     replay_fused(m, torch.randn(5, 2, 3), None, lambda l, r, t, s: seen.append((l, r, t, len(s))))
     assert sorted(seen) == sorted((l, r, t, 2) for l in range(2) for r in (False, True) for t in range(5))
+
+
+def _fast(m, i, h):
+    return replay_fused(m, i, h, on_norms=lambda *a: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
+@pytest.mark.parametrize("cls,kw", SETTINGS)
+def test_fast_replay_matches_fused(cls, kw, given_h, dtype, device):
+    m = cls(4, 5, **kw).to(device, dtype)
+    T, B = 7, 3
+    D = 2 if kw["bidirectional"] else 1
+    x = torch.randn((B, T, 4) if kw["batch_first"] else (T, B, 4), dtype=dtype, device=device)
+    hx = None
+    if given_h:
+        hout = kw.get("proj_size", 0) or 5
+        h0 = torch.randn(kw["num_layers"] * D, B, hout, dtype=dtype, device=device)
+        hx = (h0, torch.randn(kw["num_layers"] * D, B, 5, dtype=dtype, device=device)) if cls is nn.LSTM else h0
+    fused = _run(m, x, hx, lambda m, i, h: type(m).forward(m, i, h), False)
+    fast = _run(m, x, hx, _fast, False)
+    assert _max_rel(fast, fused) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_fast_replay_dropout_and_input_gradients(cls):
+    m = cls(4, 6, num_layers=3, dropout=0.3, bidirectional=True).double().train()
+    x = torch.randn(8, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(f):
+        x.grad = None
+        torch.manual_seed(7)
+        out, _ = f(m, x, None)
+        out.pow(2).sum().backward()
+        return [out.detach(), x.grad.clone()]
+
+    assert _max_rel(run(_fast), run(lambda m, i, h: type(m).forward(m, i, h))) <= 1e-10
+
+
+@pytest.mark.parametrize("cls,kw", [(nn.LSTM, {}), (nn.LSTM, {"proj_size": 2}), (nn.GRU, {}),
+                                    (nn.RNN, {}), (nn.RNN, {"nonlinearity": "relu"})])
+def test_fast_norms_equal_hooked_norms(cls, kw):
+    # The norms the fast backward hands out equal those of tensor hooks on the autograd replay.
+    m = cls(3, 5, num_layers=2, bidirectional=True, **kw).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    hooked, fast = {}, {}
+
+    def on_state(layer, rev, t, state):
+        for name, s in zip("hc", state if isinstance(state, tuple) else (state,)):
+            s.register_hook(lambda g, k=(layer, rev, name, t): hooked.__setitem__(k, g.norm().item()))
+
+    def on_norms(layer, rev, norms):
+        for name, v in norms.items():
+            for t, n in enumerate(v.tolist()):
+                fast[(layer, rev, name, t)] = n
+
+    for f, kwargs in ((replay_fused, {"on_state": on_state}), (replay_fused, {"on_norms": on_norms})):
+        out, _ = f(m, x, None, **kwargs)
+        (out[-1].pow(2).sum() + out.sum()).backward()
+    assert set(hooked) == set(fast)
+    for k in hooked:
+        assert fast[k] == pytest.approx(hooked[k], rel=1e-10, abs=1e-300)

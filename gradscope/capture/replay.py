@@ -13,6 +13,7 @@ Index letters: T time, B batch, I input features, H hidden, P projection, D dire
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,10 +21,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..estimators.steps import RecurrentStep, step_from_module
+from . import fastbptt
 
 # on_state(layer, reverse, t, state) is called once per layer, direction and time step with the
 # freshly computed state (a Tensor, or (h, c) for LSTM) for the samples active at step t.
 OnState = Callable[[int, bool, int, object], None]
+# on_norms(layer, reverse, {"h": Tensor[T], "c": Tensor[T]}) is called during backward by the fast path.
+OnNorms = Callable[[int, bool, dict], None]
 
 __all__ = ["replay_fused", "OnState"]
 
@@ -75,7 +79,15 @@ def _run_direction(step: RecurrentStep, xs: Tensor, state0, reverse: bool,
     return torch.cat(outs), full
 
 
-def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] = None):
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] = None,
+                 on_norms: Optional[OnNorms] = None):
     """Compute ``module(input, hx)`` step by step; same outputs and parameter gradients.
 
     Args:
@@ -83,7 +95,12 @@ def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] 
         input: ``[T, B, I]`` (``[B, T, I]`` if ``batch_first``), unbatched ``[T, I]``, or a
             ``PackedSequence``.
         hx: initial state as the module takes it, or None for zeros.
-        on_state: called with ``(layer, reverse, t, state)`` for every new state.
+        on_state: called with ``(layer, reverse, t, state)`` for every new state (the autograd
+            replay: hooks on those tensors receive the total gradients).
+        on_norms: when given, dense input outside autocast takes the fast path
+            (:mod:`.fastbptt`): ``on_norms(layer, reverse, {"h": [T], "c": [T]})`` receives the
+            per-position norms of the total gradients during backward, and ``on_state`` is not
+            called for those layers.
 
     Returns:
         What the module returns: ``(output, h_n)`` or ``(output, (h_n, c_n))``.
@@ -119,6 +136,7 @@ def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] 
     # The module's own argument checks give the user the messages they know.
     module.check_forward_args(x if packed else input, hx, bs_tensor if packed else None)
 
+    fast = on_norms is not None and not packed and not _autocast_on(x.device.type)
     layer_input = x
     finals_h, finals_c = [], []
     for layer in range(L):
@@ -127,7 +145,16 @@ def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] 
             step = step_from_module(module, layer, reverse=bool(d))
             idx = layer * D + d
             state0 = (hx[0][idx], hx[1][idx]) if is_lstm else hx[idx]
-            out, final = _run_direction(step, layer_input, state0, bool(d), batch_sizes, layer, on_state)
+            if fast:
+                sink = functools.partial(on_norms, layer, bool(d))
+                if is_lstm:
+                    out, *final = fastbptt.lstm_layer(layer_input, state0[0], state0[1], step, bool(d), sink)
+                elif isinstance(module, nn.GRU):
+                    out, final = fastbptt.gru_layer(layer_input, state0, step, bool(d), sink)
+                else:
+                    out, final = fastbptt.elman_layer(layer_input, state0, step, bool(d), sink)
+            else:
+                out, final = _run_direction(step, layer_input, state0, bool(d), batch_sizes, layer, on_state)
             dir_outs.append(out)
             if is_lstm:
                 finals_h.append(final[0])

@@ -308,7 +308,17 @@ class Scope:
             else:
                 self._track(p, state, ("site", site, "h", t))
 
-        out = replay_fused(m, input, hx, on_state)
+        def on_norms(layer, reverse, norms):
+            entry = names.get((layer, reverse))
+            if entry is not None and not self.closed:
+                for sname, v in norms.items():
+                    self._vals.append(v)
+                    self._keys.append(("vec", entry[0], sname))
+
+        out = replay_fused(m, input, hx, on_state, on_norms)
+        if not seen:  # fast path: every selected layer ran over the whole (dense) sequence
+            T = _dense_len(m, input)
+            seen = {site: T for site, _ in names.values()}
         for site, n in seen.items():
             p.seq_len[site] = max(p.seq_len.get(site, 0), n)
         return out
@@ -376,12 +386,17 @@ class Scope:
             h.remove()
         self._param_handles = []
         # One host copy per (device, dtype) group: no .item() per value.
-        host = np.empty(len(vals), dtype=np.float64)
+        host: List[Any] = [None] * len(vals)
         groups: Dict[Tuple, List[int]] = defaultdict(list)
         for i, v in enumerate(vals):
             groups[(v.device, v.dtype)].append(i)
         for idx in groups.values():
-            host[idx] = torch.stack([vals[i] for i in idx]).cpu().double().numpy()
+            flat = torch.cat([vals[i].reshape(-1) for i in idx]).cpu().double().numpy()
+            pos = 0
+            for i in idx:
+                n = vals[i].numel()
+                host[i] = flat[pos] if vals[i].dim() == 0 else flat[pos:pos + n]
+                pos += n
 
         seq_len: Dict[str, int] = {}
         for p in passes:
@@ -395,6 +410,18 @@ class Scope:
             if key[0] == "param":
                 params[key[1]] += v * v
                 got_param[key[1]] = True
+                continue
+            if key[0] == "vec":  # all positions of one site state at once (fast replay)
+                _, site, sname = key
+                n = max(seq_len.get(site, 0), len(v))
+                seq_len[site] = n
+                arr = sumsq.get((site, sname))
+                new = np.zeros(n)
+                if arr is not None:
+                    new[:len(arr)] = arr
+                new[:len(v)] += v * v
+                sumsq[(site, sname)] = new
+                fired_sites.add(site)
                 continue
             _, site, sname, t = key
             n = seq_len.get(site, t + 1)
@@ -528,6 +555,13 @@ class Scope:
         state = "closed" if self.closed else "open"
         return (f"<gradscope.Scope on {type(self.model).__name__} ({state}), every={self.every}, "
                 f"sites={list(self.sites)}, steps={self._step}>")
+
+
+def _dense_len(m: nn.Module, input) -> int:
+    """Sequence length of a dense input to a fused module."""
+    if input.dim() == 2:
+        return input.shape[0]
+    return input.shape[1] if m.batch_first else input.shape[0]
 
 
 def _check_model(model) -> None:

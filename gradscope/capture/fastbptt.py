@@ -1,0 +1,245 @@
+"""Fast replay of one fused layer and direction: hand-written BPTT as one autograd Function.
+
+Replaying a fused module with ordinary autograd ops (:mod:`.replay`) costs about ten graph nodes
+per time step, and each step's backward computes its own small weight-gradient product. Here one
+``torch.autograd.Function`` per layer and direction runs the forward with the fused kernel itself
+(so outputs are the kernel's, bitwise), recomputes every gate of every step from two large matrix
+products (all h_{t-1} are known once the kernel has run), and its backward loop does only what must
+be sequential (one ``[B, G·H] @ [G·H, H]`` product and a few elementwise ops per step). Weight gradients become one large matrix product over all steps,
+and the *total* gradients ∂L/∂h_t and ∂L/∂c_t — which the backward loop computes anyway — are
+reduced to per-step norms on the device and handed to ``sink``; no tensor hooks are needed.
+
+Used for dense (not packed) input outside autocast; everything else goes through the autograd
+replay. Both are tested against the fused kernel. Double backward (``create_graph=True``) through a
+watched fused module on a scheduled step is not supported (``once_differentiable`` raises).
+
+Index letters: T time, B batch, I input, H hidden, P projection; buffers are in position order
+(index t is input position t, for the reverse direction too).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Sink = Callable[[Dict[str, Tensor]], None]
+
+__all__ = ["lstm_layer", "gru_layer", "elman_layer"]
+
+
+def _prev(buf: Tensor, first: Tensor, reverse: bool) -> Tensor:
+    """The state before each position, in position order: ``[T, B, ·]``."""
+    if reverse:
+        return torch.cat((buf[1:], first.unsqueeze(0)))
+    return torch.cat((first.unsqueeze(0), buf[:-1]))
+
+
+def _order(T: int, reverse: bool):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _step_norms(buf: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(buf.flatten(1), dim=1)
+
+
+def _fused_single(kind: str, x: Tensor, hx, weights, reverse: bool):
+    """The fused kernel on one layer and direction (time-major ``x``): ``(out, *final)``.
+
+    The reverse direction runs forward over the time-flipped sequence, as the kernel itself does.
+    """
+    if reverse:
+        x = x.flip(0)
+    has_bias = len(weights) >= 4 and weights[2] is not None
+    params = [w for w in weights if w is not None]
+    with warnings.catch_warnings():
+        # cuDNN asks for one contiguous weight chunk; these are the module's own per-layer weights.
+        warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk.*")
+        fn = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh,
+              "rnn_relu": torch._VF.rnn_relu}[kind]
+        res = fn(x, hx, params, has_bias, 1, 0.0, False, False, False)
+    out = res[0].flip(0) if reverse else res[0]
+    return (out,) + tuple(r[0] for r in res[1:])
+
+
+class _LSTMLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, sink):
+        T, B, _ = x.shape
+        H = w_hh.shape[0] // 4
+        OUT, hT, cT = _fused_single("lstm", x, (h0.unsqueeze(0), c0.unsqueeze(0)),
+                                    [w_ih, w_hh, b_ih, b_hh, w_hr] if w_hr is not None else [w_ih, w_hh, b_ih, b_hh],
+                                    reverse)
+        # Gates for all steps in one product (every h_{t-1} is known now); c_t by its linear
+        # recurrence, one fused op per step.
+        bias = None if b_ih is None else b_ih + b_hh
+        gates = torch.addmm(bias, x.reshape(T * B, -1), w_ih.t()) if bias is not None else x.reshape(T * B, -1) @ w_ih.t()
+        gates.addmm_(_prev(OUT, h0, reverse).reshape(T * B, -1), w_hh.t())
+        gates = gates.view(T, B, 4, H)
+        SIG = torch.sigmoid(gates)
+        G = torch.tanh(gates[:, :, 2])
+        i, f, o = SIG[:, :, 0], SIG[:, :, 1], SIG[:, :, 3]
+        IG = i * G
+        C = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
+        c = c0
+        for t in _order(T, reverse):
+            c = torch.addcmul(IG[t], f[t], c, out=C[t])
+        TC = torch.tanh(C)
+        HH = o * TC if w_hr is not None else None
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT)
+        ctx.reverse, ctx.sink, ctx.has_bias = reverse, sink, b_ih is not None
+        return OUT, hT, cT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_hT, g_cT):
+        x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT = ctx.saved_tensors
+        T, B, _ = x.shape
+        H = w_hh.shape[0] // 4
+        g_out = _zeros_if_none(g_out, OUT)
+        i, f, o = SIG[:, :, 0], SIG[:, :, 1], SIG[:, :, 3]
+        cprev = _prev(C, c0, ctx.reverse)
+        # Local derivatives for all steps at once; the loop below only chains them.
+        K = torch.stack((G * i * (1 - i), cprev * f * (1 - f), i * (1 - G * G), TC * o * (1 - o)), dim=2)
+        Kc = o * (1 - TC * TC)
+        dG = torch.empty(T, B, 4, H, dtype=x.dtype, device=x.device)
+        DH = torch.empty_like(OUT)
+        DC = torch.empty_like(C)
+        order = list(reversed(_order(T, ctx.reverse)))
+        dh = torch.add(g_out[order[0]], _zeros_if_none(g_hT, h0), out=DH[order[0]])
+        dc_rec = _zeros_if_none(g_cT, c0)
+        for n, t in enumerate(order):
+            dhh = dh @ w_hr if w_hr is not None else dh
+            dc = torch.addcmul(dc_rec, dhh, Kc[t], out=DC[t])
+            torch.mul(torch.stack((dc, dc, dc, dhh), dim=1), K[t], out=dG[t])
+            dc_rec = dc * f[t]
+            if n + 1 < T:
+                nxt = order[n + 1]
+                dh = torch.addmm(g_out[nxt], dG[t].view(B, 4 * H), w_hh, out=DH[nxt])
+            else:
+                dh = dG[t].view(B, 4 * H) @ w_hh  # gradient of h0
+        ctx.sink({"h": _step_norms(DH), "c": _step_norms(DC)})
+        dGf = dG.view(T * B, 4 * H)
+        need = ctx.needs_input_grad
+        dx = (dGf @ w_ih).view(T, B, -1) if need[0] else None
+        dw_ih = dGf.t() @ x.reshape(T * B, -1) if need[3] else None
+        dw_hh = dGf.t() @ _prev(OUT, h0, ctx.reverse).reshape(T * B, -1) if need[4] else None
+        db = dGf.sum(0) if ctx.has_bias else None
+        dw_hr = DH.view(T * B, -1).t() @ HH.view(T * B, H) if w_hr is not None and need[7] else None
+        return dx, dh, dc_rec, dw_ih, dw_hh, db, db, dw_hr, None, None
+
+
+class _GRULayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, sink):
+        T, B, _ = x.shape
+        H = w_hh.shape[0] // 3
+        OUT, hT = _fused_single("gru", x, h0.unsqueeze(0), [w_ih, w_hh, b_ih, b_hh], reverse)
+        # Every gate of every step from two products: all h_{t-1} are known now.
+        hprev = _prev(OUT, h0, reverse)
+        XW = F.linear(x, w_ih, b_ih)
+        HW = F.linear(hprev, w_hh, b_hh)
+        RZ = torch.sigmoid(XW[..., :2 * H] + HW[..., :2 * H])
+        N = torch.tanh(torch.addcmul(XW[..., 2 * H:], RZ[..., :H], HW[..., 2 * H:]))
+        ctx.save_for_backward(x, h0, w_ih, w_hh, RZ, HW, N, OUT)
+        ctx.reverse, ctx.sink, ctx.has_bias = reverse, sink, b_ih is not None
+        return OUT, hT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_hT):
+        x, h0, w_ih, w_hh, RZ, HW, N, OUT = ctx.saved_tensors
+        T, B, _ = x.shape
+        H = w_hh.shape[0] // 3
+        g_out = _zeros_if_none(g_out, OUT)
+        r, z = RZ[..., :H], RZ[..., H:]
+        hprev = _prev(OUT, h0, ctx.reverse)
+        Kn = (1 - z) * (1 - N * N)
+        Kz = (hprev - N) * z * (1 - z)
+        Kr = HW[..., 2 * H:] * r * (1 - r)
+        dXW = torch.empty(T, B, 3 * H, dtype=x.dtype, device=x.device)
+        dHW = torch.empty_like(dXW)
+        DH = torch.empty_like(OUT)
+        order = list(reversed(_order(T, ctx.reverse)))
+        dh = torch.add(g_out[order[0]], _zeros_if_none(g_hT, h0), out=DH[order[0]])
+        for n, t in enumerate(order):
+            dan = torch.mul(dh, Kn[t], out=dXW[t, :, 2 * H:])
+            torch.mul(dh, Kz[t], out=dXW[t, :, H:2 * H])
+            torch.mul(dan, Kr[t], out=dXW[t, :, :H])
+            dHW[t, :, :2 * H] = dXW[t, :, :2 * H]
+            torch.mul(dan, r[t], out=dHW[t, :, 2 * H:])
+            direct = dh * z[t]
+            if n + 1 < T:
+                nxt = order[n + 1]
+                dh = torch.add(g_out[nxt], torch.addmm(direct, dHW[t], w_hh), out=DH[nxt])
+            else:
+                dh = torch.addmm(direct, dHW[t], w_hh)
+        ctx.sink({"h": _step_norms(DH)})
+        dXf, dHf = dXW.view(T * B, -1), dHW.view(T * B, -1)
+        need = ctx.needs_input_grad
+        dx = (dXf @ w_ih).view(T, B, -1) if need[0] else None
+        dw_ih = dXf.t() @ x.reshape(T * B, -1) if need[2] else None
+        dw_hh = dHf.t() @ hprev.reshape(T * B, -1) if need[3] else None
+        db_ih = dXf.sum(0) if ctx.has_bias else None
+        db_hh = dHf.sum(0) if ctx.has_bias else None
+        return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None, None
+
+
+class _ElmanLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, relu, reverse, sink):
+        OUT, hT = _fused_single("rnn_relu" if relu else "rnn_tanh", x, h0.unsqueeze(0),
+                                [w_ih, w_hh, b_ih, b_hh], reverse)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, OUT)
+        ctx.reverse, ctx.sink, ctx.has_bias, ctx.relu = reverse, sink, b_ih is not None, relu
+        return OUT, hT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_hT):
+        x, h0, w_ih, w_hh, OUT = ctx.saved_tensors
+        T, B, _ = x.shape
+        g_out = _zeros_if_none(g_out, OUT)
+        K = (OUT > 0).to(OUT.dtype) if ctx.relu else 1 - OUT * OUT
+        dA = torch.empty_like(OUT)
+        DH = torch.empty_like(OUT)
+        order = list(reversed(_order(T, ctx.reverse)))
+        dh = torch.add(g_out[order[0]], _zeros_if_none(g_hT, h0), out=DH[order[0]])
+        for n, t in enumerate(order):
+            da = torch.mul(dh, K[t], out=dA[t])
+            if n + 1 < T:
+                nxt = order[n + 1]
+                dh = torch.addmm(g_out[nxt], da, w_hh, out=DH[nxt])
+            else:
+                dh = da @ w_hh
+        ctx.sink({"h": _step_norms(DH)})
+        dAf = dA.view(T * B, -1)
+        need = ctx.needs_input_grad
+        dx = (dAf @ w_ih).view(T, B, -1) if need[0] else None
+        dw_ih = dAf.t() @ x.reshape(T * B, -1) if need[2] else None
+        dw_hh = dAf.t() @ _prev(OUT, h0, ctx.reverse).reshape(T * B, -1) if need[3] else None
+        db = dAf.sum(0) if ctx.has_bias else None
+        return dx, dh, dw_ih, dw_hh, db, db, None, None, None
+
+
+def lstm_layer(x, h0, c0, step, reverse: bool, sink: Sink):
+    """``(out [T,B,P|H], h_T, c_T)`` for one LSTM layer/direction; ``step`` holds the weights."""
+    return _LSTMLayer.apply(x, h0, c0, step.weight_ih, step.weight_hh, step.bias_ih, step.bias_hh,
+                            step.weight_hr, reverse, sink)
+
+
+def gru_layer(x, h0, step, reverse: bool, sink: Sink):
+    return _GRULayer.apply(x, h0, step.weight_ih, step.weight_hh, step.bias_ih, step.bias_hh, reverse, sink)
+
+
+def elman_layer(x, h0, step, reverse: bool, sink: Sink):
+    return _ElmanLayer.apply(x, h0, step.weight_ih, step.weight_hh, step.bias_ih, step.bias_hh,
+                             step.nonlinearity == "relu", reverse, sink)
