@@ -29,3 +29,23 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
     close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class CheckpointError(GradscopeError):
+    """A checkpoint file cannot be read, holds no usable state dict, or does not fit a model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks to run code from the file to load; refused unless ``unsafe=True``."""
+
+
+class ModelSpecError(CheckpointError):
+    """A ``--model package.module:factory`` spec cannot be imported, called, or loaded strictly."""
+
+
+class NonFiniteWarning(UserWarning):
+    """NaN or inf arose inside a computation; the affected entries of the result are NaN.
+
+    The message names the samples and steps (or lags) concerned. Turn it into an error with
+    ``warnings.simplefilter("error", NonFiniteWarning)``.
+    """

@@ -6,6 +6,10 @@ import torch
 
 DEVICE = torch.device(os.environ.get("GRADSCOPE_TEST_DEVICE", "cpu"))
 
+# The suite's tensors are tiny: one intra-op thread avoids oneDNN's thread pool fighting for the
+# cores (a 3-layer LSTM forward measured 0.85 s with 2 threads on a busy 2-core machine, 3 ms with 1).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def device():

@@ -1,0 +1,135 @@
+"""Overhead of watch(): a plain training step vs the same step under watch, interleaved in one run.
+
+Two identical copies of each model train on the same batches; one is watched for the whole run.
+Steps alternate (plain, watched, plain, …) so drifts of a shared machine hit both alike. Ratios:
+median over steps for every=1; for every=50 the *mean* (the scheduled step is amortised over the
+other 49, which the median would hide). Writes the "overhead" section of benchmarks/RESULTS.md.
+
+Run: python benchmarks/overhead.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gradscope  # noqa: E402
+from _results import machine, write_section  # noqa: E402
+
+
+class FusedModel(nn.Module):
+    def __init__(self, cls, inp, hidden):
+        super().__init__()
+        self.rnn = cls(inp, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out).squeeze(-1)
+
+
+class CellModel(nn.Module):
+    """The same network written as a user loop over nn.LSTMCell."""
+
+    def __init__(self, inp, hidden):
+        super().__init__()
+        self.cell = nn.LSTMCell(inp, hidden)
+        self.head = nn.Linear(hidden, 1)
+        self.hidden = hidden
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.hidden)
+        c = torch.zeros_like(h)
+        outs = []
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+            outs.append(h)
+        return self.head(torch.stack(outs)).squeeze(-1)
+
+
+def timed_steps(make, size, every, steps, warmup=3):
+    """Interleaved per-step times (seconds) of the plain and the watched copy."""
+    T, B, I, H = size
+    torch.manual_seed(0)
+    plain = make(I, H)
+    watched = copy.deepcopy(plain)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
+    xs = [torch.randn(T, B, I) for _ in range(4)]
+    ys = [torch.randn(T, B) for _ in range(4)]
+
+    def step(model, opt, i):
+        opt.zero_grad()
+        loss = (model(xs[i % 4]) - ys[i % 4]).pow(2).mean()
+        loss.backward()
+        opt.step()
+
+    a, b = [], []
+    with gradscope.watch(watched, every=every) as scope:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            step(plain, opts[0], i)
+            t1 = time.perf_counter()
+            step(watched, opts[1], i)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                a.append(t1 - t0)
+                b.append(t2 - t1)
+    assert len(scope.recording) > 0
+    return a, b
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    args = ap.parse_args(argv)
+    large, small = (200, 32, 32, 256), (50, 32, 32, 64)
+    cases = [
+        ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 1, "≤ 1.5×"),
+        ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 50, "≤ 1.02×"),
+        ("fused nn.LSTM 32→64, B 32, T 50", lambda i, h: FusedModel(nn.LSTM, i, h), small, 1, "≤ 1.5×"),
+        ("fused nn.LSTM 32→64, B 32, T 50", lambda i, h: FusedModel(nn.LSTM, i, h), small, 50, "≤ 1.02×"),
+        ("fused nn.GRU 32→256, B 32, T 200", lambda i, h: FusedModel(nn.GRU, i, h), large, 1, "≤ 1.5×"),
+        ("fused nn.GRU 32→64, B 32, T 50", lambda i, h: FusedModel(nn.GRU, i, h), small, 1, "≤ 1.5×"),
+        ("user loop nn.LSTMCell 32→256, B 32, T 200", CellModel, large, 1, "≤ 1.05×"),
+        ("user loop nn.LSTMCell 32→256, B 32, T 200", CellModel, large, 50, "—"),
+        ("user loop nn.LSTMCell 32→64, B 32, T 50", CellModel, small, 1, "≤ 1.5×"),
+        ("user loop nn.LSTMCell 32→64, B 32, T 50", CellModel, small, 50, "—"),
+    ]
+    rows = []
+    for name, make, size, every, target in cases:
+        n = (10 if size is large else 40) if every == 1 else (100 if size is large else 300)
+        if args.quick:
+            n = 3 if every == 1 else 51
+        a, b = timed_steps(make, size, every, n)
+        med = statistics.median(b) / statistics.median(a)
+        mean = statistics.fmean(b) / statistics.fmean(a)
+        ratio = med if every == 1 else mean
+        rows.append(f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
+                    f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")
+        print(rows[-1], flush=True)
+    body = "\n".join([
+        "## watch() overhead (`python benchmarks/overhead.py`)",
+        "",
+        f"Machine: {machine()}. Plain and watched copies of the same model train in alternation "
+        f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
+        f"amortised) of watched / plain step time.",
+        "",
+        "| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    if not args.quick:
+        write_section("overhead", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

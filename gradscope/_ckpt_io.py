@@ -1,0 +1,364 @@
+"""File formats behind :func:`gradscope.checkpoint.load_checkpoint`: sniffing, safe reading, and
+naming the code a pickle asks to run.
+
+Nothing here executes code from a file unless ``unsafe=True``: torch files are read with
+``torch.load(weights_only=True)`` (a restricted unpickler), safetensors files hold no code, and the
+pickle scanner below only *reads* opcodes (``pickletools.genops``), it never unpickles.
+"""
+from __future__ import annotations
+
+import pickle
+import pickletools
+import re
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from .errors import CheckpointError, UnsafeCheckpointError
+
+#: Suffixes read with ``torch.load``; anything else is sniffed from its first bytes.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+INSTALL_HINT = 'pip install "gradscope[ckpt]"'
+UNSAFE_HINT = "unsafe=True (CLI: --unsafe-load)"
+
+# torch.save(..., _use_new_zipfile_serialization=False) writes this pickled magic number first.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_HEAD_BYTES = 4096
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """Squash whitespace (newlines, tabs, ANSI colour codes) and cap the length."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sniff(head: bytes, size: int) -> str:
+    """Name the format from the first bytes of a file.
+
+    Returns one of ``"empty"``, ``"zip"`` (``torch.save`` since 1.6), ``"torch-legacy"`` (older
+    ``torch.save``), ``"pickle"`` (a plain ``pickle.dump``), ``"safetensors"``, ``"json"``,
+    ``"text"`` or ``"unknown"``.
+    """
+    if size == 0:
+        return "empty"
+    if head.startswith(_ZIP_MAGICS):
+        return "zip"
+    if head.startswith(_TORCH_LEGACY_MAGIC):
+        return "torch-legacy"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if size >= 10:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at the end of the head is still text.
+        try:
+            text = head[:-3].decode("utf-8") if len(head) > 3 else None
+        except UnicodeDecodeError:
+            text = None
+    if text is not None:
+        printable = sum(c.isprintable() or c in "\r\n\t" for c in text)
+        if text and printable >= 0.95 * len(text):
+            return "json" if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "[") else "text"
+    return "unknown"
+
+
+def read_head(path: Path) -> Tuple[bytes, int]:
+    """The first few KiB of ``path`` and its size in bytes."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        f.seek(0, 2)
+        return head, f.tell()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which globals does a pickle want? (static: opcodes are read, nothing is executed)
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+               "BINSTRING", "STRING"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+# Globals that only rebuild plain data; the weights-only unpickler also accepts these.
+_DATA_GLOBALS = {
+    "collections.OrderedDict", "torch.Size", "torch.device", "_codecs.encode", "builtins.set",
+    "builtins.frozenset", "builtins.bytearray", "builtins.complex", "builtins.slice",
+    "torch.nn.parameter.Parameter", "torch._tensor._rebuild_from_type_v2",
+}
+
+
+def pickle_globals(data: bytes, limit: int = 64) -> List[str]:
+    """The ``module.name`` globals a pickle refers to, in order of first use, read statically.
+
+    ``STACK_GLOBAL`` takes its two names from the stack; they are tracked through the memo the
+    way pickle writes them (string, ``MEMOIZE``, later ``BINGET``). Malformed data ends the scan
+    quietly: what was found until then is returned.
+    """
+    found: List[str] = []
+    strings: List[Optional[str]] = []
+    memo: dict = {}
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in _STRING_OPS:
+                strings.append(arg if isinstance(arg, str) else None)
+            elif name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif name in _PUT_OPS:
+                memo[arg] = strings[-1] if strings else None
+            elif name in _GET_OPS:
+                strings.append(memo.get(arg))
+            elif name in ("GLOBAL", "INST"):
+                g = str(arg).replace(" ", ".", 1)
+                if g not in found:
+                    found.append(g)
+            elif name == "STACK_GLOBAL":
+                mod, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
+                g = f"{mod}.{attr}" if mod and attr else "<unknown global>"
+                if g not in found:
+                    found.append(g)
+            else:
+                strings.append(None)
+            if len(found) >= limit or len(strings) > 100_000:
+                break
+            if len(strings) > 1000:
+                del strings[:-16]
+    except Exception:  # malformed pickle: keep what was found
+        pass
+    return found
+
+
+def _is_data_global(name: str) -> bool:
+    if name in _DATA_GLOBALS or name.startswith("torch._utils._rebuild_"):
+        return True
+    if name.startswith("torch.") and name.count(".") == 1:
+        import torch
+
+        attr = getattr(torch, name.split(".", 1)[1], None)
+        if isinstance(attr, torch.dtype) or name.endswith("Storage"):
+            return True
+    return False
+
+
+def _unsafe_globals(path: Path, kind: str, exc: BaseException) -> List[str]:
+    """Globals that made weights-only loading refuse ``path`` (empty when that was not the cause)."""
+    names: List[str] = []
+    for m in re.finditer(r"GLOBAL ([A-Za-z_][\w.]*)", str(exc)):
+        if m.group(1) not in names:
+            names.append(m.group(1))
+    if kind == "zip" and names:
+        import torch.serialization as ts
+
+        lister = getattr(ts, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        if lister is not None:
+            try:
+                for g in lister(str(path)):
+                    if g not in names:
+                        names.append(g)
+            except Exception:
+                pass
+    if kind == "pickle":
+        # Weights-only loading cannot even parse protocol >= 4 pickles, so it never names the
+        # global; read the opcodes ourselves.
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        for g in pickle_globals(data):
+            if g not in names and not _is_data_global(g):
+                names.append(g)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The informative line of a torch.load error (torch wraps it in paragraphs of advice)."""
+    boiler = ("weights only load failed", "please file an issue", "check the documentation",
+              "in pytorch 2.6", "(1)", "(2)", "this file can still be loaded", "re-running")
+    for line in str(exc).splitlines():
+        s = one_line(line.replace("WeightsUnpickler error:", ""))
+        if s and not s.lower().startswith(boiler):
+            return f"{type(exc).__name__}: {s}"
+    return type(exc).__name__
+
+
+def _zip_without_data_pkl(path: Optional[Path]) -> bool:
+    """True when ``path`` is a readable zip archive that lacks torch.save's ``*/data.pkl``."""
+    if path is None:
+        return False
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not any(n.endswith("data.pkl") for n in z.namelist())
+    except Exception:
+        return False
+
+
+def _failure(name: str, kind: str, suffix: str, exc: BaseException,
+             path: Optional[Path] = None) -> CheckpointError:
+    """Turn any exception from reading a file into a one-line CheckpointError."""
+    msg = str(exc)
+    reason = _torch_reason(exc)
+    if isinstance(exc, MemoryError):
+        return CheckpointError(
+            f"{name!r} ran out of memory while loading; free memory or load it on a larger machine.")
+    if kind == "zip":
+        if "central directory" in msg or isinstance(exc, EOFError):
+            return CheckpointError(
+                f"{name!r} is a truncated or corrupt zip archive (its central directory, at the end of "
+                f"the file, is missing or damaged); the save was probably "
+                f"interrupted or the copy is incomplete: re-save or re-download it.")
+        if ("data.pkl" in msg and "failed locating" in msg) or _zip_without_data_pkl(path):
+            return CheckpointError(
+                f"{name!r} is a zip archive but not one written by torch.save (it has no data.pkl); "
+                f"pass a checkpoint written by torch.save or a .safetensors file.")
+        return CheckpointError(
+            f"{name!r} is a torch.save zip archive but its contents are corrupt ({reason}); "
+            f"re-save or re-download it.")
+    if kind == "torch-legacy":
+        return CheckpointError(
+            f"{name!r} is an old-format torch.save file but it is corrupt ({reason}); "
+            f"re-save or re-download it.")
+    if kind == "pickle":
+        return CheckpointError(
+            f"{name!r} is a plain pickle (pickle.dump), not a torch.save file, and weights-only loading "
+            f"cannot read it ({reason}); re-save it with torch.save(obj, path), or pass {UNSAFE_HINT} "
+            f"if you trust it.")
+    if kind == "json":
+        return CheckpointError(
+            f"{name!r} is a JSON file, not a checkpoint (a config?); pass the weights file "
+            f"(.pt, .pth, .bin, .ckpt or .safetensors) instead.")
+    if kind == "text":
+        return CheckpointError(
+            f"{name!r} is a text file, not a checkpoint; pass the weights file "
+            f"(.pt, .pth, .bin, .ckpt or .safetensors) instead.")
+    expected = "safetensors" if suffix == SAFETENSORS_SUFFIX else "torch.save zip, pickle or safetensors"
+    return CheckpointError(
+        f"{name!r} is not a recognised checkpoint (expected {expected}, got bytes that are none of "
+        f"these: {reason}); pass a file written by torch.save or safetensors, or re-download it.")
+
+
+def _load_safetensors(path: Path, name: str) -> Tuple[Any, List[str], dict]:
+    try:
+        import safetensors.torch as st
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(
+            f"{name!r} is a safetensors file and reading it needs the optional package safetensors, "
+            f"which is not installed; run: {INSTALL_HINT}") from None
+    try:
+        tensors = st.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{name!r} is not a readable safetensors file ({type(exc).__name__}: "
+            f"{one_line(str(exc), 100)}); re-save it with safetensors.torch.save_file or "
+            f"re-download it.") from None
+    extra: dict = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        if meta:
+            extra = {"safetensors_metadata": {str(k): one_line(str(v), 200) for k, v in meta.items()}}
+    except Exception:
+        pass
+    return tensors, [], extra
+
+
+def load_file(path: Path, *, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
+    """Read ``path`` into a Python object.
+
+    Returns ``(object, format, notes, extra_metadata)``; raises :class:`CheckpointError` (or
+    :class:`UnsafeCheckpointError`) for anything that goes wrong, never another exception type.
+    """
+    name = str(path)
+    try:
+        head, size = read_head(path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read {name!r} ({type(exc).__name__}: {one_line(exc.strerror or str(exc), 80)}); "
+            f"check the path and its permissions.") from None
+    kind = sniff(head, size)
+    suffix = path.suffix.lower()
+    if kind == "empty":
+        raise CheckpointError(
+            f"{name!r} is empty (0 bytes); the save was probably interrupted: re-save or re-download it.")
+    if kind in ("json", "text"):
+        raise _failure(name, kind, suffix, ValueError(kind))
+    if kind == "safetensors" or (suffix == SAFETENSORS_SUFFIX and kind == "unknown"):
+        obj, notes, extra = _load_safetensors(path, name)
+        return obj, "safetensors", notes, extra
+
+    import torch
+
+    notes: List[str] = []
+    if suffix == SAFETENSORS_SUFFIX:
+        notes.append(f"the file is named {suffix} but holds a torch.save {kind}; read with torch.load")
+    fmt = {"zip": "torch-zip", "torch-legacy": "torch-legacy", "pickle": "pickle"}.get(kind, "unknown")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if not unsafe:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            elif kind == "pickle":
+                with open(path, "rb") as f:
+                    obj = pickle.load(f)  # noqa: S301 - the caller asked for unsafe=True
+            else:
+                obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            bad = [] if unsafe else _unsafe_globals(path, kind, exc)
+            if bad:
+                raise UnsafeCheckpointError(
+                    f"refusing to load {name!r}: it asks to run code from the file "
+                    f"({', '.join(bad[:6])}{', …' if len(bad) > 6 else ''}), which weights-only loading "
+                    f"does not allow; if you trust the file, load it with {UNSAFE_HINT}, which runs "
+                    f"that code, or re-save only the weights with torch.save(model.state_dict(), path)."
+                ) from None
+            if unsafe and kind in ("zip", "torch-legacy", "pickle") and "central directory" not in str(exc):
+                raise CheckpointError(
+                    f"loading {name!r} with unsafe=True failed ({_torch_reason(exc)}); the file is corrupt "
+                    f"or the classes it names cannot be imported here (add their package to PYTHONPATH), "
+                    f"or re-save only the state_dict.") from None
+            raise _failure(name, kind, suffix, exc, path) from None
+    for w in caught:
+        text = one_line(str(w.message), 120)
+        if "pickle protocol" not in text:
+            notes.append(f"torch warned: {text}")
+    if kind == "unknown":
+        fmt = "torch"
+    return obj, fmt, notes, {}
+
+
+def describe_missing(path: Path) -> str:
+    """One-line message for a path that does not exist, with the closest sibling name."""
+    from .errors import did_you_mean
+
+    parent = path.parent if str(path.parent) else Path(".")
+    hint = ""
+    try:
+        if parent.is_dir():
+            hint = did_you_mean(path.name, [p.name for p in list(parent.iterdir())[:2000]])
+    except OSError:
+        pass
+    where = "" if parent.is_dir() else f" (its folder {str(parent)!r} does not exist either)"
+    return f"no checkpoint file at {str(path)!r}{where}; check the path.{hint}"
+
+
+def describe_directory(path: Path) -> str:
+    """One-line message for a directory given as checkpoint, listing checkpoint files inside."""
+    try:
+        inside = sorted(p.name for p in path.iterdir()
+                        if p.suffix.lower() in TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))
+    except OSError:
+        inside = []
+    listing = f" (it holds {', '.join(inside[:5])}{', …' if len(inside) > 5 else ''})" if inside else ""
+    return (f"{str(path)!r} is a directory{listing}; pass the checkpoint file itself, "
+            f"e.g. {str(path / (inside[0] if inside else 'model.pt'))!r}.")
