@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
 from .recording import Recording, load
 from .capture.scope import Scope, watch
+from .capture.probe import probe
+from . import estimators
 
-__all__ = ["watch", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
+__all__ = ["watch", "probe", "estimators", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
            "MissingMeasureError", "__version__"]

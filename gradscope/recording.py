@@ -170,6 +170,43 @@ class Recording:
     def measures(self) -> Dict[Tuple[str, str], np.ndarray]:
         return dict(self._measures)
 
+    def jacobian_norms(self, site: str) -> np.ndarray:
+        """``[B, T+1]`` ‖∂h_T/∂h_{T−k}‖₂ by lag k for the probed samples (from :func:`gradscope.probe`)."""
+        return self.measure(site, "jacobian_norms")
+
+    def lyapunov(self, site: str) -> np.ndarray:
+        """``[B, k]`` top-k Lyapunov exponents (natural log per step, descending)."""
+        return self.measure(site, "lyapunov")
+
+    def hidden_spectrum(self, site: str) -> Dict[str, Any]:
+        """``{"singular_values": [K], "effective_rank": float, "participation_ratio": float}``."""
+        sv = self.measure(site, "hidden_sv")
+        meta = self._measure_meta.get(site, {}).get("hidden", {})
+        return {"singular_values": sv, **meta}
+
+    def gate_stats(self, site: str) -> Dict[str, Any]:
+        """Gate statistics of a probed LSTM/GRU site (saturation shares, mean keep gate, memory
+        time τ = −1/ln f̄) and the dead-unit share of a ReLU RNN; empty for other sites."""
+        site = self._check_site(site)
+        if site not in self._measure_meta:
+            raise MissingMeasureError(
+                f"the recording has no probe measures for site {site!r}. Record them with "
+                f"gradscope.probe(model, batch) or watch(model, probe_every=N).")
+        return dict(self._measure_meta[site].get("gates", {}))
+
+    def site_measures(self, site: str) -> Dict[str, Any]:
+        """All probe metadata of a site (decay fit, λ₁, weights, gates, …) as a dict."""
+        return dict(self._measure_meta.get(self._check_site(site), {}))
+
+    def _replace(self, **changes) -> "Recording":
+        """A new Recording with some fields replaced (used by probe to add its measures)."""
+        fields = dict(sites=self._site_info, steps=self._steps, grads=self._grads,
+                      seq_lens=self._seq_lens, params=self._params, events=self.events,
+                      unsupported=self.unsupported, notes=self.notes, meta=self.meta,
+                      measures=self._measures, measure_meta=self._measure_meta)
+        fields.update(changes)
+        return Recording(**fields)
+
     @property
     def measure_meta(self) -> Dict[str, Any]:
         return dict(self._measure_meta)

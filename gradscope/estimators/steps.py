@@ -65,6 +65,25 @@ class RecurrentStep:
         zs = tuple(torch.zeros(batch, n, dtype=dtype, device=device) for n in self.state_sizes)
         return zs if len(zs) > 1 else zs[0]
 
+    def to(self, dtype=None, device=None) -> "RecurrentStep":
+        """A shallow copy whose weights are cast to ``dtype`` and/or moved to ``device``.
+
+        The step itself is left unchanged; weights already of that dtype and device are shared.
+
+        Example:
+            >>> cell = torch.nn.GRUCell(3, 4)
+            >>> step_from_module(cell).to(torch.float64).weight_hh.dtype
+            torch.float64
+        """
+        import copy  # local: keeps this module's import block as it was
+
+        new = copy.copy(self)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+            w = getattr(self, name, None)
+            if w is not None:
+                setattr(new, name, w.to(dtype=dtype, device=device))
+        return new
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size})"
 

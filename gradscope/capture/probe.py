@@ -1,0 +1,275 @@
+"""probe(): a one-shot measurement of a model on one batch, without a training loop."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GradscopeError, NonFiniteWarning
+from ..estimators import decay_rate, hidden_spectrum, jacobian_norms, lyapunov_spectrum
+from ..estimators._util import progress_iter
+from ..recording import Recording
+from .scope import Scope, _check_model
+from .sites import FUSED_TYPES, flatten_tensors
+from .trajectories import Trajectory, cell_trajectory, fused_trajectories
+
+__all__ = ["probe", "default_loss"]
+
+
+def default_loss(output, target=None) -> Tensor:
+    """The loss probe() uses when none is given.
+
+    The first tensor of the output (``out`` of ``(out, (h, c))``; ``.data`` of a PackedSequence)
+    is the prediction ``y``. Without a target: ``½·mean(y²)`` — every output position receives
+    gradient, so the measurement shows how far back it travels. With an integer target:
+    cross-entropy over the last dimension of ``y``; with a floating target: mean squared error.
+    """
+    leaves = flatten_tensors(output)
+    if not leaves:
+        raise GradscopeError(
+            f"the model returned {type(output).__name__} with no tensor in it; pass loss_fn= to "
+            f"probe() to turn the output into a scalar loss.")
+    y = leaves[0]
+    if not y.is_floating_point():
+        raise GradscopeError(f"the model's first output has dtype {y.dtype}; pass loss_fn=.")
+    if target is None:
+        return 0.5 * y.float().pow(2).mean()
+    if not target.is_floating_point():
+        if y.shape[:-1] != target.shape:
+            raise GradscopeError(
+                f"integer target of shape {tuple(target.shape)} does not fit an output of shape "
+                f"{tuple(y.shape)} (cross-entropy expects target = output shape without the class "
+                f"dimension). Pass loss_fn= for another loss.")
+        return F.cross_entropy(y.reshape(-1, y.shape[-1]).float(), target.reshape(-1))
+    if y.shape != target.shape:
+        raise GradscopeError(
+            f"target shape {tuple(target.shape)} differs from the output shape {tuple(y.shape)} "
+            f"(mean squared error needs equal shapes). Pass loss_fn= for another loss.")
+    return F.mse_loss(y.float(), target.float())
+
+
+def _call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class _ArgCapture:
+    """Forward hooks (for one no-grad pass) that keep the calls of fused modules and cells."""
+
+    def __init__(self, modules: Dict[str, nn.Module]):
+        self.calls: Dict[str, List[Tuple[Any, Any]]] = {n: [] for n in modules}
+        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args, kwargs, output):
+            self.calls[name].append(((args, kwargs), output))
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _fused_args(args, kwargs):
+    input = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    return input, hx
+
+
+def measure_trajectory(tr: Trajectory, *, jacobians: bool, lyapunov: bool, k: Optional[int],
+                       jacobian_samples: int, threshold: float, progress) -> Tuple[Dict, Dict]:
+    """Run the estimators on one trajectory: (arrays, metadata) for the Recording."""
+    arrays: Dict[str, np.ndarray] = {}
+    meta: Dict[str, Any] = {"seq_len": int(tr.inputs.shape[0]), "batch": int(tr.inputs.shape[1])}
+    T, B = tr.inputs.shape[0], tr.inputs.shape[1]
+    nb = min(B, jacobian_samples)
+    sub = lambda s: s[:nb]  # noqa: E731
+    h0 = tuple(sub(p) for p in tr.h0) if isinstance(tr.h0, tuple) else sub(tr.h0)
+    x = tr.inputs[:, :nb]
+    N = sum(p.shape[-1] for p in tr.h0) if isinstance(tr.h0, tuple) else tr.h0.shape[-1]
+    meta["state_size"] = int(N)
+    if jacobians:
+        t0 = time.perf_counter()
+        jn = jacobian_norms(tr.step, h0, x, ord=2, progress=progress)
+        arrays["jacobian_norms"] = jn
+        fit = decay_rate(jn, threshold=threshold)
+        meta["jacobian"] = {"ord": 2, "samples": nb, "rate": fit.rate, "horizon": fit.horizon,
+                            "explosion_lag": fit.explosion_lag, "threshold": threshold,
+                            "seconds": time.perf_counter() - t0}
+    if lyapunov:
+        kk = min(N, 16) if k is None else k
+        if kk > N:
+            raise GradscopeError(f"k={k} exceeds the state size {N} of site {tr.site!r}; use k <= {N}.")
+        warm = T // 5
+        t0 = time.perf_counter()
+        ly = lyapunov_spectrum(tr.step, h0, x, k=kk, warmup=warm, progress=progress)
+        arrays["lyapunov"] = ly
+        meta["lyapunov"] = {"k": kk, "warmup": warm, "samples": nb,
+                            "lambda1": float(np.nanmedian(ly[:, 0])) if ly.size else math.nan,
+                            "seconds": time.perf_counter() - t0}
+    hs = hidden_spectrum(tr.states)
+    arrays["hidden_sv"] = hs.singular_values
+    meta["hidden"] = {"effective_rank": hs.effective_rank, "participation_ratio": hs.participation_ratio,
+                      "n_samples": hs.n_samples}
+    meta["gates"] = dict(tr.gate_stats)
+    w = getattr(tr.step, "weight_hh", None)
+    if w is not None:
+        meta["weights"] = _weight_stats(tr.step)
+    return arrays, meta
+
+
+@torch.no_grad()
+def _weight_stats(step) -> Dict[str, float]:
+    """‖W_hh‖₂ and the spectral radius of the recurrent map (per gate block for LSTM/GRU)."""
+    W = step.weight_hh.detach().double()
+    out = {"w_hh_norm": float(torch.linalg.matrix_norm(W, ord=2))}
+    G = W.shape[0] // step.hidden_size
+    names = {1: ["h"], 3: ["r", "z", "n"], 4: ["i", "f", "g", "o"]}[G]
+    wr = getattr(step, "weight_hr", None)
+    radii = {}
+    for gi, name in enumerate(names):
+        block = W[gi * step.hidden_size:(gi + 1) * step.hidden_size]
+        if wr is not None:
+            block = block @ wr.detach().double()
+        radii[name] = float(torch.linalg.eigvals(block).abs().max())
+        out[f"w_hh_{name}_norm"] = float(torch.linalg.matrix_norm(block, ord=2))
+    out["spectral_radius"] = max(radii.values())
+    for name, r in radii.items():
+        out[f"spectral_radius_{name}"] = r
+    return out
+
+
+def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, target=None,
+          jacobians: bool = True, lyapunov: bool = True, k: Optional[int] = None,
+          sites=None, jacobian_samples: int = 4, threshold: float = 1e-3,
+          progress: Optional[bool] = None) -> Recording:
+    """Measure a model on one batch: gradient flow, Jacobians by lag, Lyapunov exponents, spectra.
+
+    One forward and backward pass under :func:`~gradscope.watch` records ‖∂L/∂h_t‖ and parameter
+    gradient norms (the model's ``.grad`` fields are left as they were). Then, for every site, the
+    estimators run along the site's trajectory on this batch: Jacobian norms ‖∂h_T/∂h_{T−k}‖ for
+    every lag (``jacobian_samples`` samples), the top-k Lyapunov exponents (warm-up: the first
+    fifth of the sequence), the hidden-state spectrum, gate statistics (LSTM/GRU: share of gate
+    activations below 0.1 / above 0.9, mean forget/update gate and its memory time τ = −1/ln f)
+    and the dead-unit share of ReLU RNNs, plus ‖W_hh‖₂ and the spectral radius.
+
+    Args:
+        model: any ``nn.Module``; it is left unchanged (parameters, ``.grad``, hooks, mode).
+        inputs: a Tensor, a tuple of positional arguments, or a dict of keyword arguments.
+        loss_fn: ``loss_fn(output) -> scalar`` or, with ``target``, ``loss_fn(output, target)``.
+            Default: :func:`default_loss` (½·mean(y²), or cross-entropy / MSE against ``target``).
+        target: optional target for the loss.
+        jacobians, lyapunov: switch those measures off to save time.
+        k: number of Lyapunov exponents (default: min(state size, 16)).
+        sites: as in :func:`~gradscope.watch`.
+        jacobian_samples: samples of the batch the Jacobian norms and exponents use.
+        threshold: the gradient horizon threshold stored with the decay fit.
+        progress: tqdm bars (None: only when stderr is a terminal and the work is long).
+
+    Returns:
+        A :class:`~gradscope.Recording` with one step; ``rec.jacobian_norms(site)``,
+        ``rec.lyapunov(site)``, ``rec.hidden_spectrum(site)``, ``rec.gate_stats(site)``.
+
+    Example:
+        >>> import torch, gradscope
+        >>> rnn = torch.nn.RNN(3, 16)
+        >>> rec = gradscope.probe(rnn, torch.randn(20, 2, 3))
+        >>> rec.jacobian_norms("l0").shape
+        (2, 21)
+    """
+    _check_model(model)
+    if isinstance(inputs, Tensor) and not inputs.is_floating_point() and not _has_embedding(model):
+        raise GradscopeError(
+            f"probe() got inputs of dtype {inputs.dtype} for a model without an embedding; "
+            f"recurrent layers need floating-point inputs.")
+    grads_before = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    scope = Scope(model, every=1, sites=sites)
+    try:
+        out = _call(model, inputs)
+        loss = (loss_fn(out) if target is None else loss_fn(out, target)) if loss_fn else default_loss(out, target)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise GradscopeError(f"the loss must be a scalar tensor, got {type(loss).__name__}"
+                                 f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}.")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if loss.requires_grad:
+            torch.autograd.grad(loss, params, allow_unused=True)
+        else:
+            raise GradscopeError("the loss does not depend on any parameter that requires grad; "
+                                 "nothing to measure.")
+        site_specs = dict(scope.sites)
+        wanted = {n for n in site_specs if scope._wanted(n)}
+    finally:
+        scope.close()
+        for n, p in model.named_parameters():  # autograd.grad leaves .grad alone; be sure anyway
+            p.grad = grads_before[n]
+    rec = scope.recording
+
+    # Second pass without gradients: the inputs each site's recurrence consumed.
+    fused = {s.module_name for s in site_specs.values() if s.kind != "cell" and s.name in wanted}
+    cells = {s.module_name for s in site_specs.values() if s.kind == "cell" and s.name in wanted}
+    mods = dict(model.named_modules())
+    cap = _ArgCapture({n: mods[n] for n in fused | cells})
+    try:
+        with torch.no_grad():
+            _call(model, inputs)
+    finally:
+        cap.close()
+
+    trajectories: List[Trajectory] = []
+    notes = list(rec.notes)
+    for name in sorted(fused):
+        calls = cap.calls[name]
+        if not calls:
+            continue
+        if len(calls) > 1:
+            notes.append(f"{name!r} ran {len(calls)} times in one forward; measured its first call.")
+        m = mods[name]
+        name_of = {(s.layer, s.reverse): s.name for s in site_specs.values()
+                   if s.module_name == name and s.name in wanted}
+        trajectories += fused_trajectories(name_of, m, *_fused_args(*calls[0][0]))
+    for name in sorted(cells):
+        tr, reason = cell_trajectory(name, mods[name], cap.calls[name])
+        if tr is None:
+            notes.append(f"site {name!r}: no Jacobians or exponents: {reason}.")
+        else:
+            trajectories.append(tr)
+
+    measures, mmeta = {}, {}
+    order = {s: i for i, s in enumerate(rec.sites)}
+    trajectories.sort(key=lambda t: order.get(t.site, 1 << 30))
+    work = sum(float(t.inputs.shape[0]) * float(t.states.shape[-1]) ** 3 * min(jacobian_samples, t.inputs.shape[1])
+               for t in trajectories) if jacobians else 0.0
+    for tr in progress_iter(trajectories, len(trajectories), progress, work, desc="gradscope probe"):
+        # Non-finite values inside a recurrence are findings, not crashes: the estimators mark
+        # the affected entries NaN and warn; the warning text goes into the recording's notes.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteWarning)
+            arrays, meta = measure_trajectory(tr, jacobians=jacobians, lyapunov=lyapunov, k=k,
+                                              jacobian_samples=jacobian_samples, threshold=threshold,
+                                              progress=progress)
+        for w in caught:
+            if issubclass(w.category, NonFiniteWarning):
+                notes.append(f"site {tr.site!r}: {w.message}")
+                meta.setdefault("warnings", []).append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for key, a in arrays.items():
+            measures[(tr.site, key)] = a
+        mmeta[tr.site] = meta
+    meta = dict(rec.meta, source="probe", loss=float(loss.detach()))
+    return rec._replace(measures=measures, measure_meta=mmeta, notes=notes, meta=meta)
+
+
+def _has_embedding(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()) or \
+        not any(isinstance(m, FUSED_TYPES) for m in model.modules())
