@@ -15,6 +15,7 @@ from .recording import Recording, load
 from .capture.scope import Scope, watch
 from .capture.probe import probe
 from . import estimators
+from .analysis.diagnose import Diagnosis, Finding, diagnose
 
-__all__ = ["watch", "probe", "estimators", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
+__all__ = ["watch", "probe", "diagnose", "Diagnosis", "Finding", "estimators", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
            "MissingMeasureError", "__version__"]

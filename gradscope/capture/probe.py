@@ -146,6 +146,17 @@ def _weight_stats(step) -> Dict[str, float]:
     out["spectral_radius"] = max(radii.values())
     for name, r in radii.items():
         out[f"spectral_radius_{name}"] = r
+    # effective bias of the gate that keeps memory: LSTM forget (block 1), GRU update (block 1)
+    if G in (3, 4):
+        H = step.hidden_size
+        b = torch.zeros(H, dtype=torch.float64)
+        for bias in (step.bias_ih, step.bias_hh):
+            if bias is not None:
+                b = b + bias.detach().double()[H:2 * H]
+        key = "forget_bias" if G == 4 else "update_bias"
+        out[key] = float(b.mean())
+        out[key + "_min"] = float(b.min())
+        out[key + "_max"] = float(b.max())
     return out
 
 

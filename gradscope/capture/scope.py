@@ -522,6 +522,11 @@ class Scope:
                          params=params, events=self._events, unsupported=self._unsupported,
                          notes=notes, meta=meta)
 
+    def diagnose(self, **kwargs):
+        """:func:`gradscope.diagnose` of the recording so far (keywords pass through)."""
+        from ..analysis.diagnose import diagnose
+        return diagnose(self.recording, **kwargs)
+
     def close(self) -> None:
         """Remove every hook and patch; safe to call twice. The recording stays available."""
         if self.closed:

@@ -1,0 +1,598 @@
+"""diagnose(): name the regime of every site with numbers, and say what to change.
+
+Rules (defaults in :class:`Rules`, all configurable through :func:`diagnose`'s keywords):
+
+* **vanishing** — the gradient horizon (first lag at which ‖∂h_T/∂h_{T−k}‖, or the gradient-norm
+  profile relative to where the loss enters, falls below ``threshold``, default 1e-3) is shorter
+  than the sequence length.
+* **exploding** — growth passes 1/``threshold`` within the sequence, or the top Lyapunov exponent
+  is clearly positive (λ₁ > ``lyapunov_margin`` per step *and* λ₁·T > ln 10), or the parameter
+  gradient norm spikes to more than ``spike_ratio`` × its median during training.
+* **stable** — otherwise.
+
+Evidence, best first: probe measures (Jacobian norms by lag, Lyapunov exponents, weights, gates);
+otherwise the watched gradient-norm profile ‖∂L/∂h_t‖ along the direction the gradient travels
+(median over the last ``steps`` recorded steps). Every site says which evidence it used. A profile
+can only show how much of the gradient that enters at the end reaches the start: where the loss
+touches every position, it cannot separate decay from fresh gradient, and the report says so.
+
+Other findings: ``short_memory`` (LSTM/GRU memory time τ = −1/ln f̄ below ``short_memory_ratio``
+× the sequence length), ``saturated_gates`` (share of gate activations < 0.1 or > 0.9 above
+``saturation``), ``dead_units`` (ReLU units inactive over every sample and step), ``nonfinite``
+(NaN/inf gradients), ``precision_underflow`` (the Jacobian norm falls below float32 epsilon within
+the sequence, so contributions from further back are below rounding error of nearby ones).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import GradscopeError, did_you_mean
+
+SCHEMA_VERSION = 1
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+SEVERITIES = ("info", "warning", "critical")
+
+__all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Thresholds of the regime rules (see the module docstring)."""
+
+    threshold: float = 1e-3
+    lyapunov_margin: float = 0.01
+    short_memory_ratio: float = 0.1
+    saturation: float = 0.3
+    spike_ratio: float = 100.0
+    steps: int = 20
+
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
+            raise GradscopeError(
+                f"threshold must be in (0, 1) (the norm ratio that ends the gradient horizon), got "
+                f"{self.threshold!r}; the default is 1e-3.")
+        if not 0 < self.short_memory_ratio <= 1:
+            raise GradscopeError(f"short_memory_ratio must be in (0, 1], got {self.short_memory_ratio!r}.")
+        if not 0 < self.saturation < 1:
+            raise GradscopeError(f"saturation must be in (0, 1), got {self.saturation!r}.")
+        if self.lyapunov_margin < 0:
+            raise GradscopeError(f"lyapunov_margin must be >= 0, got {self.lyapunov_margin!r}.")
+        if self.spike_ratio <= 1:
+            raise GradscopeError(f"spike_ratio must be > 1, got {self.spike_ratio!r}.")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise GradscopeError(f"steps must be a positive integer, got {self.steps!r}.")
+
+
+@dataclass
+class Finding:
+    """One thing gradscope found, with the numbers that show it and what to do about it."""
+
+    kind: str
+    site: str
+    severity: str
+    evidence: Dict[str, float]
+    explanation: str
+    remedies: List[Any] = field(default_factory=list)
+    evidence_used: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "site": self.site, "severity": self.severity,
+                "evidence": _clean(self.evidence), "explanation": self.explanation,
+                "evidence_used": list(self.evidence_used),
+                "remedies": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.remedies]}
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats become the strings 'inf', '-inf', 'nan'."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+# ------------------------------------------------------------------------------ evidence
+def _profile_fit(by_travel: np.ndarray, threshold: float) -> Dict[str, float]:
+    """Decay of a gradient-norm profile ordered along the direction the gradient travels.
+
+    Lag 0 is the peak of the profile; the horizon is the first lag after it where the norm falls
+    below ``threshold`` × peak. Growth *towards* the peak cannot be told apart from gradient
+    injected along the way (by a loss at many positions or by the layer above), so it is reported
+    as ``growth`` and never decides "exploding" on its own.
+    """
+    g = np.asarray(by_travel, dtype=np.float64)
+    ok = np.isfinite(g) & (g > 0)
+    if ok.sum() < 2:
+        return {}
+    p = int(np.nanargmax(np.where(ok, g, -np.inf)))
+    seg = g[p:] / g[p]
+    out = {"growth": float(g[p] / g[ok][0]), "peak_lag": float(p), "grad_ratio": float(g[ok][-1] / g[p])}
+    good = np.isfinite(seg) & (seg > 0)
+    below = np.flatnonzero(np.isfinite(seg) & (seg < threshold))
+    out["horizon"] = float(below[0]) if below.size else math.inf
+    out["span"] = float(len(seg) - 1)
+    lags = np.flatnonzero(good)
+    out["rate"] = float(np.polyfit(lags, np.log(seg[good]), 1)[0]) if len(lags) >= 2 else math.nan
+    return out
+
+
+def _site_evidence(rec, site: str, rules: Rules) -> Tuple[Dict[str, float], List[str], List[str]]:
+    """(evidence numbers, evidence used, caveats) for one site."""
+    info = rec.site_info(site)
+    ev: Dict[str, float] = {}
+    used: List[str] = []
+    caveats: List[str] = []
+    m = rec.site_measures(site) if site in rec.measure_meta else {}
+    if info.get("hidden_size") is not None:
+        ev["hidden_size"] = float(info["hidden_size"])
+    if info.get("num_layers") is not None:
+        ev["num_layers"] = float(info["num_layers"])
+    if m:
+        ev["seq_len"] = float(m["seq_len"])
+        jac = m.get("jacobian")
+        if jac:
+            used.append("jacobian_norms")
+            ev["rate"] = float(jac["rate"])
+            ev["horizon"] = float(jac["horizon"])
+            ev["explosion_lag"] = float(jac["explosion_lag"])
+            jn = rec.jacobian_norms(site)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                med = np.exp(np.nanmedian(np.log(jn), axis=0))
+            under = np.flatnonzero(med < FLOAT32_EPS)
+            ev["underflow_lag"] = float(under[0]) if under.size else math.inf
+        ly = m.get("lyapunov")
+        if ly:
+            used.append("lyapunov")
+            ev["lambda1"] = float(ly["lambda1"])
+        w = m.get("weights")
+        if w:
+            used.append("weights")
+            for k in ("w_hh_norm", "spectral_radius", "forget_bias", "update_bias"):
+                if k in w:
+                    ev[k] = float(w[k])
+        gates = m.get("gates") or {}
+        if gates:
+            used.append("gate_stats")
+            for k in ("saturated", "memory_time", "memory_time_median", "keep_mean", "dead_units"):
+                if k in gates:
+                    ev[k] = float(gates[k])
+    # watched gradient-norm profile
+    if len(rec.steps) and site in rec.sites:
+        g = rec.grad_norms(site, "h")
+        if g.size:
+            last = g[-rules.steps:]
+            lens = rec.seq_lens(site)[-rules.steps:]
+            T = int(lens.max()) if lens.size else 0
+            if T >= 2:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no gradient there
+                    prof = np.nanmedian(np.where(last > 0, last, np.nan), axis=0)[:T]
+                reverse = info.get("direction") == "reverse"
+                # the backward pass of a forward recurrence travels from position T-1 to 0
+                fit = _profile_fit(prof if reverse else prof[::-1], rules.threshold)
+                if fit:
+                    ev.setdefault("seq_len", float(T))
+                    ev["grad_ratio"] = fit["grad_ratio"]
+                    ev["growth"] = fit["growth"]
+                    if "jacobian_norms" not in used:
+                        used.append("grad_norm_profile")
+                        ev["rate"] = fit["rate"]
+                        # the horizon counts from the profile's peak; inside the span it is measured
+                        ev["horizon"] = fit["horizon"] + fit["peak_lag"] if math.isfinite(fit["horizon"]) else math.inf
+                        caveats.append("watch-only evidence: the gradient-norm profile shows decay, but "
+                                       "growth along it cannot be told from gradient injected on the way "
+                                       "(a loss at many positions, the layer above); run "
+                                       "gradscope.probe(model, batch) or watch(..., probe_every=N) for "
+                                       "Jacobians by lag and Lyapunov exponents")
+    ev.update(_global_grad_stats(rec))
+    return ev, used, caveats
+
+
+def _global_grad_stats(rec) -> Dict[str, float]:
+    """Median and maximum over recorded steps of the global parameter-gradient norm."""
+    pn = rec.param_grad_norms()
+    if not pn or not len(rec.steps):
+        return {}
+    with np.errstate(invalid="ignore"):
+        tot = np.sqrt(np.nansum(np.vstack(list(pn.values())) ** 2, axis=0))
+    tot = tot[np.isfinite(tot) & (tot > 0)]
+    if not tot.size:
+        return {}
+    return {"grad_norm_median": float(np.median(tot)), "grad_norm_max": float(np.max(tot))}
+
+
+def _regime(ev: Dict[str, float], rules: Rules) -> Tuple[str, str]:
+    """(regime, reason) from the evidence numbers."""
+    T = ev.get("seq_len", math.nan)
+    lam = ev.get("lambda1", math.nan)
+    if ev.get("explosion_lag", math.inf) <= T:
+        return "exploding", "growth passes 1/threshold within the sequence"
+    if math.isfinite(lam) and lam > rules.lyapunov_margin and lam * T > math.log(10):
+        return "exploding", "top Lyapunov exponent clearly positive"
+    if ev.get("horizon", math.inf) < T:
+        return "vanishing", "gradient horizon shorter than the sequence"
+    return "stable", "horizon covers the sequence and no growth"
+
+
+# ------------------------------------------------------------------------------ findings
+def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module: str):
+    try:
+        from .remedies import remedies_for
+    except ImportError:  # pragma: no cover - catalogue not built
+        return []
+    try:
+        return list(remedies_for(kind, site_kind, ev, site=site, module=module))
+    except GradscopeError:
+        return []
+
+
+def _explain_vanishing(site, ev) -> str:
+    T, h, rate = ev.get("seq_len"), ev.get("horizon"), ev.get("rate", math.nan)
+    per = f"by a factor {math.exp(rate):.3g} per step (rate {rate:.3g}/step), " if math.isfinite(rate) else ""
+    return (f"The gradient reaching {site} shrinks {per}falling below the threshold after {_fmt(h)} of "
+            f"{_fmt(T)} steps, so inputs more than {_fmt(h)} steps back barely influence learning.")
+
+
+def _explain_exploding(site, ev, reason) -> str:
+    T, lam, lag = ev.get("seq_len"), ev.get("lambda1", math.nan), ev.get("explosion_lag", math.inf)
+    if math.isfinite(lag) and lag <= (T or math.inf):
+        return (f"The gradient through {site} grows past 1/threshold after {_fmt(lag)} of {_fmt(T)} steps"
+                + (f" (λ₁ = {lam:.3g}/step)" if math.isfinite(lam) else "") + ", so updates are dominated "
+                f"by a few directions and can overflow.")
+    return (f"Perturbations of {site} grow by about e^{lam:.3g} = {math.exp(lam):.3g}× per step (top "
+            f"Lyapunov exponent), {math.exp(min(lam * (T or 0), 700)):.3g}× over the {_fmt(T)}-step sequence.")
+
+
+def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: List[str],
+                   regime: str, reason: str, rules: Rules) -> List[Finding]:
+    kind = info.get("kind", "cell")
+    module = info.get("module", site)
+    out: List[Finding] = []
+    T = ev.get("seq_len", math.nan)
+
+    def add(fkind, severity, explanation, keys, evidence_used=None):
+        e = {k: ev[k] for k in keys if k in ev}
+        out.append(Finding(fkind, site, severity, e, explanation,
+                           _remedies(fkind, kind, ev, site, module), list(evidence_used or used)))
+
+    base = ["seq_len", "rate", "horizon", "explosion_lag", "lambda1", "w_hh_norm", "spectral_radius",
+            "grad_ratio", "grad_norm_median", "grad_norm_max", "memory_time", "forget_bias"]
+    if regime == "vanishing":
+        h = ev.get("horizon", math.inf)
+        sev = "critical" if h < 0.1 * T else "warning"
+        add("vanishing", sev, _explain_vanishing(site, ev), base)
+    elif regime == "exploding":
+        sev = "critical" if ev.get("explosion_lag", math.inf) <= T else "warning"
+        add("exploding", sev, _explain_exploding(site, ev, reason), base)
+    tau = ev.get("memory_time")
+    if kind in ("lstm", "gru") and tau is not None and math.isfinite(T) and tau < rules.short_memory_ratio * T:
+        gate = "forget" if kind == "lstm" else "update"
+        bias = ev.get("forget_bias" if kind == "lstm" else "update_bias")
+        btxt = f" (effective {gate} bias {bias:.3g})" if bias is not None else ""
+        add("short_memory", "warning" if regime == "vanishing" else "info",
+            f"The mean {gate} gate of {site} is {ev.get('keep_mean', math.nan):.3g}{btxt}, a memory time "
+            f"τ = −1/ln f = {tau:.3g} steps, far below the {_fmt(T)}-step sequence.",
+            ["memory_time", "memory_time_median", "keep_mean", "forget_bias", "update_bias", "seq_len"],
+            ["gate_stats", "weights"])
+    sat = ev.get("saturated")
+    if sat is not None and sat > rules.saturation:
+        add("saturated_gates", "critical" if sat > 0.6 else "warning",
+            f"{sat:.0%} of the gate activations of {site} are below 0.1 or above 0.9, where the "
+            f"sigmoid's derivative is under 0.09, so little gradient passes through the gates.",
+            ["saturated", "seq_len"], ["gate_stats"])
+    dead = ev.get("dead_units")
+    if dead is not None and dead > 0:
+        add("dead_units", "critical" if dead >= 0.5 else ("warning" if dead >= 0.1 else "info"),
+            f"{dead:.0%} of the ReLU units of {site} never activate on any sample or step of the batch, "
+            f"so no gradient flows through them.", ["dead_units", "hidden_size"], ["gate_stats"])
+    ul = ev.get("underflow_lag", math.inf)
+    if math.isfinite(ul) and ul < T:
+        lam = ev.get("lambda1", math.nan)
+        add("precision_underflow", "warning",
+            f"The Jacobian norm of {site} falls below float32 epsilon ({FLOAT32_EPS:.2g}) after {_fmt(ul)} "
+            f"of {_fmt(T)} steps" + (f" (15.9/|λ₁| = {15.9 / abs(lam):.3g})" if math.isfinite(lam) and lam < 0 else "")
+            + ": contributions from further back are below rounding error of nearby ones.",
+            ["underflow_lag", "lambda1", "seq_len", "rate"], ["jacobian_norms"])
+    return out
+
+
+# ------------------------------------------------------------------------------ Diagnosis
+class Diagnosis:
+    """The verdict on a Recording: a regime per site, findings with evidence and remedies.
+
+    Attributes:
+        findings: list of :class:`Finding`, most severe first.
+        sites: the sites diagnosed.
+    """
+
+    def __init__(self, sites: Dict[str, Dict[str, Any]], findings: List[Finding], modules: List[Dict[str, Any]],
+                 notes: List[str], meta: Dict[str, Any], rules: Rules):
+        self._sites = sites
+        self.findings = findings
+        self.modules = modules
+        self.notes = notes
+        self.meta = meta
+        self.rules = rules
+
+    @property
+    def sites(self) -> Tuple[str, ...]:
+        return tuple(self._sites)
+
+    def _check(self, site: str) -> str:
+        if site not in self._sites:
+            raise GradscopeError(f"unknown site {site!r}; the diagnosis has {list(self._sites)}."
+                                 f"{did_you_mean(site, self._sites)}")
+        return site
+
+    def regime(self, site: str) -> str:
+        """``"vanishing"``, ``"exploding"`` or ``"stable"``."""
+        return self._sites[self._check(site)]["regime"]
+
+    def site_summary(self, site: str) -> Dict[str, Any]:
+        """``regime``, ``horizon``, ``lambda1``, ``rate``, ``seq_len``, ``kind``, ``evidence`` of a site."""
+        s = self._sites[self._check(site)]
+        ev = s["evidence"]
+        return {"regime": s["regime"], "reason": s["reason"], "kind": s["kind"], "module": s["module"],
+                "horizon": ev.get("horizon"), "lambda1": ev.get("lambda1"), "rate": ev.get("rate"),
+                "seq_len": ev.get("seq_len"), "evidence": dict(ev), "evidence_used": list(s["evidence_used"])}
+
+    def findings_for(self, site: str) -> List[Finding]:
+        return [f for f in self.findings if f.site == site]
+
+    @property
+    def worst(self) -> Optional[str]:
+        """The highest severity among the findings, or None."""
+        sev = [SEVERITIES.index(f.severity) for f in self.findings]
+        return SEVERITIES[max(sev)] if sev else None
+
+    # ---------------------------------------------------------------- rendering
+    def to_dict(self) -> Dict[str, Any]:
+        return _clean({
+            "schema": SCHEMA_VERSION, "gradscope_version": self.meta.get("gradscope_version"),
+            "source": self.meta.get("source"), "rules": asdict(self.rules),
+            "sites": [{"name": n, "kind": s["kind"], "module": s["module"], "regime": s["regime"],
+                       "reason": s["reason"], "evidence": s["evidence"], "evidence_used": s["evidence_used"],
+                       "caveats": s["caveats"]} for n, s in self._sites.items()],
+            "modules": self.modules,
+            "findings": [f.to_dict() for f in self.findings],
+            "notes": self.notes,
+        })
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def _site_rows(self):
+        head = ["site", "kind", "regime", "horizon", "T", "rate/step", "λ₁", "τ", "evidence"]
+        rows = []
+        for n, s in self._sites.items():
+            ev = s["evidence"]
+            rows.append([n, s["kind"], s["regime"], _fmt(ev.get("horizon")), _fmt(ev.get("seq_len")),
+                         _fmt(ev.get("rate")), _fmt(ev.get("lambda1")), _fmt(ev.get("memory_time")),
+                         ", ".join(s["evidence_used"]) or "—"])
+        return head, rows
+
+    def __str__(self) -> str:
+        src = self.meta.get("source", "?")
+        lines = [f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
+                 f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]", ""]
+        if self._sites:
+            head, rows = self._site_rows()
+            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+            for r in rows:
+                lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+            lines.append("")
+        for m in self.modules:
+            lines.append(f"module {m['line']}")
+        if self.modules:
+            lines.append("")
+        for f in self.findings:
+            lines.append(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
+            if f.evidence:
+                lines.append("    evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f.evidence.items()))
+            for i, r in enumerate(f.remedies[:3], 1):
+                lines.append(f"    {i}. {getattr(r, 'title', getattr(r, 'name', r))} — {getattr(r, 'why', '')}")
+                code = getattr(r, "code", "")
+                for cl in code.splitlines():
+                    lines.append(f"         {cl}")
+                ref = getattr(r, "reference", "")
+                if ref:
+                    lines.append(f"       ({ref})")
+        if not self.findings:
+            lines.append("No findings: every site is stable on this evidence." if self._sites
+                         else "No recurrent or attention site to diagnose.")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_markdown(self) -> str:
+        src = self.meta.get("source", "?")
+        out = [f"# gradscope diagnosis", "",
+               f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
+               f"{self.meta.get('steps', 0)} recorded step(s).", ""]
+        if self._sites:
+            head, rows = self._site_rows()
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * len(head))
+            for r in rows:
+                out.append("| " + " | ".join(str(c) for c in r) + " |")
+            out.append("")
+        if self.modules:
+            out.append("## Modules")
+            out.append("")
+            out += [f"- {m['line']}" for m in self.modules]
+            out.append("")
+        if self.findings:
+            out.append("## Findings")
+            out.append("")
+        for f in self.findings:
+            out.append(f"### {f.severity}: {f.kind} at `{f.site}`")
+            out.append("")
+            out.append(f.explanation)
+            out.append("")
+            if f.evidence:
+                out.append("| evidence | value |")
+                out.append("|---|---|")
+                out += [f"| {k} | {_fmt(v)} |" for k, v in f.evidence.items()]
+                out.append("")
+            for i, r in enumerate(f.remedies, 1):
+                out.append(f"{i}. **{getattr(r, 'title', getattr(r, 'name', r))}** — {getattr(r, 'why', '')} "
+                           f"_({getattr(r, 'reference', '')})_")
+                code = getattr(r, "code", "")
+                if code:
+                    out += ["", "   ```python", *["   " + c for c in code.splitlines()], "   ```"]
+                out.append("")
+        if not self.findings:
+            out.append("No findings." if self._sites else "No recurrent or attention site to diagnose.")
+            out.append("")
+        if self.notes:
+            out.append("## Notes")
+            out.append("")
+            out += [f"- {n}" for n in self.notes]
+        return "\n".join(out).rstrip() + "\n"
+
+    def __repr__(self) -> str:
+        regs = {}
+        for s in self._sites.values():
+            regs[s["regime"]] = regs.get(s["regime"], 0) + 1
+        return f"<Diagnosis {len(self._sites)} sites {regs} findings={len(self.findings)}>"
+
+
+def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    groups: Dict[str, List[str]] = {}
+    for n, s in sites.items():
+        groups.setdefault(s["module"], []).append(n)
+    out = []
+    for mod, names in groups.items():
+        info = rec.site_info(names[0])
+        regs = [sites[n]["regime"] for n in names]
+        counts = {r: regs.count(r) for r in ("vanishing", "exploding", "stable") if regs.count(r)}
+        hs = [sites[n]["evidence"].get("horizon") for n in names]
+        hs = [h for h in hs if h is not None and math.isfinite(h)]
+        T = sites[names[0]]["evidence"].get("seq_len")
+        shape = ""
+        if info.get("num_layers") is not None:
+            shape = (f" ({info.get('module_type', info['kind'])}, {info['num_layers']} layer(s)"
+                     f"{' × 2 directions' if info.get('bidirectional') else ''})")
+        detail = ", ".join(f"{r} in {c}/{len(names)} site(s)" for r, c in counts.items())
+        if hs:
+            detail += f"; horizons {_fmt(min(hs))}–{_fmt(max(hs))} of {_fmt(T)} steps"
+        worst = "exploding" if "exploding" in counts else ("vanishing" if "vanishing" in counts else "stable")
+        out.append({"module": mod or "(model)", "regime": worst, "counts": counts,
+                    "line": f"{mod or '(model)'}{shape}: {detail}"})
+    return out
+
+
+def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
+             short_memory_ratio: float = 0.1, saturation: float = 0.3, spike_ratio: float = 100.0,
+             steps: int = 20) -> Diagnosis:
+    """Name the regime of every site of a Recording and list findings with evidence and remedies.
+
+    Args:
+        recording: from :func:`gradscope.watch` (``scope.recording``) or :func:`gradscope.probe`.
+        threshold: norm ratio that ends the gradient horizon, in (0, 1); growth past its inverse
+            within the sequence is "exploding".
+        lyapunov_margin: λ₁ above this (per step) counts as clearly positive (with λ₁·T > ln 10).
+        short_memory_ratio: LSTM/GRU memory time below this share of the sequence → ``short_memory``.
+        saturation: share of saturated gate activations above which ``saturated_gates`` is raised.
+        spike_ratio: a global gradient norm this many times its median is an exploding spike.
+        steps: how many of the last recorded steps the watch-only profile uses.
+
+    Returns:
+        :class:`Diagnosis`.
+
+    Raises:
+        GradscopeError: an empty recording, or a threshold outside its range.
+
+    Example:
+        >>> import torch, gradscope
+        >>> rnn = torch.nn.RNN(2, 16)
+        >>> with torch.no_grad():
+        ...     _ = rnn.weight_hh_l0.mul_(0.1)
+        >>> diag = gradscope.diagnose(gradscope.probe(rnn, torch.randn(60, 2, 2)))
+        >>> diag.regime("l0")
+        'vanishing'
+    """
+    from ..recording import Recording
+
+    if not isinstance(recording, Recording):
+        raise GradscopeError(f"diagnose() expects a gradscope Recording (scope.recording or "
+                             f"gradscope.probe(...)), got {type(recording).__name__}.")
+    rules = Rules(threshold, lyapunov_margin, short_memory_ratio, saturation, spike_ratio, steps)
+    rec = recording
+    if len(rec.steps) == 0 and not rec.measure_meta:
+        raise GradscopeError(
+            "empty recording: no step was recorded. Inside `with gradscope.watch(model)`, run at least "
+            "one forward and backward pass (steps are backward passes), or use gradscope.probe(model, batch).")
+    sites: Dict[str, Dict[str, Any]] = {}
+    findings: List[Finding] = []
+    notes = list(rec.notes)
+    missing_probe = []
+    for site in rec.sites:
+        info = rec.site_info(site)
+        ev, used, caveats = _site_evidence(rec, site, rules)
+        if not used:
+            regime, reason = "stable", "no usable evidence"
+            caveats.append("no gradient reached this site's states in the recorded steps")
+        else:
+            regime, reason = _regime(ev, rules)
+        sites[site] = {"kind": info.get("kind"), "module": info.get("module", site), "regime": regime,
+                       "reason": reason, "evidence": ev, "evidence_used": used, "caveats": caveats}
+        findings += _site_findings(site, info, ev, used, regime, reason, rules)
+        if site not in rec.measure_meta:
+            missing_probe.append(site)
+    # model-wide: non-finite events and gradient-norm spikes
+    for e in rec.events:
+        if e.get("kind") == "nonfinite":
+            where = e.get("site") or e.get("param")
+            what = (f"state {e.get('state')} at position {e.get('t')}" if e.get("site") else "parameter gradient")
+            findings.append(Finding("nonfinite", where, "critical", {"step": float(e["step"])},
+                                    f"A {e.get('value')} appeared in the {what} of {where} at training step "
+                                    f"{e['step']}; every update after it is corrupted.",
+                                    _remedies("nonfinite", sites.get(where, {}).get("kind", "cell"), {}, where, where),
+                                    ["events"]))
+    gev = _global_grad_stats(rec)
+    gmed, gmax = gev.get("grad_norm_median"), gev.get("grad_norm_max")
+    if gmed and gmax and gmax > rules.spike_ratio * gmed:
+        gev["spike_ratio"] = gmax / gmed
+        findings.append(Finding("exploding", "(model)", "warning", gev,
+                                f"The global gradient norm reached {gmax:.3g}, {gmax / gmed:.3g}× its median "
+                                f"{gmed:.3g}: a spike typical of exploding gradients.",
+                                _remedies("exploding", "cell", gev, "(model)", ""), ["param_grad_norms"]))
+    if missing_probe and rec.sites:
+        notes.append("gate statistics, Jacobians by lag and Lyapunov exponents need a probe; sites "
+                     f"without them: {missing_probe}. Record them with gradscope.probe(model, batch) "
+                     "or watch(model, probe_every=N).")
+    findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), list(sites).index(f.site) if f.site in sites else -1))
+    meta = {"gradscope_version": rec.meta.get("gradscope_version"), "source": rec.meta.get("source", "watch"),
+            "steps": len(rec.steps)}
+    return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules)
