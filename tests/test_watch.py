@@ -459,3 +459,48 @@ def test_unsupported_modules_are_reported():
     rec = scope.recording
     assert rec.unsupported and rec.unsupported[0]["module"] == "odd"
     assert "overrides forward" in rec.unsupported[0]["reason"]
+
+
+def test_probe_every_measures_on_scheduled_training_batches():
+    model = Seq(nn.LSTM(3, 6), 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(12, 2, 3)
+    ref_out = None
+    with gradscope.watch(model, every=2, probe_every=3, probe_options={"k": 2}) as scope:
+        for i in range(7):
+            y = model(x)
+            y.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    rec = scope.recording
+    assert list(rec.measure("rnn.l0", "probe_steps")) == [0, 3, 6]
+    assert rec.jacobian_norms("rnn.l0").shape == (2, 13)
+    assert rec.lyapunov("rnn.l0").shape == (2, 2)
+    assert rec.site_measures("rnn.l0")["probe_step"] == 6
+    assert rec.measure("rnn.l0", "probe_lambda1").shape == (3,)
+    assert list(rec.steps) == [0, 2, 3, 4, 6]  # probe steps are recorded too
+    diag = gradscope.diagnose(rec)
+    assert "jacobian_norms" in diag.site_summary("rnn.l0")["evidence_used"]
+
+
+def test_probe_every_does_not_change_results():
+    torch.manual_seed(0)
+    model = CellLoop(nn.GRUCell(3, 5), 5, readout=nn.Linear(5, 1)).double()
+    x = torch.randn(8, 2, 3, dtype=torch.float64)
+    y0 = model(x)
+    y0.sum().backward()
+    g0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with gradscope.watch(model, probe_every=1):
+        y1 = model(x)
+        y1.sum().backward()
+    assert torch.equal(y0, y1)
+    for a, p in zip(g0, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-12, atol=0)
+
+
+def test_bad_probe_options():
+    with pytest.raises(GradscopeError, match="unknown probe option\\(s\\) \\['kk'\\]"):
+        gradscope.watch(nn.LSTM(2, 3), probe_every=2, probe_options={"kk": 1})
+    with pytest.raises(GradscopeError, match="probe_every must be a positive integer"):
+        gradscope.watch(nn.LSTM(2, 3), probe_every=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,24 +60,6 @@ def _call(model, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-class _ArgCapture:
-    """Forward hooks (for one no-grad pass) that keep the calls of fused modules and cells."""
-
-    def __init__(self, modules: Dict[str, nn.Module]):
-        self.calls: Dict[str, List[Tuple[Any, Any]]] = {n: [] for n in modules}
-        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, args, kwargs, output):
-            self.calls[name].append(((args, kwargs), output))
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def _fused_args(args, kwargs):
@@ -160,6 +142,59 @@ def _weight_stats(step) -> Dict[str, float]:
     return out
 
 
+def measure_sites(mods: Dict[str, nn.Module], site_specs, wanted, calls: Dict[str, list], *,
+                  jacobians: bool = True, lyapunov: bool = True, k: Optional[int] = None,
+                  jacobian_samples: int = 4, threshold: float = 1e-3, progress=None,
+                  order: Sequence[str] = ()) -> Tuple[Dict, Dict, List[str]]:
+    """Trajectories of the recorded calls of every wanted site, then the estimators on each.
+
+    ``calls[module] = [((args, kwargs), output), …]`` as recorded during one forward pass.
+    Returns ``(measures {(site, name): array}, metadata {site: dict}, notes)``.
+    """
+    trajectories: List[Trajectory] = []
+    notes: List[str] = []
+    fused = {s.module_name for s in site_specs.values() if s.kind != "cell" and s.name in wanted}
+    cells = {s.module_name for s in site_specs.values() if s.kind == "cell" and s.name in wanted}
+    for name in sorted(fused):
+        mcalls = calls.get(name) or []
+        if not mcalls:
+            continue
+        if len(mcalls) > 1:
+            notes.append(f"{name!r} ran {len(mcalls)} times in one forward; measured its first call.")
+        name_of = {(s.layer, s.reverse): s.name for s in site_specs.values()
+                   if s.module_name == name and s.name in wanted}
+        trajectories += fused_trajectories(name_of, mods[name], *_fused_args(*mcalls[0][0]))
+    for name in sorted(cells):
+        tr, reason = cell_trajectory(name, mods[name], calls.get(name) or [])
+        if tr is None:
+            notes.append(f"site {name!r}: no Jacobians or exponents: {reason}.")
+        else:
+            trajectories.append(tr)
+    measures, mmeta = {}, {}
+    rank = {s: i for i, s in enumerate(order)}
+    trajectories.sort(key=lambda t: rank.get(t.site, 1 << 30))
+    work = sum(float(t.inputs.shape[0]) * float(t.states.shape[-1]) ** 3 * min(jacobian_samples, t.inputs.shape[1])
+               for t in trajectories) if jacobians else 0.0
+    for tr in progress_iter(trajectories, len(trajectories), progress, work, desc="gradscope probe"):
+        # Non-finite values inside a recurrence are findings, not crashes: the estimators mark
+        # the affected entries NaN and warn; the warning text goes into the recording's notes.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonFiniteWarning)
+            arrays, meta = measure_trajectory(tr, jacobians=jacobians, lyapunov=lyapunov, k=k,
+                                              jacobian_samples=jacobian_samples, threshold=threshold,
+                                              progress=progress)
+        for w in caught:
+            if issubclass(w.category, NonFiniteWarning):
+                notes.append(f"site {tr.site!r}: {w.message}")
+                meta.setdefault("warnings", []).append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for key, a in arrays.items():
+            measures[(tr.site, key)] = a
+        mmeta[tr.site] = meta
+    return measures, mmeta, notes
+
+
 def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, target=None,
           jacobians: bool = True, lyapunov: bool = True, k: Optional[int] = None,
           sites=None, jacobian_samples: int = 4, threshold: float = 1e-3,
@@ -204,7 +239,9 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
             f"probe() got inputs of dtype {inputs.dtype} for a model without an embedding; "
             f"recurrent layers need floating-point inputs.")
     grads_before = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-    scope = Scope(model, every=1, sites=sites)
+    opts = dict(jacobians=jacobians, lyapunov=lyapunov, k=k, jacobian_samples=jacobian_samples,
+                threshold=threshold, progress=progress)
+    scope = Scope(model, every=1, sites=sites, probe_every=1, probe_options=opts)
     try:
         out = _call(model, inputs)
         loss = (loss_fn(out) if target is None else loss_fn(out, target)) if loss_fn else default_loss(out, target)
@@ -217,68 +254,16 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
         else:
             raise GradscopeError("the loss does not depend on any parameter that requires grad; "
                                  "nothing to measure.")
-        site_specs = dict(scope.sites)
-        wanted = {n for n in site_specs if scope._wanted(n)}
     finally:
         scope.close()
         for n, p in model.named_parameters():  # autograd.grad leaves .grad alone; be sure anyway
             p.grad = grads_before[n]
     rec = scope.recording
 
-    # Second pass without gradients: the inputs each site's recurrence consumed.
-    fused = {s.module_name for s in site_specs.values() if s.kind != "cell" and s.name in wanted}
-    cells = {s.module_name for s in site_specs.values() if s.kind == "cell" and s.name in wanted}
-    mods = dict(model.named_modules())
-    cap = _ArgCapture({n: mods[n] for n in fused | cells})
-    try:
-        with torch.no_grad():
-            _call(model, inputs)
-    finally:
-        cap.close()
-
-    trajectories: List[Trajectory] = []
-    notes = list(rec.notes)
-    for name in sorted(fused):
-        calls = cap.calls[name]
-        if not calls:
-            continue
-        if len(calls) > 1:
-            notes.append(f"{name!r} ran {len(calls)} times in one forward; measured its first call.")
-        m = mods[name]
-        name_of = {(s.layer, s.reverse): s.name for s in site_specs.values()
-                   if s.module_name == name and s.name in wanted}
-        trajectories += fused_trajectories(name_of, m, *_fused_args(*calls[0][0]))
-    for name in sorted(cells):
-        tr, reason = cell_trajectory(name, mods[name], cap.calls[name])
-        if tr is None:
-            notes.append(f"site {name!r}: no Jacobians or exponents: {reason}.")
-        else:
-            trajectories.append(tr)
-
-    measures, mmeta = {}, {}
-    order = {s: i for i, s in enumerate(rec.sites)}
-    trajectories.sort(key=lambda t: order.get(t.site, 1 << 30))
-    work = sum(float(t.inputs.shape[0]) * float(t.states.shape[-1]) ** 3 * min(jacobian_samples, t.inputs.shape[1])
-               for t in trajectories) if jacobians else 0.0
-    for tr in progress_iter(trajectories, len(trajectories), progress, work, desc="gradscope probe"):
-        # Non-finite values inside a recurrence are findings, not crashes: the estimators mark
-        # the affected entries NaN and warn; the warning text goes into the recording's notes.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", NonFiniteWarning)
-            arrays, meta = measure_trajectory(tr, jacobians=jacobians, lyapunov=lyapunov, k=k,
-                                              jacobian_samples=jacobian_samples, threshold=threshold,
-                                              progress=progress)
-        for w in caught:
-            if issubclass(w.category, NonFiniteWarning):
-                notes.append(f"site {tr.site!r}: {w.message}")
-                meta.setdefault("warnings", []).append(str(w.message))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        for key, a in arrays.items():
-            measures[(tr.site, key)] = a
-        mmeta[tr.site] = meta
     meta = dict(rec.meta, source="probe", loss=float(loss.detach()))
-    return rec._replace(measures=measures, measure_meta=mmeta, notes=notes, meta=meta)
+    measures = {k: v for k, v in rec.measures().items() if not k[1].startswith("probe_")}
+    mmeta = {site: {k: v for k, v in m.items() if k != "probe_step"} for site, m in rec.measure_meta.items()}
+    return rec._replace(measures=measures, measure_meta=mmeta, meta=meta)
 
 
 def _has_embedding(model: nn.Module) -> bool:

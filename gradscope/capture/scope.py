@@ -54,10 +54,12 @@ def _norm(g: Tensor) -> Tensor:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "fired", "seq_len", "handles", "__weakref__")
+    __slots__ = ("scheduled", "probe", "calls", "fired", "seq_len", "handles", "__weakref__")
 
-    def __init__(self, scheduled: bool):
+    def __init__(self, scheduled: bool, probe: bool = False):
         self.scheduled = scheduled
+        self.probe = probe  # also measure Jacobians/exponents on this pass's batch
+        self.calls: Dict[str, list] = {}  # probe passes: module -> [((args, kwargs), output), …]
         self.fired = False
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
@@ -74,7 +76,8 @@ class Scope:
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
-                 max_steps: int = 10_000, probe_every: Optional[int] = None):
+                 max_steps: int = 10_000, probe_every: Optional[int] = None,
+                 probe_options: Optional[Dict[str, Any]] = None):
         _check_model(model)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise GradscopeError(
@@ -82,8 +85,13 @@ class Scope:
                 f"Use every=1 to record every step.")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
             raise GradscopeError(f"max_steps must be an integer >= 2, got {max_steps!r}.")
-        if probe_every is not None and (not isinstance(probe_every, int) or probe_every < 1):
+        if probe_every is not None and (isinstance(probe_every, bool) or not isinstance(probe_every, int)
+                                        or probe_every < 1):
             raise GradscopeError(f"probe_every must be a positive integer or None, got {probe_every!r}.")
+        allowed = {"jacobians", "lyapunov", "k", "jacobian_samples", "threshold", "progress"}
+        bad = set(probe_options or {}) - allowed
+        if bad:
+            raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
         for m in model.modules():
             ref = _ACTIVE.get(m)
             other = ref() if ref is not None else None
@@ -96,6 +104,9 @@ class Scope:
         self.every = every
         self.max_steps = max_steps
         self.probe_every = probe_every
+        self.probe_options = dict(probe_options or {})
+        self._probe_latest: Optional[Tuple[int, Dict, Dict]] = None
+        self._probe_history: List[Tuple[int, Dict[str, Dict[str, float]]]] = []
         self.closed = False
         self._stride = 1  # grows ×2 whenever the history is thinned to stay within max_steps
         self._step = 0
@@ -210,7 +221,8 @@ class Scope:
         if self.closed or not torch.is_grad_enabled():
             self._current = None
             return
-        p = _Pass(self._is_scheduled(self._step))
+        probe = self.probe_every is not None and self._step % self.probe_every == 0
+        p = _Pass(self._is_scheduled(self._step) or probe, probe)
         self._current = p
         if p.scheduled:
             if not self._param_handles:
@@ -220,11 +232,13 @@ class Scope:
                 self._start_discovery()
             self._cell_counter = {}
             for name, m in self._explicit_cells.items():
-                self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name)))
+                self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
+                                                                  with_kwargs=True))
             for name, spec in self.sites.items():
                 if spec.kind == "cell" and name not in self._explicit_cells and self._wanted(name):
                     m = self._module_by_name(spec.module_name)
-                    self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name)))
+                    self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
+                                                                      with_kwargs=True))
 
     def _root_post(self, module, args, output):
         p = self._current
@@ -238,6 +252,8 @@ class Scope:
             self._finish_discovery(p)
         for name, n in self._cell_counter.items():
             p.seq_len[name] = max(p.seq_len.get(name, 0), n)
+        if p.probe:
+            self._run_probe(p)
         outs = [t for t in flatten_tensors(output) if t.requires_grad]
         if not outs:
             return
@@ -290,6 +306,8 @@ class Scope:
             self._keys.append(("param", i))
 
     def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs):
+        if p.probe:
+            p.calls.setdefault(self._module_names[id(m)], []).append(((args, kwargs), None))
         input = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         names = {key: (site, self.sites[site].states) for key, site in specs.items()}
@@ -323,10 +341,12 @@ class Scope:
             p.seq_len[site] = max(p.seq_len.get(site, 0), n)
         return out
 
-    def _on_cell_call(self, name, module, args, output):
+    def _on_cell_call(self, name, module, args, kwargs, output):
         p = self._current
         if p is None:
             return
+        if p.probe:
+            p.calls.setdefault(name, []).append(((args, kwargs), output))
         t = self._cell_counter.get(name, 0)
         self._cell_counter[name] = t + 1
         spec = self.sites[name]
@@ -346,11 +366,13 @@ class Scope:
                 continue
             if next(m.parameters(), None) is None:
                 continue  # parameter-free modules (activations, dropout) are never cells
-            self._discovery_handles.append(m.register_forward_hook(functools.partial(self._on_discovery_call, name)))
+            self._discovery_handles.append(m.register_forward_hook(
+                functools.partial(self._on_discovery_call, name), with_kwargs=True))
 
-    def _on_discovery_call(self, name, module, args, output):
+    def _on_discovery_call(self, name, module, args, kwargs, output):
         if self._discovery_log is not None and torch.is_grad_enabled():
-            self._discovery_log[name].append((flatten_tensors(args), flatten_tensors(output)))
+            self._discovery_log[name].append((flatten_tensors((args, kwargs)), flatten_tensors(output),
+                                              (args, kwargs), output))
 
     def _finish_discovery(self, p: _Pass) -> None:
         log, self._discovery_log = self._discovery_log, None
@@ -358,7 +380,7 @@ class Scope:
             h.remove()
         self._discovery_handles = []
         self._discovered = True
-        cells = find_cells(log)
+        cells = find_cells({n: [(c[0], c[1]) for c in calls] for n, calls in log.items()})
         for name, (outs, ins) in cells.items():
             m = self._module_by_name(name)
             states = state_names(len(outs))
@@ -366,10 +388,12 @@ class Scope:
                                                                         "calls": len(log[name])},
                                         state_outputs=outs, state_inputs=ins)
             # Hooks on this pass's states are registered now: the backward has not run yet.
-            for t, (_, outputs) in enumerate(log[name]):
+            for t, (_, outputs, _, _) in enumerate(log[name]):
                 for sname, i in zip(states, outs):
                     self._track(p, outputs[i], ("site", name, sname, t))
             p.seq_len[name] = len(log[name])
+            if p.probe and self._wanted(name):
+                p.calls[name] = [(c[2], c[3]) for c in log[name]]
         if not self.sites:
             self._note("no-sites", "no recurrent or attention site found: no nn.RNN/LSTM/GRU and no "
                                    "module whose output feeds its own next call; parameter gradient "
@@ -377,6 +401,33 @@ class Scope:
 
     def _module_by_name(self, name: str) -> nn.Module:
         return dict(self.model.named_modules())[name]
+
+    # ------------------------------------------------------------------ probe
+    def _run_probe(self, p: _Pass) -> None:
+        """Jacobians, exponents, spectra and gate statistics on this pass's batch (no grad).
+
+        Runs at the end of the forward pass, before the backward and the optimizer step, so the
+        weights and inputs are the ones this step uses.
+        """
+        from .probe import measure_sites  # probe imports this module
+
+        mods = dict(self.model.named_modules())
+        wanted = {n for n in self.sites if self._wanted(n)}
+        with torch.no_grad():
+            measures, meta, notes = measure_sites(mods, self.sites, wanted, p.calls, order=list(self.sites),
+                                                  **self.probe_options)
+        p.calls = {}
+        for n in notes:
+            self._note(("probe", n), n)
+        self._probe_latest = (self._step, measures, meta)
+        summary = {site: {"horizon": m.get("jacobian", {}).get("horizon", math.nan),
+                          "rate": m.get("jacobian", {}).get("rate", math.nan),
+                          "lambda1": m.get("lyapunov", {}).get("lambda1", math.nan),
+                          "memory_time": m.get("gates", {}).get("memory_time", math.nan)}
+                   for site, m in meta.items()}
+        self._probe_history.append((self._step, summary))
+        if len(self._probe_history) >= self.max_steps:
+            self._probe_history = self._probe_history[::2]
 
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
@@ -517,10 +568,22 @@ class Scope:
         meta = {"gradscope_version": __version__, "torch_version": torch.__version__,
                 "model": type(self.model).__name__, "every": self.every,
                 "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
-                "source": "watch"}
+                "source": "watch", "probe_every": self.probe_every}
+        measures: Dict[Tuple[str, str], np.ndarray] = {}
+        mmeta: Dict[str, Any] = {}
+        if self._probe_latest is not None:
+            step, measures, mmeta = self._probe_latest
+            measures = {k: v for k, v in measures.items() if k[0] in sites}
+            mmeta = {k: dict(v, probe_step=step) for k, v in mmeta.items() if k in sites}
+            hist_steps = np.array([h[0] for h in self._probe_history], dtype=np.float64)
+            for site in mmeta:
+                measures[(site, "probe_steps")] = hist_steps
+                for key in ("horizon", "rate", "lambda1", "memory_time"):
+                    measures[(site, "probe_" + key)] = np.array(
+                        [h[1].get(site, {}).get(key, np.nan) for h in self._probe_history], dtype=np.float64)
         return Recording(sites=sites, steps=[r["step"] for r in rows], grads=grads, seq_lens=seq,
                          params=params, events=self._events, unsupported=self._unsupported,
-                         notes=notes, meta=meta)
+                         notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
 
     def diagnose(self, **kwargs):
         """:func:`gradscope.diagnose` of the recording so far (keywords pass through)."""
@@ -581,7 +644,8 @@ def _check_model(model) -> None:
 
 
 def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
-          max_steps: int = 10_000, probe_every: Optional[int] = None) -> Scope:
+          max_steps: int = 10_000, probe_every: Optional[int] = None,
+          probe_options: Optional[Dict[str, Any]] = None) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
     Args:
@@ -595,7 +659,13 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
         max_steps: the history stays below this many recorded steps; when it is reached every
             other recorded step is dropped and the recording interval doubles, so a long run keeps
             its whole span in bounded memory.
-        probe_every: reserved for periodic probes (Jacobians, Lyapunov exponents).
+        probe_every: every this many steps, also measure Jacobian norms by lag, Lyapunov
+            exponents, hidden-state spectra and gate statistics on that step's batch (as
+            :func:`gradscope.probe` does; costs the estimators' time on those steps). The recording
+            holds the latest full measurement and, per site, the history of horizon, rate, λ₁ and
+            memory time (``rec.measure(site, "probe_lambda1")`` against ``"probe_steps"``).
+        probe_options: keywords for those measurements: ``jacobians``, ``lyapunov``, ``k``,
+            ``jacobian_samples``, ``threshold``, ``progress``.
 
     Returns:
         A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
@@ -615,4 +685,5 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
         >>> scope.recording.grad_norms("l1", state="c").shape
         (1, 10)
     """
-    return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every)
+    return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every,
+                 probe_options=probe_options)
