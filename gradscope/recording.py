@@ -222,6 +222,10 @@ class Recording:
                 f"{did_you_mean(site, self._site_info)}")
         return site
 
+    def _repr_html_(self) -> str:
+        from .report.html import recording_repr_html
+        return recording_repr_html(self)
+
     def __repr__(self) -> str:
         return (f"Recording(sites={list(self.sites)}, steps={len(self)}, "
                 f"params={len(self._params)}, events={len(self.events)})")

@@ -335,7 +335,8 @@ class Diagnosis:
     """
 
     def __init__(self, sites: Dict[str, Dict[str, Any]], findings: List[Finding], modules: List[Dict[str, Any]],
-                 notes: List[str], meta: Dict[str, Any], rules: Rules):
+                 notes: List[str], meta: Dict[str, Any], rules: Rules, recording=None):
+        self.recording = recording  # the Recording diagnosed (for figures); plain data
         self._sites = sites
         self.findings = findings
         self.modules = modules
@@ -415,12 +416,19 @@ class Diagnosis:
             lines.append(f"module {m['line']}")
         if self.modules:
             lines.append("")
+        shown = set()  # a remedy proposed again for the same site is listed without repeating it
         for f in self.findings:
             lines.append(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
             if f.evidence:
                 lines.append("    evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f.evidence.items()))
             for i, r in enumerate(f.remedies[:3], 1):
-                lines.append(f"    {i}. {getattr(r, 'title', getattr(r, 'name', r))} — {getattr(r, 'why', '')}")
+                title = getattr(r, "title", getattr(r, "name", r))
+                key = (f.site, getattr(r, "name", title))
+                if key in shown:
+                    lines.append(f"    {i}. {title} (see above)")
+                    continue
+                shown.add(key)
+                lines.append(f"    {i}. {title} — {getattr(r, 'why', '')}")
                 code = getattr(r, "code", "")
                 for cl in code.splitlines():
                     lines.append(f"         {cl}")
@@ -479,6 +487,16 @@ class Diagnosis:
             out.append("")
             out += [f"- {n}" for n in self.notes]
         return "\n".join(out).rstrip() + "\n"
+
+    def to_html(self, path=None) -> str:
+        """One self-contained HTML report (figures embedded, no network); written to ``path`` if
+        given. Returns the HTML text."""
+        from ..report.html import diagnosis_to_html
+        return diagnosis_to_html(self, path=path)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import diagnosis_repr_html
+        return diagnosis_repr_html(self)
 
     def __repr__(self) -> str:
         regs = {}
@@ -595,4 +613,4 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
     findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), list(sites).index(f.site) if f.site in sites else -1))
     meta = {"gradscope_version": rec.meta.get("gradscope_version"), "source": rec.meta.get("source", "watch"),
             "steps": len(rec.steps)}
-    return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules)
+    return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules, recording=rec)

@@ -1,0 +1,302 @@
+"""``gradscope report PATH``: static analysis and a probe of a saved checkpoint, in any format.
+
+The checkpoint is loaded safely (:func:`gradscope.checkpoint.load_checkpoint`), its recurrent and
+attention modules are rebuilt from keys and shapes (or the user's own model is built with
+``--model``), the recurrent weights are analysed statically, and the rebuilt modules are probed on
+synthetic (or given) inputs and diagnosed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, _clean, _fmt, diagnose
+from ..capture.probe import probe
+from ..checkpoint import FoundModule, build_user_model, find_modules, load_checkpoint, static_analysis
+from ..errors import CheckpointError, GradscopeError
+
+RECURRENT = ("LSTM", "GRU", "RNN")
+CELLS = ("LSTMCell", "GRUCell", "RNNCell")
+
+__all__ = ["CheckpointReport", "report_checkpoint"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_cell(cell: nn.Module, x):
+    """A rebuilt ``nn.*Cell`` over a time-major sequence from a zero state."""
+    h = x.new_zeros(x.shape[1], cell.hidden_size)
+    state = (h, h.clone()) if isinstance(cell, nn.LSTMCell) else h
+    outs = []
+    for t in range(x.shape[0]):
+        state = cell(x[t], state)
+        outs.append(state[0] if isinstance(state, tuple) else state)
+    return torch.stack(outs)
+
+
+class _Rebuilt(nn.Module):
+    """The rebuilt modules under their checkpoint prefixes; each runs on its own input."""
+
+    def __init__(self, modules: Dict[str, nn.Module]):
+        super().__init__()
+        self._order: List[str] = []
+        for prefix, m in modules.items():
+            parent = self
+            parts = prefix.split(".")
+            for part in parts[:-1]:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(parts[-1], m)
+            self._order.append(prefix)
+
+    def forward(self, *xs):
+        mods = dict(self.named_modules())
+        outs = []
+        for name, x in zip(self._order, xs):
+            m = mods[name]
+            if isinstance(m, nn.RNNCellBase):
+                outs.append(_run_cell(m, x))
+            else:
+                out = m(x)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return tuple(outs)
+
+
+class _Bare(nn.Module):
+    """A bare cell (prefix ""): looped over time."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        return _run_cell(self.cell, x)
+
+
+def _sum_loss(outs):
+    return sum(0.5 * o.float().pow(2).mean() for o in outs)
+
+
+@dataclass
+class CheckpointReport:
+    """Everything ``gradscope report`` says about one checkpoint."""
+
+    path: str
+    sha256: str
+    checkpoint: Dict[str, Any]
+    modules: List[Dict[str, Any]]
+    static: List[Dict[str, Any]]
+    diagnosis: Optional[Diagnosis]
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def findings(self):
+        return self.diagnosis.findings if self.diagnosis is not None else []
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = self.diagnosis.to_dict() if self.diagnosis is not None else {"sites": [], "findings": [], "notes": []}
+        static_by_site = {r["site"]: r for r in self.static}
+        sites = []
+        for s in d["sites"]:
+            st = static_by_site.get(s["name"])
+            if st is not None:
+                s = dict(s, static=st)
+            sites.append(s)
+        known = {s["name"] for s in sites}
+        for r in self.static:  # sites with static analysis only (e.g. attention, no probe)
+            if r["site"] not in known:
+                sites.append({"name": r["site"], "kind": r.get("kind"), "regime": None,
+                              "evidence": {}, "static": r})
+        return _clean({"schema": SCHEMA_VERSION, "gradscope_version": __version__,
+                       "checkpoint": dict(self.checkpoint, path=self.path, sha256=self.sha256),
+                       "modules": self.modules, "sites": sites, "findings": d["findings"],
+                       "notes": self.notes + d.get("notes", [])})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def _static_rows(self):
+        head = ["site", "kind", "gate", "‖W‖₂", "ρ", "bias", "τ"]
+        rows = []
+        for r in self.static:
+            gates = r.get("gates") or {}
+            for g, v in gates.items():
+                tau = bias = "—"
+                if g in (r.get("memory_gate"),):
+                    tau = _fmt(r.get("memory_time"))
+                    bias = _fmt(r.get("forget_bias", r.get("update_bias")))
+                rows.append([r["site"], r.get("kind", ""), g, _fmt(v.get("spectral_norm")),
+                             _fmt(v.get("spectral_radius")), bias, tau])
+            if "qk_spectral_norm_max" in r:
+                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", _fmt(r["qk_spectral_norm_max"]), "—", "—", "—"])
+        return head, rows
+
+    def _header(self) -> List[str]:
+        c = self.checkpoint
+        lines = [f"checkpoint {self.path}", f"  sha256 {self.sha256}",
+                 f"  format {c.get('format')}, state dict at {c.get('source_key')}, "
+                 f"{c.get('num_tensors')} tensors, {c.get('num_parameters')} parameters"]
+        if c.get("metadata"):
+            lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in list(c["metadata"].items())[:12]))
+        for m in self.modules:
+            lines.append(f"  found {m['kind']} at {m['prefix'] or '(root)'}: "
+                         + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
+            for n in m.get("notes", []):
+                lines.append(f"    note: {n}")
+        return lines
+
+    def to_text(self) -> str:
+        out = self._header() + [""]
+        head, rows = self._static_rows()
+        if rows:
+            out.append("static analysis of the recurrent weights (per gate block of W_hh)")
+            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+            out.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+            out += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+            out.append("")
+        if self.diagnosis is not None:
+            out.append(str(self.diagnosis))
+        for n in self.notes:
+            out.append(f"note: {n}")
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_markdown(self) -> str:
+        out = ["# gradscope checkpoint report", "", "```", *self._header(), "```", ""]
+        head, rows = self._static_rows()
+        if rows:
+            out += ["## Static analysis", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+            out.append("")
+        if self.diagnosis is not None:
+            md = self.diagnosis.to_markdown().replace("# gradscope diagnosis", "## Diagnosis", 1)
+            out.append(md)
+        if self.notes:
+            out += ["## Report notes", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_html(self) -> str:
+        from .html import diagnosis_to_html
+        import html as _html
+        head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
+        if self.diagnosis is None:
+            return f"<!doctype html><html><body><h1>gradscope checkpoint report</h1>{head}</body></html>"
+        page = diagnosis_to_html(self.diagnosis)
+        marker = "<body>"
+        i = page.find(marker)
+        block = f"<section class='checkpoint'><h2>Checkpoint</h2>{head}</section>"
+        return page[:i + len(marker)] + block + page[i + len(marker):] if i >= 0 else block + page
+
+    def render(self, fmt: str) -> str:
+        return {"text": self.to_text, "markdown": self.to_markdown, "json": self.to_json,
+                "html": self.to_html}[fmt]()
+
+
+def _synthetic_input(m: nn.Module, T: int, B: int, scale: float, gen: torch.Generator):
+    dtype = next(m.parameters()).dtype
+    size = m.input_size
+    x = torch.randn(T, B, size, generator=gen, dtype=torch.float64).to(dtype) * scale
+    if getattr(m, "batch_first", False):
+        x = x.transpose(0, 1).contiguous()
+    return x
+
+
+def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Generator):
+    """Synthetic inputs for a user model: token ids when it starts with an embedding, else
+    features of the first recurrent module's input size (its batch_first respected)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.RNNBase, nn.RNNCellBase))), None)
+    if first is None:
+        raise GradscopeError("cannot make synthetic inputs for this model: it has no nn.Embedding and no "
+                             "recurrent module; pass --inputs FILE.pt with a tensor (or tuple) of inputs.")
+    if isinstance(first, nn.Embedding):
+        return torch.randint(0, first.num_embeddings, (B, T), generator=gen)
+    x = torch.randn(T, B, first.input_size, generator=gen) * scale
+    if getattr(first, "batch_first", False):
+        x = x.transpose(0, 1).contiguous()
+    return x
+
+
+def _load_inputs(path: Path):
+    if not path.is_file():
+        raise GradscopeError(f"--inputs {str(path)!r}: no such file; pass a file written with torch.save(tensor).")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
+        raise GradscopeError(f"--inputs {str(path)!r} is not a readable tensor file ({type(e).__name__}); "
+                             f"write it with torch.save(tensor).") from None
+    if not isinstance(obj, (torch.Tensor, tuple, list, dict)):
+        raise GradscopeError(f"--inputs {str(path)!r} holds {type(obj).__name__}; expected a tensor, a tuple "
+                             f"of positional inputs or a dict of keyword inputs.")
+    return obj
+
+
+def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] = None,
+                      model_args=None, rnn_nonlinearity: str = "tanh", num_heads: Optional[int] = None,
+                      seq_len: int = 100, batch: int = 8, seed: int = 0, input_scale: float = 1.0,
+                      inputs: Optional[Path] = None, probe_sites: bool = True, threshold: float = 1e-3,
+                      k: Optional[int] = None, progress: Optional[bool] = None) -> CheckpointReport:
+    """Load, rebuild, analyse and probe a checkpoint (see the module docstring)."""
+    for name, v, lo in (("--seq-len", seq_len, 2), ("--batch", batch, 1)):
+        if v < lo:
+            raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
+    if not (input_scale > 0 and math.isfinite(input_scale)):
+        raise GradscopeError(f"--input-scale must be a positive number, got {input_scale}.")
+    path = Path(path)
+    ckpt = load_checkpoint(path, unsafe=unsafe)
+    found = find_modules(ckpt.state_dict, rnn_nonlinearity=rnn_nonlinearity, num_heads=num_heads)
+    notes: List[str] = list(ckpt.notes)
+    info = {"format": ckpt.format, "source_key": ckpt.source_key, "metadata": ckpt.metadata,
+            "num_tensors": len(ckpt.state_dict), "num_parameters": ckpt.num_parameters,
+            "stripped_prefix": ckpt.stripped_prefix, "unsafe_load": unsafe}
+    static: List[Dict[str, Any]] = []
+    for f in found:
+        static += static_analysis(f)
+    modules = [{"prefix": f.prefix, "kind": f.kind, "config": f.config, "notes": list(f.notes),
+                "sites": list(f.sites)} for f in found]
+    gen = torch.Generator().manual_seed(seed)
+    diag = None
+    if model_spec:
+        model = build_user_model(model_spec, model_args, ckpt.state_dict)
+        x = _load_inputs(inputs) if inputs else _user_inputs(model, seq_len, batch, input_scale, gen)
+        if probe_sites:
+            rec = probe(model, x, k=k, threshold=threshold, progress=progress)
+            diag = diagnose(rec, threshold=threshold)
+    else:
+        rebuilt, xs = {}, []
+        for f in found:
+            if f.kind not in RECURRENT + CELLS:
+                notes.append(f"{f.kind} at {f.prefix or '(root)'}: static analysis only (attention probing "
+                             f"arrives with attention support).")
+                continue
+            m = f.build()
+            rebuilt[f.prefix] = m
+            xs.append(_synthetic_input(m, seq_len, batch, input_scale, gen))
+        if inputs:
+            notes.append("--inputs is used with --model only; rebuilt modules get synthetic inputs.")
+        if rebuilt and probe_sites:
+            if "" in rebuilt:  # a bare module's state dict: probe it as it is
+                m = rebuilt[""]
+                root = _Bare(m) if isinstance(m, nn.RNNCellBase) else m
+                rec = probe(root.eval(), xs[list(rebuilt).index("")], k=k, threshold=threshold, progress=progress)
+            else:
+                root = _Rebuilt(rebuilt).eval()
+                rec = probe(root, tuple(xs), loss_fn=_sum_loss, k=k, threshold=threshold, progress=progress)
+            diag = diagnose(rec, threshold=threshold)
+    if not found and not model_spec:
+        notes.append("no recurrent or attention weights found in this checkpoint (keys of nn.RNN/LSTM/GRU, "
+                     "their cells, or nn.MultiheadAttention); nothing to probe.")
+    return CheckpointReport(str(path), sha256(path), info, modules, static, diag, notes)

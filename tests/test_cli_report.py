@@ -1,0 +1,237 @@
+"""gradscope report / show: real reports, safe loading, one-line errors with exit 2, fuzzing."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradscope
+from gradscope.cli import main
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        out, _ = self.enc(x)
+        return self.head(out[-1])
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    path = tmp_path / "model.pt"
+    torch.save({"epoch": 7, "model_state_dict": {"module." + k: v for k, v in net.state_dict().items()},
+                "optimizer": torch.optim.Adam(net.parameters()).state_dict()}, path)
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, out.out, out.err
+
+
+def test_text_report_on_wrapped_bidirectional_lstm(ckpt, capsys):
+    code, out, err = run(["report", ckpt, "--seq-len", "40"], capsys)
+    assert code == 0, err
+    assert "found LSTM at enc" in out and "epoch=7" in out and "sha256" in out
+    assert "static analysis" in out and "enc.l1_reverse" in out
+    assert "gradscope diagnosis" in out and "vanishing" in out
+
+
+def test_json_report_schema(ckpt, tmp_path, capsys):
+    outp = tmp_path / "r.json"
+    code, _, err = run(["report", ckpt, "--format", "json", "-o", outp, "--seq-len", "30"], capsys)
+    assert code == 0 and "wrote" in err
+    d = json.loads(outp.read_text())
+    assert d["schema"] == 1 and d["gradscope_version"] == gradscope.__version__
+    assert d["checkpoint"]["sha256"] and d["checkpoint"]["metadata"]["epoch"] == 7
+    names = [s["name"] for s in d["sites"]]
+    assert names == ["enc.l0", "enc.l0_reverse", "enc.l1", "enc.l1_reverse"]
+    for s in d["sites"]:
+        assert s["regime"] in ("vanishing", "exploding", "stable") and isinstance(s["evidence"], dict)
+        assert "gates" in s["static"]
+    for f in d["findings"]:
+        assert {"kind", "site", "severity", "evidence", "remedies"} <= set(f)
+        for r in f["remedies"]:
+            assert {"name", "code", "reference"} <= set(r)
+
+
+def test_markdown_and_fail_on(ckpt, capsys):
+    code, out, _ = run(["report", ckpt, "--format", "markdown", "--seq-len", "40", "--fail-on", "vanishing"], capsys)
+    assert code == 1 and out.startswith("# gradscope checkpoint report")
+    code, _, _ = run(["report", ckpt, "--seq-len", "40", "--fail-on", "exploding,nonfinite"], capsys)
+    assert code == 0
+
+
+def test_rebuilds_cells_and_bare_modules(tmp_path, capsys):
+    cell = nn.GRUCell(3, 5)
+    torch.save({"net": {"decoder.cell." + k: v for k, v in cell.state_dict().items()}}, tmp_path / "c.pt")
+    code, out, err = run(["report", tmp_path / "c.pt", "--seq-len", "20"], capsys)
+    assert code == 0, err
+    assert "decoder.cell" in out and "gru" in out.lower()
+    torch.save(nn.RNN(3, 6).state_dict(), tmp_path / "bare.pt")
+    code, out, err = run(["report", tmp_path / "bare.pt", "--seq-len", "20", "--rnn-nonlinearity", "relu"], capsys)
+    assert code == 0, err
+    assert "rnn_relu" in out
+
+
+def test_user_model_spec(ckpt, tmp_path, capsys, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, hidden=8):\n"
+        "        super().__init__()\n"
+        "        self.enc = nn.LSTM(4, hidden, num_layers=2, bidirectional=True)\n"
+        "        self.head = nn.Linear(2 * hidden, 2)\n"
+        "    def forward(self, x):\n"
+        "        out, _ = self.enc(x)\n"
+        "        return self.head(out[-1])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(["report", ckpt, "--model", "mymodels:Net", "--model-args", '{"hidden": 8}',
+                          "--seq-len", "25"], capsys)
+    assert code == 0, err
+    assert "enc.l0" in out
+    code, _, err = run(["report", ckpt, "--model", "mymodels:Nett"], capsys)
+    assert code == 2 and "Did you mean 'Net'" in err and err.count("\n") == 1
+    code, _, err = run(["report", ckpt, "--model", "mymodelz:Net"], capsys)
+    assert code == 2 and "mymodelz" in err and err.count("\n") == 1
+    code, _, err = run(["report", ckpt, "--model", "mymodels:Net", "--model-args", "{hidden: 8"], capsys)
+    assert code == 2 and "JSON" in err and err.count("\n") == 1
+    code, _, err = run(["report", ckpt, "--model", "mymodels:Net", "--model-args", '{"hidden": 9}'], capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_no_recurrent_weights(tmp_path, capsys):
+    torch.save(nn.Linear(3, 4).state_dict(), tmp_path / "lin.pt")
+    code, out, _ = run(["report", tmp_path / "lin.pt"], capsys)
+    assert code == 0 and "no recurrent or attention weights" in out
+    code, _, err = run(["report", tmp_path / "lin.pt", "--require-sites"], capsys)
+    assert code == 2 and "--require-sites" in err
+
+
+def test_reduce_payload_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": nn.RNN(2, 3).state_dict(), "x": Evil()}, tmp_path / "evil.pt")
+    code, _, err = run(["report", tmp_path / "evil.pt"], capsys)
+    assert code == 2 and "--unsafe-load" in err and "system" in err and err.count("\n") == 1
+    assert not marker.exists()
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil()))
+    code, _, err = run(["report", tmp_path / "evil.pkl"], capsys)
+    assert code == 2 and not marker.exists()
+
+
+@pytest.mark.parametrize("name,content", [
+    ("empty.pt", b""),
+    ("random.pt", os.urandom(300)),
+    ("text.pt", b"hello, this is not a checkpoint\n"),
+    ("data.json", b'{"weight": [1, 2, 3]}'),
+])
+def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys, name, content):
+    p = tmp_path / name
+    p.write_bytes(content)
+    code, out, err = run(["report", p], capsys)
+    assert code == 2 and err.startswith("gradscope: error: ") and err.count("\n") == 1 and out == ""
+
+
+def test_missing_directory_truncated_and_inconsistent(tmp_path, ckpt, capsys):
+    code, _, err = run(["report", tmp_path / "nope.pt"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = run(["report", tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1
+    data = ckpt.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    code, _, err = run(["report", tmp_path / "trunc.pt"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    sd = nn.LSTM(4, 8, num_layers=2).state_dict()
+    sd["weight_ih_l1"] = torch.zeros(32, 5)  # layer 1 input must be 8
+    torch.save(sd, tmp_path / "bad.pt")
+    code, _, err = run(["report", tmp_path / "bad.pt"], capsys)
+    assert code == 2 and "weight_ih_l1" in err and err.count("\n") == 1
+
+
+def test_bad_options(ckpt, capsys):
+    code, _, err = run(["report", ckpt, "--format", "htm"], capsys)
+    assert code == 2 and "Did you mean 'html'" in err
+    code, _, err = run(["report", ckpt, "--fail-on", "vanishin"], capsys)
+    assert code == 2 and "Did you mean 'vanishing'" in err
+    code, _, err = run(["report", ckpt, "--seq-len", "1"], capsys)
+    assert code == 2 and "--seq-len must be at least 2" in err
+    code, _, err = run(["report", ckpt, "--seq-len", "abc"], capsys)
+    assert code == 2 and "invalid int value" in err
+
+
+def test_show_recording(tmp_path, capsys):
+    rec = gradscope.probe(nn.GRU(2, 4), torch.randn(20, 2, 2))
+    path = rec.save(tmp_path / "rec.npz")
+    code, out, _ = run(["show", path], capsys)
+    assert code == 0 and "gradscope diagnosis" in out
+    code, out, _ = run(["show", path, "--format", "json"], capsys)
+    assert json.loads(out)["schema"] == 1
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    code, _, err = run(["show", tmp_path / "junk.npz"], capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_report_as_subprocess(ckpt):
+    r = subprocess.run([sys.executable, "-m", "gradscope", "report", str(ckpt), "--seq-len", "20",
+                        "--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["schema"] == 1
+    r = subprocess.run([sys.executable, "-m", "gradscope", "report", str(ckpt) + ".missing"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2000))
+def test_fuzz_random_bytes(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("fz") / "f.pt"
+    p.write_bytes(data)
+    _fuzz_main(["report", str(p), "--no-probe"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(min_value=0, max_value=10_000), byte=st.integers(0, 255), cut=st.booleans())
+def test_fuzz_mutated_checkpoint(tmp_path_factory, pos, byte, cut):
+    d = tmp_path_factory.mktemp("mut")
+    torch.save({"state_dict": nn.GRU(2, 3).state_dict()}, d / "ok.pt")
+    data = bytearray((d / "ok.pt").read_bytes())
+    pos = pos % len(data)
+    if cut:
+        data = data[:pos]
+    else:
+        data[pos] = byte
+    (d / "m.pt").write_bytes(bytes(data))
+    _fuzz_main(["report", str(d / "m.pt"), "--no-probe", "--seq-len", "4"])
+
+
+def _fuzz_main(argv):
+    """Exit 0 or 2, and a 2 must come from a recognised bad input, not the catch-all."""
+    import contextlib
+    import io
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(argv)
+    assert code in (0, 2)
+    assert "unexpected" not in err.getvalue(), err.getvalue()
+    if code == 2:
+        assert err.getvalue().count("\n") == 1
