@@ -106,9 +106,13 @@ class _LSTMLayer(torch.autograd.Function):
         H = w_hh.shape[0] // 4
         g_out = _zeros_if_none(g_out, OUT)
         i, f, o = SIG[:, :, 0], SIG[:, :, 1], SIG[:, :, 3]
-        cprev = _prev(C, c0, ctx.reverse)
-        # Local derivatives for all steps at once; the loop below only chains them.
-        K = torch.stack((G * i * (1 - i), cprev * f * (1 - f), i * (1 - G * G), TC * o * (1 - o)), dim=2)
+        # Local derivatives for all steps at once (written in place into K); the loop below only
+        # chains them. dσ = σ(1−σ) for all four gate blocks in two passes.
+        K = SIG * (1 - SIG)
+        torch.mul(K[:, :, 0], G, out=K[:, :, 0])                                   # g · i(1−i)
+        torch.mul(K[:, :, 1], _prev(C, c0, ctx.reverse), out=K[:, :, 1])           # c_{t−1} · f(1−f)
+        torch.mul(i, 1 - G * G, out=K[:, :, 2])                                    # i · (1−g²)
+        torch.mul(K[:, :, 3], TC, out=K[:, :, 3])                                  # tanh(c) · o(1−o)
         Kc = o * (1 - TC * TC)
         dG = torch.empty(T, B, 4, H, dtype=x.dtype, device=x.device)
         DH = torch.empty_like(OUT)

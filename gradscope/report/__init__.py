@@ -1,0 +1,1 @@
+"""Rendering of diagnoses and checkpoint reports (text, markdown, JSON, HTML)."""
