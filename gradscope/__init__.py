@@ -4,18 +4,46 @@ Public API::
 
     with gradscope.watch(model) as scope:   # record during training
         ...
-    rec = scope.recording                   # frozen numpy data; rec.save(path) / gradscope.load(path)
+    print(scope.diagnose())                 # regimes, findings, remedies
+    rec = gradscope.probe(model, batch)     # one-shot: Jacobians by lag, Lyapunov exponents, spectra
+    gradscope.try_remedies(model, batch)    # apply remedies to copies and measure them
+
+Attributes are loaded on first use, so ``import gradscope.analysis.remedies`` (plain data) works
+without torch installed, and ``import gradscope`` stays cheap.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
-from .recording import Recording, load
-from .capture.scope import Scope, watch
-from .capture.probe import probe
-from . import estimators
-from .analysis.diagnose import Diagnosis, Finding, diagnose
 
-__all__ = ["watch", "probe", "diagnose", "Diagnosis", "Finding", "estimators", "Scope", "Recording", "load", "GradscopeError", "RecordingFormatError",
-           "MissingMeasureError", "__version__"]
+_LAZY = {
+    "watch": ".capture.scope", "Scope": ".capture.scope",
+    "probe": ".capture.probe",
+    "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
+    "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials",
+    "Recording": ".recording", "load": ".recording",
+}
+_SUBMODULES = {"estimators", "analysis", "capture", "checkpoint", "zoo", "plot", "report", "cli"}
+
+__all__ = ["watch", "probe", "diagnose", "try_remedies", "load", "Scope", "Recording", "Diagnosis",
+           "Finding", "RemedyTrials", "GradscopeError", "RecordingFormatError", "MissingMeasureError",
+           "estimators", "checkpoint", "zoo", "plot", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module("." + name, __name__)
+    else:
+        raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

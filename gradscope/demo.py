@@ -13,26 +13,7 @@ from .analysis.diagnose import _fmt, diagnose
 from .capture.probe import probe
 from .capture.scope import watch
 from .errors import GradscopeError
-
-
-def adding_problem(n: int, T: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The adding problem (Hochreiter & Schmidhuber 1997): ``x [n, T, 2]``, ``y [n, 1]``.
-
-    Channel 0 holds uniform random numbers, channel 1 marks two positions (one in each half of the
-    sequence); the target is the sum of the two marked numbers. A model must carry information
-    over up to T steps, which is what vanishing gradients prevent.
-    """
-    g = torch.Generator().manual_seed(seed)
-    vals = torch.rand(n, T, generator=g)
-    mask = torch.zeros(n, T)
-    half = max(T // 2, 1)
-    i = torch.randint(0, half, (n,), generator=g)
-    j = torch.randint(half, T, (n,), generator=g)
-    mask[torch.arange(n), i] = 1.0
-    mask[torch.arange(n), j] = 1.0
-    x = torch.stack((vals, mask), dim=-1)
-    y = (vals * mask).sum(1, keepdim=True)
-    return x, y
+from .zoo import adding_problem
 
 
 class Regressor(nn.Module):

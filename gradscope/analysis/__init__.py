@@ -1,0 +1,1 @@
+"""Analysis: diagnose() (rules → findings), the remedy catalogue (plain data) and remedy trials."""

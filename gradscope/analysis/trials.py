@@ -1,0 +1,766 @@
+"""try_remedies(): apply each candidate remedy to a copy of the model and measure what it changes.
+
+A remedy that sounds right can still do nothing for *this* model, and folklore advice is a claim to
+test. :func:`try_remedies` probes and diagnoses the model on one batch, picks the remedies the
+findings call for (or the ones named), applies each to a ``copy.deepcopy`` of the model, probes the
+copy on the same batch with the same seed, and reports the gradient horizon, λ₁ and regime of every
+targeted site before and after. The user's model is never modified and carries no hook afterwards.
+
+What can be applied to a copy (fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` layers):
+
+* ``orthogonal_init`` — each gate block of W_hh orthogonal, gain 1 (every singular value 1).
+* ``irnn`` — W_hh = I, all biases 0, ReLU (``nonlinearity="relu"``, ``mode="RNN_RELU"``); an
+  ``nn.RNN`` has one nonlinearity for all its layers, so IRNN is applied to the whole module.
+* ``critical_init`` — orthogonal W_hh with the gain of :func:`~gradscope.analysis.remedies.critical_gain`.
+* ``switch_to_lstm`` / ``switch_to_gru`` — the ``nn.RNN`` is replaced, in its parent, by an
+  ``nn.LSTM`` / ``nn.GRU`` of the same sizes and options, freshly initialised from ``seed`` with
+  keep-gate bias 1 (``bias_ih`` block 1, ``bias_hh`` block 0; gate order i, f, g, o / r, z, n). An
+  ``nn.GRU`` takes and returns ``(out, h)`` like ``nn.RNN``; an ``nn.LSTM`` takes ``(h0, c0)`` and
+  returns ``(out, (h, c))``, so it is wrapped in :class:`LSTMAsRNN`, which answers like ``nn.RNN``
+  (``c0`` = 0) — the pattern ``out, h = self.rnn(x, h0)`` keeps working. Its sites are then named
+  ``<module>.lstm.l<k>``; the report maps them back to the original site names.
+* ``forget_bias`` — the keep-gate bias (LSTM f, GRU z: block ``[H:2H]`` of both biases) raised to
+  the value of :func:`~gradscope.analysis.remedies.forget_bias_plan`, computed from the layer's
+  actual mean effective bias b_ih + b_hh; the change is added in halves to ``bias_ih`` and
+  ``bias_hh``, so per-unit differences stay.
+* ``chrono_init`` — b_f = ln U[1, T_max − 1] in ``bias_ih`` (``bias_hh`` block 0), LSTM b_i = −b_f,
+  T_max = the sequence length (GRU: the update gate, by analogy).
+* ``reinit_dead`` — ReLU units never active on this batch get fresh incoming weights and biases
+  U(±1/√H) (their rows of ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``).
+* folklore checks: ``relu_nonlinearity`` (tanh → ReLU, weights kept), ``xavier_init``, ``he_init``.
+
+Not applicable to a copy (listed in ``skipped`` with the reason): clipping, learning rate, warm-up
+and truncated BPTT act on training, not on the Jacobians a probe measures; LayerNorm and LeakyReLU
+need a hand-written cell; attention remedies wait for attention probes; user cells are left alone.
+
+Ranking rule. For a site with sequence length T, its *reach* is min(horizon, explosion lag, T)/T:
+1 when the gradient neither falls below the threshold nor grows past its inverse within the
+sequence, smaller the sooner either happens. A trial's ``score`` is the mean change of reach over
+the targeted sites; ties (e.g. both reach 1) are broken by ``lambda_gain``, the mean decrease of
+|λ₁| (λ₁ moving toward 0 from below or from above). A trial counts as ``improved`` when its score is
+positive, or zero with λ₁ moved toward 0 by more than 0.01 per step and no site's regime worse.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GradscopeError, did_you_mean
+from . import remedies as R
+
+__all__ = ["try_remedies", "RemedyTrials", "TrialResult", "SiteChange", "SkippedRemedy", "LSTMAsRNN",
+           "TESTABLE"]
+
+
+class LSTMAsRNN(nn.Module):
+    """An ``nn.LSTM`` that takes and returns what ``nn.RNN`` does: ``(out, h_n)``.
+
+    ``hx`` (``h0``, as for ``nn.RNN``) is paired with ``c0 = 0``; ``c_n`` is dropped. Use it when an
+    ``nn.RNN`` is swapped for an LSTM and the calling code unpacks ``out, h = rnn(x, h0)``.
+    ``input_size``, ``hidden_size``, ``num_layers``, ``batch_first`` and ``bidirectional`` are
+    passed through.
+
+    Example:
+        >>> m = LSTMAsRNN(torch.nn.LSTM(3, 5, batch_first=True))
+        >>> out, h = m(torch.randn(2, 7, 3))
+        >>> tuple(out.shape), tuple(h.shape)
+        ((2, 7, 5), (1, 2, 5))
+    """
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        if not isinstance(lstm, nn.LSTM):
+            raise GradscopeError(f"LSTMAsRNN wraps an nn.LSTM, got {type(lstm).__name__}.")
+        self.lstm = lstm
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        if hx is not None:
+            if self.lstm.proj_size:
+                raise GradscopeError("LSTMAsRNN with proj_size > 0 cannot build c0 from h0 (their sizes "
+                                     "differ); call the nn.LSTM with (h0, c0) directly.")
+            hx = (hx, torch.zeros_like(hx))
+        out, (h, _c) = self.lstm(input, hx)
+        return out, h
+
+    input_size = property(lambda self: self.lstm.input_size)
+    hidden_size = property(lambda self: self.lstm.hidden_size)
+    num_layers = property(lambda self: self.lstm.num_layers)
+    batch_first = property(lambda self: self.lstm.batch_first)
+    bidirectional = property(lambda self: self.lstm.bidirectional)
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+
+
+def _clean(x):
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+@dataclass(frozen=True)
+class SiteChange:
+    """One site before and after a remedy (``site_after``: its name in the modified copy).
+
+    ``memory_time``: the keep gate's τ = −1/ln f̄ in steps (LSTM forget / GRU update gate; NaN for
+    ungated sites). ``reach``: min(horizon, explosion lag, T)/T.
+    """
+
+    site: str
+    site_after: str
+    kind_before: str
+    kind_after: str
+    seq_len: float
+    regime_before: str
+    regime_after: str
+    horizon_before: float
+    horizon_after: float
+    lambda1_before: float
+    lambda1_after: float
+    reach_before: float
+    reach_after: float
+    memory_time_before: float = math.nan
+    memory_time_after: float = math.nan
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One remedy applied to a copy of the model and measured.
+
+    Attributes:
+        remedy: catalogue name; ``title`` its one-line title.
+        sites: the original names of the sites it targeted.
+        applied: what was changed, with the numbers (e.g. ``"l0: b_f -3.00 → 2.64"``).
+        changes: per targeted site, before and after.
+        score: mean change of reach (see the module docstring), in [−1, 1].
+        lambda_gain: mean decrease of |λ₁| (per step).
+        improved: the ranking rule's verdict.
+    """
+
+    remedy: str
+    title: str
+    sites: Tuple[str, ...]
+    applied: str
+    changes: Tuple[SiteChange, ...]
+    score: float
+    lambda_gain: float
+    improved: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class SkippedRemedy:
+    """A remedy not tried on a copy, and why."""
+
+    remedy: str
+    sites: Tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        if v.is_integer() and abs(v) < 1e6:
+            return str(int(v))
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+class RemedyTrials:
+    """What each remedy did to a copy of the model (see :func:`try_remedies`).
+
+    Attributes:
+        results: :class:`TrialResult` list, best first (ranking rule in the module docstring).
+        skipped: :class:`SkippedRemedy` list.
+        findings: ``(kind, site, severity)`` of the original model's findings.
+        before: per site of the original: ``kind``, ``regime``, ``horizon``, ``explosion_lag``,
+            ``lambda1``, ``seq_len``, ``reach``, ``memory_time``.
+        seed: the seed every copy was initialised and probed with.
+    """
+
+    def __init__(self, results, skipped, findings, before, seed):
+        self.results: List[TrialResult] = list(results)
+        self.skipped: List[SkippedRemedy] = list(skipped)
+        self.findings: List[Tuple[str, str, str]] = list(findings)
+        self.before: Dict[str, Dict[str, Any]] = dict(before)
+        self.seed = seed
+
+    def best(self) -> Optional[TrialResult]:
+        """The top-ranked trial that improved the model, or None."""
+        return next((r for r in self.results if r.improved), None)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def _rows(self) -> Tuple[List[str], List[List[str]]]:
+        head = ["remedy", "site", "regime before → after", "horizon before → after", "T",
+                "λ₁ before → after", "score", "improved"]
+        rows = []
+        for r in self.results:
+            for i, ch in enumerate(r.changes):
+                site = ch.site if ch.site == ch.site_after else f"{ch.site} (now {ch.site_after})"
+                rows.append([r.remedy if i == 0 else "", site,
+                             f"{ch.regime_before} → {ch.regime_after}",
+                             f"{_fmt(ch.horizon_before)} → {_fmt(ch.horizon_after)}", _fmt(ch.seq_len),
+                             f"{_fmt(ch.lambda1_before)} → {_fmt(ch.lambda1_after)}",
+                             f"{r.score:+.2f}" if i == 0 else "", ("yes" if r.improved else "no") if i == 0 else ""])
+        return head, rows
+
+    def _intro(self) -> str:
+        return (f"Remedy trials: each remedy applied to a copy of the model, probed on the same batch "
+                f"(seed {self.seed}). Ranked by the change of reach = min(horizon, explosion lag, T)/T, "
+                f"then by |λ₁| moving toward 0.")
+
+    def __str__(self) -> str:
+        lines = [self._intro(), ""]
+        if self.results:
+            head, rows = self._rows()
+            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+            for row in rows:
+                lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            lines.append("")
+            for r in self.results:
+                lines.append(f"{r.remedy}: {r.applied}")
+        else:
+            lines.append("No remedy was tried" + (": the diagnosis found nothing to remedy."
+                                                  if not self.findings else "."))
+        if self.skipped:
+            lines += ["", "skipped:"]
+            lines += [f"  {s.remedy}" + (f" ({', '.join(s.sites)})" if s.sites else "") + f": {s.reason}"
+                      for s in self.skipped]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_markdown(self) -> str:
+        out = ["## Remedy trials", "", self._intro(), ""]
+        if self.results:
+            head, rows = self._rows()
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * len(head))
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+            out.append("")
+            out += [f"- **{r.remedy}** ({r.title}): {r.applied}" for r in self.results]
+        else:
+            out.append("No remedy was tried.")
+        if self.skipped:
+            out += ["", "### Skipped", ""]
+            out += [f"- **{s.remedy}**" + (f" ({', '.join(s.sites)})" if s.sites else "") + f": {s.reason}"
+                    for s in self.skipped]
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_dict(self) -> Dict[str, Any]:
+        best = self.best()
+        return _clean({"seed": self.seed, "best": best.remedy if best else None,
+                       "results": [r.to_dict() for r in self.results],
+                       "skipped": [s.to_dict() for s in self.skipped],
+                       "findings": [{"kind": k, "site": s, "severity": v} for k, s, v in self.findings],
+                       "before": self.before})
+
+    def __repr__(self) -> str:
+        best = self.best()
+        return (f"<RemedyTrials {len(self.results)} tried, {len(self.skipped)} skipped, "
+                f"best={best.remedy if best else None}>")
+
+
+# ------------------------------------------------------------------------------------------------
+# applying remedies to a copy
+
+
+@dataclass
+class _Target:
+    site: str
+    module: str      # qualified module name ("" = the model itself)
+    suffix: str      # parameter suffix: "l0", "l1_reverse"
+    kind: str        # site kind
+    evidence: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        return int(self.suffix[1:].split("_")[0])
+
+    @property
+    def reverse(self) -> bool:
+        return self.suffix.endswith("_reverse")
+
+
+class _Skip(Exception):
+    """Raised by an applier when the remedy does not apply after all (the message says why)."""
+
+
+def _sub(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` was; returns the (possibly new) root."""
+    if not name:
+        return new
+    parent, _, last = name.rpartition(".")
+    setattr(_sub(model, parent), last, new)
+    return model
+
+
+def _blocks(W: Tensor, H: int):
+    return [W[k * H:(k + 1) * H] for k in range(W.shape[0] // H)]
+
+
+def _by_module(targets: Sequence[_Target]) -> Dict[str, List[_Target]]:
+    out: Dict[str, List[_Target]] = {}
+    for t in targets:
+        out.setdefault(t.module, []).append(t)
+    return out
+
+
+def _mod_label(name: str) -> str:
+    return repr(name) if name else "the model"
+
+
+@torch.no_grad()
+def _apply_orthogonal(model, targets, ctx):
+    done = []
+    for t in targets:
+        m = _sub(model, t.module)
+        W = getattr(m, f"weight_hh_{t.suffix}")
+        for b in _blocks(W, m.hidden_size):
+            nn.init.orthogonal_(b)
+        done.append(f"{t.site}: weight_hh_{t.suffix} orthogonal per gate block (gain 1)")
+    return model, {}, "; ".join(done)
+
+
+@torch.no_grad()
+def _apply_critical(model, targets, ctx):
+    done = []
+    for t in targets:
+        m = _sub(model, t.module)
+        g = R.critical_gain(t.evidence)["gain"]
+        nn.init.orthogonal_(getattr(m, f"weight_hh_{t.suffix}"), gain=g)
+        done.append(f"{t.site}: weight_hh_{t.suffix} orthogonal, gain {g:.3g}")
+    return model, {}, "; ".join(done)
+
+
+def _init_check(fn: Callable[[Tensor], Any], label: str):
+    @torch.no_grad()
+    def apply(model, targets, ctx):
+        for t in targets:
+            m = _sub(model, t.module)
+            for b in _blocks(getattr(m, f"weight_hh_{t.suffix}"), m.hidden_size):
+                fn(b)
+        return model, {}, "; ".join(f"{t.site}: weight_hh_{t.suffix} {label} per gate block" for t in targets)
+    return apply
+
+
+@torch.no_grad()
+def _apply_irnn(model, targets, ctx):
+    done = []
+    for name, ts in _by_module(targets).items():
+        m = _sub(model, name)
+        for pname, p in m.named_parameters():
+            if pname.startswith("weight_hh"):
+                p.copy_(torch.eye(m.hidden_size, dtype=p.dtype, device=p.device))
+            elif pname.startswith("bias"):
+                p.zero_()
+        m.nonlinearity, m.mode = "relu", "RNN_RELU"
+        done.append(f"{_mod_label(name)}: W_hh = I, biases 0, ReLU (all {m.num_layers} layer(s); "
+                    f"nn.RNN has one nonlinearity per module)")
+    return model, {}, "; ".join(done)
+
+
+def _apply_relu(model, targets, ctx):
+    for name in _by_module(targets):
+        m = _sub(model, name)
+        m.nonlinearity, m.mode = "relu", "RNN_RELU"
+    return model, {}, "; ".join(f"{_mod_label(n)}: tanh → ReLU, weights unchanged" for n in _by_module(targets))
+
+
+def _switch(cls):
+    def apply(model, targets, ctx):
+        renames = {}
+        done = []
+        for name in _by_module(targets):
+            old = _sub(model, name)
+            if type(old) is not nn.RNN:
+                raise _Skip(f"{_mod_label(name)} is a {type(old).__name__}, not a plain nn.RNN")
+            ref = old.weight_hh_l0
+            new = cls(old.input_size, old.hidden_size, num_layers=old.num_layers, bias=old.bias,
+                      batch_first=old.batch_first, dropout=old.dropout, bidirectional=old.bidirectional)
+            new = new.to(device=ref.device, dtype=ref.dtype)
+            new.train(old.training)
+            H = old.hidden_size
+            with torch.no_grad():
+                for pname, p in new.named_parameters():
+                    if pname.startswith("bias_ih"):
+                        p[H:2 * H].fill_(1.0)
+                    elif pname.startswith("bias_hh"):
+                        p[H:2 * H].fill_(0.0)
+            if cls is nn.LSTM:
+                wrapped = LSTMAsRNN(new)
+                model = _replace(model, name, wrapped)
+                renames[name] = (name + "." if name else "") + "lstm"
+                done.append(f"{_mod_label(name)}: nn.RNN → nn.LSTM (wrapped in LSTMAsRNN), keep-gate bias 1")
+            else:
+                model = _replace(model, name, new)
+                done.append(f"{_mod_label(name)}: nn.RNN → nn.GRU, keep-gate bias 1")
+        return model, renames, "; ".join(done)
+    return apply
+
+
+def _mean_keep_bias(m, suffix) -> float:
+    H = m.hidden_size
+    b = getattr(m, f"bias_ih_{suffix}")[H:2 * H] + getattr(m, f"bias_hh_{suffix}")[H:2 * H]
+    return float(b.double().mean())
+
+
+def _require_bias(m, name):
+    if not m.bias:
+        raise _Skip(f"{_mod_label(name)} has bias=False: there is no gate bias to change")
+
+
+@torch.no_grad()
+def _apply_forget_bias(model, targets, ctx):
+    done = []
+    for t in targets:
+        m = _sub(model, t.module)
+        _require_bias(m, t.module)
+        ev = dict(t.evidence)
+        key = "update_bias" if t.kind == "gru" else "forget_bias"
+        ev[key] = _mean_keep_bias(m, t.suffix)
+        plan = R.forget_bias_plan(ev, key=key)
+        H = m.hidden_size
+        for stem in ("bias_ih", "bias_hh"):
+            getattr(m, f"{stem}_{t.suffix}")[H:2 * H] += plan["delta"] / 2
+        done.append(f"{t.site}: b_{'z' if t.kind == 'gru' else 'f'} {plan['b_now']:.2f} → {plan['b_new']:.2f} "
+                    f"(τ {plan['tau_now']:.3g} → {plan['tau_new']:.3g} steps)")
+    return model, {}, "; ".join(done)
+
+
+@torch.no_grad()
+def _apply_chrono(model, targets, ctx):
+    done = []
+    for t in targets:
+        m = _sub(model, t.module)
+        _require_bias(m, t.module)
+        T_max, _ = R.chrono_t_max(t.evidence)
+        H = m.hidden_size
+        b_ih, b_hh = getattr(m, f"bias_ih_{t.suffix}"), getattr(m, f"bias_hh_{t.suffix}")
+        b_f = torch.empty(H, dtype=torch.float64).uniform_(1, T_max - 1).log().to(b_ih)
+        b_ih[H:2 * H] = b_f
+        b_hh[H:2 * H] = 0.0
+        if t.kind == "lstm":
+            b_ih[:H] = -b_f
+            b_hh[:H] = 0.0
+        done.append(f"{t.site}: b_{'z' if t.kind == 'gru' else 'f'} = ln U[1, {T_max - 1}]"
+                    + (", b_i = -b_f" if t.kind == "lstm" else ""))
+    return model, {}, "; ".join(done)
+
+
+@torch.no_grad()
+def _apply_reinit_dead(model, targets, ctx):
+    from ..capture.probe import _call, _fused_args
+    from ..capture.trajectories import fused_trajectories
+
+    done = []
+    for name, ts in _by_module(targets).items():
+        m = _sub(model, name)
+        calls = []
+        handle = m.register_forward_hook(lambda mod, a, kw, out: calls.append((a, kw)), with_kwargs=True)
+        try:
+            _call(model, ctx["batch"])
+        finally:
+            handle.remove()
+        if not calls:
+            raise _Skip(f"{_mod_label(name)} was not called by the model's forward")
+        name_of = {(t.layer, t.reverse): t.site for t in ts}
+        trs = {tr.site: tr for tr in fused_trajectories(name_of, m, *_fused_args(*calls[0]))}
+        for t in ts:
+            dead = (trs[t.site].states <= 0).flatten(0, -2).all(0)
+            n = int(dead.sum())
+            if not n:
+                continue
+            bound = m.hidden_size ** -0.5
+            for stem in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                p = getattr(m, f"{stem}_{t.suffix}", None)
+                if p is not None:
+                    p[dead] = torch.empty_like(p[dead]).uniform_(-bound, bound)
+            done.append(f"{t.site}: {n} dead unit(s) of {m.hidden_size} re-initialised U(±{bound:.3g})")
+    if not done:
+        raise _Skip("no unit is dead on this batch")
+    return model, {}, "; ".join(done)
+
+
+_FUSED_LAYER = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+# name → (applier, site kinds it can be applied to)
+_APPLIERS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
+    "orthogonal_init": (_apply_orthogonal, _FUSED_LAYER),
+    "irnn": (_apply_irnn, ("rnn_tanh", "rnn_relu")),
+    "critical_init": (_apply_critical, ("rnn_tanh", "rnn_relu")),
+    "switch_to_lstm": (_switch(nn.LSTM), ("rnn_tanh", "rnn_relu")),
+    "switch_to_gru": (_switch(nn.GRU), ("rnn_tanh", "rnn_relu")),
+    "forget_bias": (_apply_forget_bias, ("lstm", "gru")),
+    "chrono_init": (_apply_chrono, ("lstm", "gru")),
+    "reinit_dead": (_apply_reinit_dead, ("rnn_relu",)),
+    "relu_nonlinearity": (_apply_relu, ("rnn_tanh",)),
+    "xavier_init": (_init_check(nn.init.xavier_uniform_, "Xavier-uniform"), _FUSED_LAYER),
+    "he_init": (_init_check(lambda b: nn.init.kaiming_normal_(b, nonlinearity="relu"), "He-normal"),
+                _FUSED_LAYER),
+}
+TESTABLE: Tuple[str, ...] = tuple(_APPLIERS)
+"""The remedies :func:`try_remedies` can apply to a copy of a model."""
+
+assert set(TESTABLE) == {n for n in R.REMEDY_NAMES if n not in R.UNTESTABLE}
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring
+
+
+@contextlib.contextmanager
+def _seeded(model: nn.Module, seed: int):
+    """Every RNG the model's devices use starts from ``seed``; their states are restored after."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _probe(model, batch, loss_fn, target, sites, seed, threshold):
+    from ..capture.probe import probe
+
+    with _seeded(model, seed):
+        return probe(model, batch, loss_fn=loss_fn, target=target, sites=sites, k=1,
+                     threshold=threshold, progress=False)
+
+
+def _site_numbers(rec, diag, site) -> Dict[str, Any]:
+    """kind, regime, horizon, explosion lag, λ₁, T and reach of one probed site."""
+    m = rec.site_measures(site)
+    jac, ly = m.get("jacobian", {}), m.get("lyapunov", {})
+    T = float(m.get("seq_len", math.nan))
+    hor = float(jac.get("horizon", math.nan))
+    exp_lag = float(jac.get("explosion_lag", math.inf))
+    lam = float(ly.get("lambda1", math.nan))
+    if math.isfinite(T) and T > 0 and not math.isnan(hor):
+        reach = min(hor, exp_lag, T) / T
+    else:
+        reach = math.nan
+    tau = float(m.get("gates", {}).get("memory_time", math.nan))
+    return {"kind": rec.site_info(site)["kind"], "regime": diag.regime(site) if site in diag.sites else "unknown",
+            "horizon": hor, "explosion_lag": exp_lag, "lambda1": lam, "seq_len": T, "reach": reach,
+            "memory_time": tau}
+
+
+def _rename(site: str, renames: Dict[str, str]) -> str:
+    """A site's name after its module moved (``{"rnn": "rnn.lstm"}``: ``rnn.l0`` → ``rnn.lstm.l0``)."""
+    for old, new in renames.items():
+        if old == "":
+            return f"{new}.{site}"
+        if site.startswith(old + "."):
+            return new + site[len(old):]
+    return site
+
+
+_REGIME_RANK = {"stable": 0, "vanishing": 1, "exploding": 1, "unknown": 1}
+
+
+def _score(changes: Sequence[SiteChange]) -> Tuple[float, float, bool]:
+    gains = [c.reach_after - c.reach_before for c in changes
+             if math.isfinite(c.reach_after) and math.isfinite(c.reach_before)]
+    lams = [abs(c.lambda1_before) - abs(c.lambda1_after) for c in changes
+            if math.isfinite(c.lambda1_before) and math.isfinite(c.lambda1_after)]
+    score = sum(gains) / len(gains) if gains else -math.inf
+    lam_gain = sum(lams) / len(lams) if lams else 0.0
+    worse = any(_REGIME_RANK.get(c.regime_after, 1) > _REGIME_RANK.get(c.regime_before, 1) for c in changes)
+    improved = score > 1e-9 or (abs(score) <= 1e-9 and lam_gain > 0.01 and not worse)
+    return score, lam_gain, improved
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing what to try
+
+
+def _targets_of(rec, site: str, evidence: Dict[str, float], model) -> _Target:
+    info = rec.site_info(site)
+    module = info.get("module", site)
+    prefix = module + "." if module else ""
+    suffix = site[len(prefix):] if site.startswith(prefix) else ""
+    t = _Target(site, module, suffix, info.get("kind", "cell"), dict(evidence))
+    if t.kind in ("lstm", "gru") and _has_module(model, module):
+        m = _sub(model, module)
+        if getattr(m, "bias", False) and hasattr(m, f"bias_ih_{suffix}"):
+            with torch.no_grad():  # exact, from the weights (the key diagnose may also fill)
+                t.evidence["update_bias" if t.kind == "gru" else "forget_bias"] = _mean_keep_bias(m, suffix)
+    return t
+
+
+def _plan(rec, diag, names: Optional[Sequence[str]], site_filter: Optional[set], model
+          ) -> Tuple[List[Tuple[str, List[_Target]]], List[SkippedRemedy]]:
+    evidence = {s: dict(diag.site_summary(s)["evidence"]) for s in diag.sites}
+    sites = [s for s in rec.sites if site_filter is None or s in site_filter]
+    wanted: Dict[str, List[str]] = {}
+    if names is None:
+        for f in diag.findings:
+            if f.site not in sites:
+                continue
+            for r in f.remedies:
+                lst = wanted.setdefault(r.name, [])
+                if f.site not in lst:
+                    lst.append(f.site)
+    else:
+        for n in names:
+            wanted.setdefault(n, list(sites))
+    plan, skipped = [], []
+    for name, ss in wanted.items():
+        if name not in _APPLIERS:
+            skipped.append(SkippedRemedy(name, tuple(ss) if names is None else (), R.UNTESTABLE.get(
+                name, "gradscope cannot apply it to a copy of the model")))
+            continue
+        kinds = _APPLIERS[name][1]
+        targets, bad = [], []
+        for s in ss:
+            t = _targets_of(rec, s, evidence.get(s, {}), model)
+            mod = _sub(model, t.module) if _has_module(model, t.module) else None
+            if t.kind not in kinds or not isinstance(mod, (nn.RNN, nn.LSTM, nn.GRU)):
+                bad.append((s, t.kind))
+            else:
+                targets.append(t)
+        if bad:
+            kinds_txt = ", ".join(kinds)
+            skipped.append(SkippedRemedy(name, tuple(s for s, _ in bad),
+                                         f"applies to fused {kinds_txt} layers; "
+                                         + ", ".join(f"{s!r} is {k}" for s, k in bad)))
+        if targets:
+            plan.append((name, targets))
+    return plan, skipped
+
+
+def _has_module(model, name) -> bool:
+    try:
+        _sub(model, name)
+        return True
+    except AttributeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None, target=None,
+                 remedies: Optional[Iterable[str]] = None, sites: Optional[Sequence[str]] = None,
+                 seed: int = 0, threshold: float = 1e-3) -> RemedyTrials:
+    """Apply candidate remedies to copies of ``model`` and measure each on the same batch.
+
+    The model is probed (:func:`gradscope.probe`) and diagnosed (:func:`gradscope.diagnose`).
+    Without ``remedies``, every remedy the findings list is a candidate, for the sites it was
+    listed for; with ``remedies``, the named ones are tried on every site they apply to. Each
+    candidate that can be applied (see the module docstring) is applied to a fresh
+    ``copy.deepcopy(model)`` under ``torch.manual_seed(seed)``, the copy is probed on ``batch``
+    with the same seed, and the targeted sites are compared. The global RNG state is restored.
+
+    Args:
+        model: the model; it is not modified and carries no hook afterwards.
+        batch: its input (a Tensor, a tuple of positional arguments or a dict), as for probe().
+        loss_fn, target: as for :func:`gradscope.probe`.
+        remedies: remedy names (:data:`gradscope.analysis.remedies.REMEDY_NAMES`); default: those
+            the findings call for.
+        sites: only these site names (default: all).
+        seed: seed of every copy's new weights and of every probe.
+        threshold: the gradient-horizon threshold (as for probe() and diagnose()).
+
+    Returns:
+        :class:`RemedyTrials`: ``results`` ranked (rule in the module docstring), ``skipped``
+        with reasons, ``best()``.
+
+    Raises:
+        GradscopeError: an unknown remedy or site name (with a suggestion), or what probe() raises.
+
+    Example:
+        >>> import torch, gradscope
+        >>> rnn = torch.nn.RNN(2, 8)
+        >>> with torch.no_grad():
+        ...     _ = rnn.weight_hh_l0.mul_(0.3)
+        >>> trials = try_remedies(rnn, torch.randn(40, 2, 2), remedies=["orthogonal_init"])
+        >>> trials.best().remedy
+        'orthogonal_init'
+    """
+    from .diagnose import diagnose
+
+    if remedies is not None:
+        if isinstance(remedies, str):
+            raise GradscopeError(f"remedies must be a list of names, got the string {remedies!r}; "
+                                 f"write remedies=[{remedies!r}].")
+        remedies = list(remedies)
+        for n in remedies:
+            if n not in R.REMEDY_NAMES:
+                raise GradscopeError(f"unknown remedy {n!r}; known remedies: {', '.join(R.REMEDY_NAMES)}."
+                                     f"{did_you_mean(str(n), R.REMEDY_NAMES)}")
+    if sites is not None and isinstance(sites, str):
+        raise GradscopeError(f"sites must be a list of names, got the string {sites!r}; write sites=[{sites!r}].")
+
+    rec0 = _probe(model, batch, loss_fn, target, None, seed, threshold)
+    if sites is not None:
+        for s in sites:
+            if s not in rec0.sites:
+                raise GradscopeError(f"unknown site {s!r}; the model has sites {list(rec0.sites)}."
+                                     f"{did_you_mean(str(s), rec0.sites)}")
+    diag0 = diagnose(rec0, threshold=threshold)
+    wanted_sites = None if sites is None else set(sites)
+    before = {s: _site_numbers(rec0, diag0, s) for s in rec0.sites
+              if wanted_sites is None or s in wanted_sites}
+    findings = [(f.kind, f.site, f.severity) for f in diag0.findings]
+    plan, skipped = _plan(rec0, diag0, remedies, wanted_sites, model)
+
+    results: List[TrialResult] = []
+    for name, targets in plan:
+        applier = _APPLIERS[name][0]
+        work = copy.deepcopy(model)
+        try:
+            with _seeded(work, seed):
+                work, renames, applied = applier(work, targets, {"batch": batch, "seed": seed})
+        except _Skip as e:
+            skipped.append(SkippedRemedy(name, tuple(t.site for t in targets), str(e)))
+            continue
+        rec1 = _probe(work, batch, loss_fn, target, None, seed, threshold)
+        diag1 = diagnose(rec1, threshold=threshold)
+        changes = []
+        for t in targets:
+            new_site = _rename(t.site, renames)
+            b = before[t.site]
+            if new_site not in rec1.sites:
+                raise GradscopeError(  # an applier bug, not a user error
+                    f"internal: after {name}, site {t.site!r} (as {new_site!r}) is missing from "
+                    f"{list(rec1.sites)}.")
+            a = _site_numbers(rec1, diag1, new_site)
+            changes.append(SiteChange(t.site, new_site, b["kind"], a["kind"], b["seq_len"],
+                                      b["regime"], a["regime"], b["horizon"], a["horizon"],
+                                      b["lambda1"], a["lambda1"], b["reach"], a["reach"],
+                                      b["memory_time"], a["memory_time"]))
+        score, lam_gain, improved = _score(changes)
+        t0 = targets[0]
+        title = R.get_remedy(name, t0.evidence, site=t0.site, module=t0.module, site_kind=t0.kind).title
+        results.append(TrialResult(name, title, tuple(t.site for t in targets), applied, tuple(changes),
+                                   score, lam_gain, improved))
+    results.sort(key=lambda r: (-r.score, -r.lambda_gain, r.remedy))
+    return RemedyTrials(results, skipped, findings, before, seed)

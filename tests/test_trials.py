@@ -1,0 +1,228 @@
+"""try_remedies(): remedies applied to copies and measured; the user's model untouched."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gradscope import GradscopeError
+from gradscope.analysis.diagnose import diagnose
+from gradscope.analysis.trials import LSTMAsRNN, RemedyTrials, TESTABLE, try_remedies
+from gradscope.capture.probe import probe
+
+from conftest import assert_no_hooks
+
+H, T, B = 16, 100, 4
+
+
+def _orthogonal(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    return q
+
+
+class Elman(nn.Module):
+    """nn.RNN (tanh) with W_hh = 0.5·Q, Q orthogonal, and a linear read-out: vanishing at T = 100."""
+
+    def __init__(self, scale=0.5):
+        super().__init__()
+        self.rnn = nn.RNN(4, H, batch_first=True)
+        self.fc = nn.Linear(H, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(scale * _orthogonal(H))
+
+    def forward(self, x, h0=None):
+        out, h = self.rnn(x, h0)
+        return self.fc(out)
+
+
+def short_memory_lstm():
+    """nn.LSTM with effective forget bias −3 (−1.5 on each bias): τ ≈ 0.33 steps."""
+    lstm = nn.LSTM(4, H, batch_first=True)
+    with torch.no_grad():
+        lstm.bias_ih_l0[H:2 * H] = -1.5
+        lstm.bias_hh_l0[H:2 * H] = -1.5
+    return lstm
+
+
+@pytest.fixture
+def x():
+    return torch.randn(B, T, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _untouched(model, snap, rng):
+    sd = model.state_dict()
+    assert sd.keys() == snap.keys()
+    for k in sd:
+        assert torch.equal(sd[k], snap[k]), k                       # bitwise
+    assert all(p.grad is None for p in model.parameters())
+    assert_no_hooks(model)
+    assert torch.equal(torch.random.get_rng_state(), rng)           # global RNG restored
+
+
+def test_vanishing_elman_orthogonal_irnn_lstm_improve_the_horizon(x):
+    model = Elman()
+    snap, rng = _snapshot(model), torch.random.get_rng_state()
+    trials = try_remedies(model, x)
+    _untouched(model, snap, rng)
+    assert isinstance(trials, RemedyTrials)
+    assert ("vanishing", "rnn.l0", "warning") in trials.findings or \
+           ("vanishing", "rnn.l0", "critical") in trials.findings
+    assert trials.before["rnn.l0"]["regime"] == "vanishing"
+    assert trials.before["rnn.l0"]["horizon"] < 15
+    by = {r.remedy: r for r in trials.results}
+    for name in ("orthogonal_init", "irnn", "switch_to_lstm", "switch_to_gru", "critical_init"):
+        ch = by[name].changes[0]
+        assert ch.regime_before == "vanishing"
+        assert ch.horizon_after > 2 * ch.horizon_before, (name, ch)
+        assert by[name].improved and by[name].score > 0
+    lstm = by["switch_to_lstm"].changes[0]
+    assert lstm.site_after == "rnn.lstm.l0" and lstm.kind_after == "lstm"
+    assert by["orthogonal_init"].changes[0].lambda1_after > by["orthogonal_init"].changes[0].lambda1_before
+    # ranked by score, and the reasons for what was not tried
+    scores = [r.score for r in trials.results]
+    assert scores == sorted(scores, reverse=True)
+    assert trials.best() is trials.results[0]
+    skipped = {s.remedy: s.reason for s in trials.skipped}
+    assert "truncated_bptt" in skipped and "gating" in skipped
+
+
+def test_short_memory_lstm_forget_bias_lengthens_tau_and_horizon(x):
+    model = short_memory_lstm()
+    snap, rng = _snapshot(model), torch.random.get_rng_state()
+    trials = try_remedies(model, x)
+    _untouched(model, snap, rng)
+    assert ("short_memory", "l0", "warning") in trials.findings
+    by = {r.remedy: r for r in trials.results}
+    fb = by["forget_bias"]
+    ch = fb.changes[0]
+    assert ch.memory_time_before < 0.5 and ch.memory_time_after > 10 * ch.memory_time_before
+    assert ch.horizon_after > ch.horizon_before and fb.improved
+    assert "b_f -3.00 → 2.64" in fb.applied                       # the τ arithmetic for T = 100
+    assert by["chrono_init"].changes[0].horizon_after > ch.horizon_before
+    skipped = {s.remedy: s.reason for s in trials.skipped}
+    assert "layernorm_cell" in skipped and "hand-written cell" in skipped["layernorm_cell"]
+
+
+def test_switch_to_lstm_keeps_the_calling_pattern(x):
+    model = Elman()
+    trials = try_remedies(model, (x, torch.zeros(1, B, H)), remedies=["switch_to_lstm"])
+    r = trials.results[0]
+    assert r.changes[0].site_after == "rnn.lstm.l0"
+    assert "LSTMAsRNN" in r.applied
+    # the wrapper itself
+    w = LSTMAsRNN(nn.LSTM(4, H, batch_first=True))
+    out, h = w(x, torch.zeros(1, B, H))
+    assert out.shape == (B, T, H) and h.shape == (1, B, H)
+    assert (w.input_size, w.hidden_size, w.num_layers, w.batch_first) == (4, H, 1, True)
+
+
+def test_bare_rnn_replaced_at_the_root(x):
+    rnn = Elman().rnn
+    trials = try_remedies(rnn, x, remedies=["switch_to_lstm", "switch_to_gru"])
+    names = {r.remedy: r.changes[0].site_after for r in trials.results}
+    assert names == {"switch_to_lstm": "lstm.l0", "switch_to_gru": "l0"}
+    assert type(rnn) is nn.RNN
+
+
+def test_named_remedies_skip_what_does_not_apply(x):
+    trials = try_remedies(Elman(), x, remedies=["forget_bias", "clip_grad_norm", "relu_nonlinearity",
+                                                 "xavier_init"])
+    skipped = {s.remedy: s.reason for s in trials.skipped}
+    assert "'rnn.l0' is rnn_tanh" in skipped["forget_bias"]
+    assert "optimizer" in skipped["clip_grad_norm"]
+    by = {r.remedy: r for r in trials.results}
+    # folklore: ReLU with the same contractive W_hh does not fix vanishing
+    relu = by["relu_nonlinearity"].changes[0]
+    assert relu.regime_after == "vanishing" and not by["relu_nonlinearity"].improved
+    assert by["xavier_init"].changes[0].horizon_after > by["xavier_init"].changes[0].horizon_before
+
+
+def test_sites_filter_and_multilayer_bidirectional():
+    lstm = nn.LSTM(3, 8, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias"):
+                p[8:16] = -2.0
+    x = torch.randn(40, 2, 3, generator=torch.Generator().manual_seed(2))
+    trials = try_remedies(lstm, x, remedies=["forget_bias"], sites=["l1_reverse"])
+    (r,) = trials.results
+    assert r.sites == ("l1_reverse",) and r.changes[0].site == "l1_reverse"
+    assert "b_f -4.00" in r.applied
+    assert r.changes[0].memory_time_after > r.changes[0].memory_time_before
+    assert set(trials.before) == {"l1_reverse"}
+
+
+def test_reinit_dead_units():
+    rnn = nn.RNN(3, 8, nonlinearity="relu")
+    with torch.no_grad():
+        rnn.bias_ih_l0[:4] = -50.0                 # units 0–3 never fire
+    x = torch.randn(30, 2, 3, generator=torch.Generator().manual_seed(3))
+    rec = probe(rnn, x, k=1)
+    assert rec.gate_stats("l0")["dead_units"] == pytest.approx(0.5)
+    trials = try_remedies(rnn, x, remedies=["reinit_dead"])
+    (r,) = trials.results
+    assert "4 dead unit(s) of 8" in r.applied
+    healthy = nn.RNN(3, 8, nonlinearity="relu")
+    with torch.no_grad():
+        healthy.bias_ih_l0.fill_(5.0)
+    t2 = try_remedies(healthy, x, remedies=["reinit_dead"])
+    assert not t2.results and "no unit is dead" in t2.skipped[0].reason
+
+
+def test_nothing_to_remedy_on_a_stable_model(x):
+    model = Elman(scale=1.2)
+    trials = try_remedies(model, x * 0.3)
+    assert diagnose(probe(model, x * 0.3, k=1)).regime("rnn.l0") == "stable"
+    assert trials.results == [] and trials.best() is None
+    assert "found nothing to remedy" in str(trials)
+
+
+def test_rendering(x):
+    trials = try_remedies(short_memory_lstm(), x, remedies=["forget_bias", "orthogonal_init", "lower_lr"])
+    text = str(trials)
+    lines = text.splitlines()
+    header = next(l for l in lines if l.startswith("remedy"))
+    assert "horizon before → after" in header and "λ₁ before → after" in header
+    rows = [l for l in lines if l.startswith(("forget_bias ", "orthogonal_init "))]
+    assert len(rows) == 2
+    col = header.index("horizon")
+    assert all(len(r) > col for r in rows)                       # aligned columns
+    assert "skipped:" in text and "lower_lr" in text
+    md = trials.to_markdown()
+    assert md.startswith("## Remedy trials") and "| remedy | site |" in md and "### Skipped" in md
+    d = trials.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["best"] == "forget_bias"
+    h = d["results"][0]["changes"][0]["horizon_after"]
+    assert h == "inf" or isinstance(h, float)                   # non-finite numbers as strings
+    assert "RemedyTrials" in repr(trials)
+
+
+def test_errors(x):
+    model = Elman()
+    with pytest.raises(GradscopeError, match=r"unknown remedy 'orthogonal'.*Did you mean 'orthogonal_init'\?"):
+        try_remedies(model, x, remedies=["orthogonal"])
+    with pytest.raises(GradscopeError, match=r"remedies must be a list of names, got the string 'irnn'"):
+        try_remedies(model, x, remedies="irnn")
+    with pytest.raises(GradscopeError, match=r"unknown site 'rnn.l1'.*Did you mean 'rnn.l0'\?"):
+        try_remedies(model, x, sites=["rnn.l1"])
+    with pytest.raises(GradscopeError, match=r"sites must be a list of names, got the string 'rnn.l0'"):
+        try_remedies(model, x, sites="rnn.l0")
+    with pytest.raises(GradscopeError, match=r"LSTMAsRNN wraps an nn.LSTM, got GRU"):
+        LSTMAsRNN(nn.GRU(2, 3))
+    with pytest.raises(GradscopeError, match=r"proj_size > 0 cannot build c0 from h0"):
+        LSTMAsRNN(nn.LSTM(2, 4, proj_size=2))(torch.randn(5, 1, 2), torch.zeros(1, 1, 2))
+    assert_no_hooks(model)
+
+
+def test_diagnose_attaches_the_catalogue(x):
+    diag = diagnose(probe(Elman(), x, k=1))
+    (f,) = [f for f in diag.findings if f.kind == "vanishing"]
+    assert [r.name for r in f.remedies][:3] == ["orthogonal_init", "irnn", "switch_to_lstm"]
+    assert "model.rnn.weight_hh_l0" in f.remedies[0].code
+    assert set(TESTABLE) >= {r.name for r in f.remedies if r.testable}
