@@ -9,7 +9,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from .analysis.diagnose import _fmt, diagnose
+from ._format import fmt
+from .analysis.diagnose import diagnose
 from .capture.probe import probe
 from .capture.scope import watch
 from .errors import GradscopeError
@@ -68,11 +69,11 @@ def run_demo(out: Path, seq_len: int = 50, steps: int = 150, hidden: int = 32, s
         rec.save(out / f"{name}-watch.npz")
     rows = [("", "vanilla RNN", "LSTM"),
             ("regime", *(r["diag"].regime("rnn.l0") for r in results.values())),
-            ("gradient horizon (steps)", *(_fmt(r["diag"].site_summary("rnn.l0")["horizon"]) for r in results.values())),
+            ("gradient horizon (steps)", *(fmt(r["diag"].site_summary("rnn.l0")["horizon"]) for r in results.values())),
             ("sequence length", str(seq_len), str(seq_len)),
-            ("decay rate per step", *(_fmt(r["diag"].site_summary("rnn.l0")["rate"]) for r in results.values())),
-            ("top Lyapunov exponent λ₁", *(_fmt(r["diag"].site_summary("rnn.l0")["lambda1"]) for r in results.values())),
-            ("memory time τ (LSTM)", "—", _fmt(results["lstm"]["diag"].site_summary("rnn.l0")["evidence"].get("memory_time"))),
+            ("decay rate per step", *(fmt(r["diag"].site_summary("rnn.l0")["rate"]) for r in results.values())),
+            ("top Lyapunov exponent λ₁", *(fmt(r["diag"].site_summary("rnn.l0")["lambda1"]) for r in results.values())),
+            ("memory time τ (LSTM)", "—", fmt(results["lstm"]["diag"].site_summary("rnn.l0")["evidence"].get("memory_time"))),
             ("loss: first step → last 10", *(f"{r['loss0']:.3f} → {r['loss']:.3f}" for r in results.values())),
             ("findings", *(str(len(r["diag"].findings)) for r in results.values())),
             ("seconds", *(f"{r['seconds']:.1f}" for r in results.values()))]

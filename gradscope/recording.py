@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._format import jsonable
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError, did_you_mean
 
 FORMAT_VERSION = 1
@@ -39,19 +40,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     a.setflags(write=False)
     return a
-
-
-def _jsonable(x: Any) -> Any:
-    """Make metadata JSON-safe: numpy scalars to Python, non-finite floats to strings."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return repr(x)  # 'nan', 'inf', '-inf'
-    return x
 
 
 class Recording:
@@ -254,7 +242,7 @@ class Recording:
             "notes": list(self.notes), "meta": self.meta, "measure_meta": self._measure_meta,
             "index": index,
         }
-        arrays[_META_KEY] = np.frombuffer(json.dumps(_jsonable(meta)).encode(), dtype=np.uint8)
+        arrays[_META_KEY] = np.frombuffer(json.dumps(jsonable(meta)).encode(), dtype=np.uint8)
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
         return path

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
 
 SCHEMA_VERSION = 1
@@ -83,41 +84,9 @@ class Finding:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "site": self.site, "severity": self.severity,
-                "evidence": _clean(self.evidence), "explanation": self.explanation,
+                "evidence": jsonable(self.evidence), "explanation": self.explanation,
                 "evidence_used": list(self.evidence_used),
                 "remedies": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.remedies]}
-
-
-def _clean(x):
-    """JSON-safe: non-finite floats become the strings 'inf', '-inf', 'nan'."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    v = float(v)
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "∞" if v > 0 else "−∞"
-    if v == int(v) and abs(v) < 1e6:
-        return str(int(v))
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
 
 
 # ------------------------------------------------------------------------------ evidence
@@ -258,18 +227,18 @@ def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module
 def _explain_vanishing(site, ev) -> str:
     T, h, rate = ev.get("seq_len"), ev.get("horizon"), ev.get("rate", math.nan)
     per = f"by a factor {math.exp(rate):.3g} per step (rate {rate:.3g}/step), " if math.isfinite(rate) else ""
-    return (f"The gradient reaching {site} shrinks {per}falling below the threshold after {_fmt(h)} of "
-            f"{_fmt(T)} steps, so inputs more than {_fmt(h)} steps back barely influence learning.")
+    return (f"The gradient reaching {site} shrinks {per}falling below the threshold after {fmt(h)} of "
+            f"{fmt(T)} steps, so inputs more than {fmt(h)} steps back barely influence learning.")
 
 
 def _explain_exploding(site, ev, reason) -> str:
     T, lam, lag = ev.get("seq_len"), ev.get("lambda1", math.nan), ev.get("explosion_lag", math.inf)
     if math.isfinite(lag) and lag <= (T or math.inf):
-        return (f"The gradient through {site} grows past 1/threshold after {_fmt(lag)} of {_fmt(T)} steps"
+        return (f"The gradient through {site} grows past 1/threshold after {fmt(lag)} of {fmt(T)} steps"
                 + (f" (λ₁ = {lam:.3g}/step)" if math.isfinite(lam) else "") + ", so updates are dominated "
                 f"by a few directions and can overflow.")
     return (f"Perturbations of {site} grow by about e^{lam:.3g} = {math.exp(lam):.3g}× per step (top "
-            f"Lyapunov exponent), {math.exp(min(lam * (T or 0), 700)):.3g}× over the {_fmt(T)}-step sequence.")
+            f"Lyapunov exponent), {math.exp(min(lam * (T or 0), 700)):.3g}× over the {fmt(T)}-step sequence.")
 
 
 def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: List[str],
@@ -300,7 +269,7 @@ def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: 
         btxt = f" (effective {gate} bias {bias:.3g})" if bias is not None else ""
         add("short_memory", "warning" if regime == "vanishing" else "info",
             f"The mean {gate} gate of {site} is {ev.get('keep_mean', math.nan):.3g}{btxt}, a memory time "
-            f"τ = −1/ln f = {tau:.3g} steps, far below the {_fmt(T)}-step sequence.",
+            f"τ = −1/ln f = {tau:.3g} steps, far below the {fmt(T)}-step sequence.",
             ["memory_time", "memory_time_median", "keep_mean", "forget_bias", "update_bias", "seq_len"],
             ["gate_stats", "weights"])
     sat = ev.get("saturated")
@@ -318,8 +287,8 @@ def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: 
     if math.isfinite(ul) and ul < T:
         lam = ev.get("lambda1", math.nan)
         add("precision_underflow", "warning",
-            f"The Jacobian norm of {site} falls below float32 epsilon ({FLOAT32_EPS:.2g}) after {_fmt(ul)} "
-            f"of {_fmt(T)} steps" + (f" (15.9/|λ₁| = {15.9 / abs(lam):.3g})" if math.isfinite(lam) and lam < 0 else "")
+            f"The Jacobian norm of {site} falls below float32 epsilon ({FLOAT32_EPS:.2g}) after {fmt(ul)} "
+            f"of {fmt(T)} steps" + (f" (15.9/|λ₁| = {15.9 / abs(lam):.3g})" if math.isfinite(lam) and lam < 0 else "")
             + ": contributions from further back are below rounding error of nearby ones.",
             ["underflow_lag", "lambda1", "seq_len", "rate"], ["jacobian_norms"])
     return out
@@ -377,7 +346,7 @@ class Diagnosis:
 
     # ---------------------------------------------------------------- rendering
     def to_dict(self) -> Dict[str, Any]:
-        return _clean({
+        return jsonable({
             "schema": SCHEMA_VERSION, "gradscope_version": self.meta.get("gradscope_version"),
             "source": self.meta.get("source"), "rules": asdict(self.rules),
             "sites": [{"name": n, "kind": s["kind"], "module": s["module"], "regime": s["regime"],
@@ -396,8 +365,8 @@ class Diagnosis:
         rows = []
         for n, s in self._sites.items():
             ev = s["evidence"]
-            rows.append([n, s["kind"], s["regime"], _fmt(ev.get("horizon")), _fmt(ev.get("seq_len")),
-                         _fmt(ev.get("rate")), _fmt(ev.get("lambda1")), _fmt(ev.get("memory_time")),
+            rows.append([n, s["kind"], s["regime"], fmt(ev.get("horizon")), fmt(ev.get("seq_len")),
+                         fmt(ev.get("rate")), fmt(ev.get("lambda1")), fmt(ev.get("memory_time")),
                          ", ".join(s["evidence_used"]) or "—"])
         return head, rows
 
@@ -406,11 +375,7 @@ class Diagnosis:
         lines = [f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
                  f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]", ""]
         if self._sites:
-            head, rows = self._site_rows()
-            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
-            for r in rows:
-                lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+            lines += text_table(*self._site_rows())
             lines.append("")
         for m in self.modules:
             lines.append(f"module {m['line']}")
@@ -420,7 +385,7 @@ class Diagnosis:
         for f in self.findings:
             lines.append(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
             if f.evidence:
-                lines.append("    evidence: " + ", ".join(f"{k}={_fmt(v)}" for k, v in f.evidence.items()))
+                lines.append("    evidence: " + ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items()))
             for i, r in enumerate(f.remedies[:3], 1):
                 title = getattr(r, "title", getattr(r, "name", r))
                 key = (f.site, getattr(r, "name", title))
@@ -470,7 +435,7 @@ class Diagnosis:
             if f.evidence:
                 out.append("| evidence | value |")
                 out.append("|---|---|")
-                out += [f"| {k} | {_fmt(v)} |" for k, v in f.evidence.items()]
+                out += [f"| {k} | {fmt(v)} |" for k, v in f.evidence.items()]
                 out.append("")
             for i, r in enumerate(f.remedies, 1):
                 out.append(f"{i}. **{getattr(r, 'title', getattr(r, 'name', r))}** — {getattr(r, 'why', '')} "
@@ -523,7 +488,7 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
                      f"{' × 2 directions' if info.get('bidirectional') else ''})")
         detail = ", ".join(f"{r} in {c}/{len(names)} site(s)" for r, c in counts.items())
         if hs:
-            detail += f"; horizons {_fmt(min(hs))}–{_fmt(max(hs))} of {_fmt(T)} steps"
+            detail += f"; horizons {fmt(min(hs))}–{fmt(max(hs))} of {fmt(T)} steps"
         worst = "exploding" if "exploding" in counts else ("vanishing" if "vanishing" in counts else "stable")
         out.append({"module": mod or "(model)", "regime": worst, "counts": counts,
                     "line": f"{mod or '(model)'}{shape}: {detail}"})

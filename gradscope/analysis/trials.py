@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
 
@@ -97,16 +98,6 @@ class LSTMAsRNN(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # results
-
-
-def _clean(x):
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
 
 
 @dataclass(frozen=True)
@@ -158,7 +149,7 @@ class TrialResult:
     improved: bool
 
     def to_dict(self) -> Dict[str, Any]:
-        return _clean(asdict(self))
+        return jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -171,20 +162,6 @@ class SkippedRemedy:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "∞" if v > 0 else "-∞"
-        if v.is_integer() and abs(v) < 1e6:
-            return str(int(v))
-        return f"{v:.{digits}g}"
-    return str(v)
 
 
 class RemedyTrials:
@@ -225,8 +202,8 @@ class RemedyTrials:
                 site = ch.site if ch.site == ch.site_after else f"{ch.site} (now {ch.site_after})"
                 rows.append([r.remedy if i == 0 else "", site,
                              f"{ch.regime_before} → {ch.regime_after}",
-                             f"{_fmt(ch.horizon_before)} → {_fmt(ch.horizon_after)}", _fmt(ch.seq_len),
-                             f"{_fmt(ch.lambda1_before)} → {_fmt(ch.lambda1_after)}",
+                             f"{fmt(ch.horizon_before)} → {fmt(ch.horizon_after)}", fmt(ch.seq_len),
+                             f"{fmt(ch.lambda1_before)} → {fmt(ch.lambda1_after)}",
                              f"{r.score:+.2f}" if i == 0 else "", ("yes" if r.improved else "no") if i == 0 else ""])
         return head, rows
 
@@ -238,11 +215,7 @@ class RemedyTrials:
     def __str__(self) -> str:
         lines = [self._intro(), ""]
         if self.results:
-            head, rows = self._rows()
-            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
-            for row in rows:
-                lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+            lines += text_table(*self._rows())
             lines.append("")
             for r in self.results:
                 lines.append(f"{r.remedy}: {r.applied}")
@@ -274,7 +247,7 @@ class RemedyTrials:
 
     def to_dict(self) -> Dict[str, Any]:
         best = self.best()
-        return _clean({"seed": self.seed, "best": best.remedy if best else None,
+        return jsonable({"seed": self.seed, "best": best.remedy if best else None,
                        "results": [r.to_dict() for r in self.results],
                        "skipped": [s.to_dict() for s in self.skipped],
                        "findings": [{"kind": k, "site": s, "severity": v} for k, s, v in self.findings],

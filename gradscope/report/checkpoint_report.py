@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, _clean, _fmt, diagnose
+from .._format import fmt, jsonable, text_table
+from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose
 from ..capture.probe import probe
 from ..checkpoint import FoundModule, build_user_model, find_modules, load_checkpoint, static_analysis
 from ..errors import CheckpointError, GradscopeError
@@ -122,7 +123,7 @@ class CheckpointReport:
             if r["site"] not in known:
                 sites.append({"name": r["site"], "kind": r.get("kind"), "regime": None,
                               "evidence": {}, "static": r})
-        return _clean({"schema": SCHEMA_VERSION, "gradscope_version": __version__,
+        return jsonable({"schema": SCHEMA_VERSION, "gradscope_version": __version__,
                        "checkpoint": dict(self.checkpoint, path=self.path, sha256=self.sha256),
                        "modules": self.modules, "sites": sites, "findings": d["findings"],
                        "notes": self.notes + d.get("notes", [])})
@@ -138,12 +139,12 @@ class CheckpointReport:
             for g, v in gates.items():
                 tau = bias = "—"
                 if g in (r.get("memory_gate"),):
-                    tau = _fmt(r.get("memory_time"))
-                    bias = _fmt(r.get("forget_bias", r.get("update_bias")))
-                rows.append([r["site"], r.get("kind", ""), g, _fmt(v.get("spectral_norm")),
-                             _fmt(v.get("spectral_radius")), bias, tau])
+                    tau = fmt(r.get("memory_time"))
+                    bias = fmt(r.get("forget_bias", r.get("update_bias")))
+                rows.append([r["site"], r.get("kind", ""), g, fmt(v.get("spectral_norm")),
+                             fmt(v.get("spectral_radius")), bias, tau])
             if "qk_spectral_norm_max" in r:
-                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", _fmt(r["qk_spectral_norm_max"]), "—", "—", "—"])
+                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", fmt(r["qk_spectral_norm_max"]), "—", "—", "—"])
         return head, rows
 
     def _header(self) -> List[str]:
@@ -165,9 +166,7 @@ class CheckpointReport:
         head, rows = self._static_rows()
         if rows:
             out.append("static analysis of the recurrent weights (per gate block of W_hh)")
-            widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-            out.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
-            out += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+            out += text_table(head, rows, indent="  ")
             out.append("")
         if self.diagnosis is not None:
             out.append(str(self.diagnosis))
