@@ -235,3 +235,27 @@ def _fuzz_main(argv):
     assert "unexpected" not in err.getvalue(), err.getvalue()
     if code == 2:
         assert err.getvalue().count("\n") == 1
+
+
+def test_html_report_is_self_contained(ckpt, tmp_path, capsys):
+    outp = tmp_path / "r.html"
+    code, _, err = run(["report", ckpt, "--format", "html", "-o", outp, "--seq-len", "30"], capsys)
+    assert code == 0, err
+    page = outp.read_text()
+    assert page.lstrip().lower().startswith("<!doctype html>")
+    assert "class='checkpoint'" in page and "sha256" in page and "enc.l1_reverse" in page
+    assert "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # no network
+
+
+def test_trials_not_improved_when_trading_vanishing_for_exploding():
+    from gradscope.analysis.trials import SiteChange, _score
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(SiteChange)}
+    base = dict.fromkeys(fields, None)
+    base.update(site="l0", regime_before="vanishing", regime_after="exploding", reach_before=0.1,
+                reach_after=0.6, lambda1_before=-0.5, lambda1_after=0.2)
+    base = {k: v for k, v in base.items() if k in fields}
+    ch = SiteChange(**{k: (v if v is not None else float("nan")) for k, v in base.items()})
+    score, _, improved = _score([ch])
+    assert score > 0 and not improved

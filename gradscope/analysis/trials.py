@@ -38,7 +38,8 @@ Ranking rule. For a site with sequence length T, its *reach* is min(horizon, exp
 sequence, smaller the sooner either happens. A trial's ``score`` is the mean change of reach over
 the targeted sites; ties (e.g. both reach 1) are broken by ``lambda_gain``, the mean decrease of
 |λ₁| (λ₁ moving toward 0 from below or from above). A trial counts as ``improved`` when its score is
-positive, or zero with λ₁ moved toward 0 by more than 0.01 per step and no site's regime worse.
+positive, or zero with λ₁ moved toward 0 by more than 0.01 per step, and no site got worse: none
+left "stable", and none turned "exploding" (trading vanishing for exploding is not a fix).
 """
 from __future__ import annotations
 
@@ -182,6 +183,10 @@ class RemedyTrials:
         self.findings: List[Tuple[str, str, str]] = list(findings)
         self.before: Dict[str, Dict[str, Any]] = dict(before)
         self.seed = seed
+
+    def _repr_html_(self) -> str:
+        from ..report.html import trials_repr_html
+        return trials_repr_html(self)
 
     def best(self) -> Optional[TrialResult]:
         """The top-ranked trial that improved the model, or None."""
@@ -565,8 +570,10 @@ def _score(changes: Sequence[SiteChange]) -> Tuple[float, float, bool]:
             if math.isfinite(c.lambda1_before) and math.isfinite(c.lambda1_after)]
     score = sum(gains) / len(gains) if gains else -math.inf
     lam_gain = sum(lams) / len(lams) if lams else 0.0
-    worse = any(_REGIME_RANK.get(c.regime_after, 1) > _REGIME_RANK.get(c.regime_before, 1) for c in changes)
-    improved = score > 1e-9 or (abs(score) <= 1e-9 and lam_gain > 0.01 and not worse)
+    # Trading vanishing for exploding is not an improvement, however far the reach moves.
+    worse = any(_REGIME_RANK.get(c.regime_after, 1) > _REGIME_RANK.get(c.regime_before, 1)
+                or (c.regime_after == "exploding" and c.regime_before != "exploding") for c in changes)
+    improved = (score > 1e-9 or (abs(score) <= 1e-9 and lam_gain > 0.01)) and not worse
     return score, lam_gain, improved
 
 

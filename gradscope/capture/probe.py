@@ -85,7 +85,8 @@ def measure_trajectory(tr: Trajectory, *, jacobians: bool, lyapunov: bool, k: Op
         jn = jacobian_norms(tr.step, h0, x, ord=2, progress=progress)
         arrays["jacobian_norms"] = jn
         fit = decay_rate(jn, threshold=threshold)
-        meta["jacobian"] = {"ord": 2, "samples": nb, "rate": fit.rate, "horizon": fit.horizon,
+        meta["jacobian"] = {"ord": 2, "samples": nb, "rate": fit.rate, "intercept": fit.intercept,
+                            "horizon": fit.horizon,
                             "explosion_lag": fit.explosion_lag, "threshold": threshold,
                             "seconds": time.perf_counter() - t0}
     if lyapunov:

@@ -195,7 +195,7 @@ class CheckpointReport:
         if self.diagnosis is None:
             return f"<!doctype html><html><body><h1>gradscope checkpoint report</h1>{head}</body></html>"
         page = diagnosis_to_html(self.diagnosis)
-        marker = "<body>"
+        marker = '<main class="gs">' if '<main class="gs">' in page else "<body>"
         i = page.find(marker)
         block = f"<section class='checkpoint'><h2>Checkpoint</h2>{head}</section>"
         return page[:i + len(marker)] + block + page[i + len(marker):] if i >= 0 else block + page
