@@ -19,8 +19,9 @@ class LinearCell(nn.Module):
 
     def __init__(self, n, i, W=None):
         super().__init__()
-        self.W = nn.Linear(n, n, bias=False)
-        self.U = nn.Linear(i, n, bias=False)
+        dtype = W.dtype if W is not None else None  # no float32 round trip of an exact W
+        self.W = nn.Linear(n, n, bias=False, dtype=dtype)
+        self.U = nn.Linear(i, n, bias=False, dtype=dtype)
         if W is not None:
             with torch.no_grad():
                 self.W.weight.copy_(W)
@@ -84,7 +85,7 @@ def test_linear_cell_gradient_norms_are_exact(s):
     got = rec.grad_norms("cell")[0]
     t = np.arange(1, T + 1)  # column t-1 holds h_t
     want = s ** (T - t) * hT.detach().norm().item()
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # the issue asks 1e-6
 
 
 def _unrolled_lstm_norms(lstm, x, loss_fn):
@@ -131,7 +132,7 @@ def test_bidirectional_two_layer_lstm_matches_unrolled_cells():
             for si, state in enumerate("hc"):
                 got = rec.grad_norms(site, state)[0]
                 want = np.array([ref[(layer, d, t)][si] for t in range(11)])
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)  # the issue asks 1e-5
 
 
 # ----------------------------------------------------------------------------- sites
