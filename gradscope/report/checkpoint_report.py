@@ -294,7 +294,8 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             else:
                 root = _Rebuilt(rebuilt).eval()
                 rec = probe(root, tuple(xs), loss_fn=_sum_loss, k=k, threshold=threshold, progress=progress)
-            diag = diagnose(rec, threshold=threshold)
+            # name the report after the file, not the internal container module
+            diag = diagnose(rec._replace(meta=dict(rec.meta, model=path.name)), threshold=threshold)
     if not found and not model_spec:
         notes.append("no recurrent or attention weights found in this checkpoint (keys of nn.RNN/LSTM/GRU, "
                      "their cells, or nn.MultiheadAttention); nothing to probe.")
