@@ -6,6 +6,7 @@ components along features), I input features, k lag.
 from __future__ import annotations
 
 import copy
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass
@@ -108,10 +109,10 @@ class Problem:
         return int(self.h0.shape[1])
 
 
-def _check_floating(name: str, t: Tensor) -> None:
+def _check_floating(name: str, t: Tensor, fn: str) -> None:
     if not torch.is_floating_point(t):
         raise ShapeError(
-            f"{name} must be a floating-point tensor, got dtype {t.dtype} {shape_str(t)}. "
+            f"{fn}: {name} must be a floating-point tensor, got dtype {t.dtype} {shape_str(t)}. "
             f"Convert it with .float() or .double() (token ids belong in the step, e.g. an "
             f"embedding applied to float one-hots, or pass the embedded sequence).")
 
@@ -127,7 +128,7 @@ def prepare(step: Any, h0: Optional[State], inputs: Tensor, dtype: Optional[torc
     if not isinstance(inputs, Tensor):
         raise ShapeError(f"{fn}: inputs must be a Tensor [T, B, ...] (time-major), got "
                          f"{type(inputs).__name__}.")
-    _check_floating("inputs", inputs)
+    _check_floating("inputs", inputs, fn)
     if inputs.dim() < 2:
         raise ShapeError(f"{fn}: inputs must be [T, B, ...] (time-major), got {shape_str(inputs)}.")
     if inputs.shape[0] < 1:
@@ -146,7 +147,7 @@ def prepare(step: Any, h0: Optional[State], inputs: Tensor, dtype: Optional[torc
         raise ShapeError(f"{fn}: h0 must be a Tensor [B, N] or a tuple of Tensors [B, N_i], got "
                          f"{shape_str(h0)}.")
     for c in comps:
-        _check_floating("h0", c)
+        _check_floating("h0", c, fn)
     if not all(c.dim() == 2 for c in comps):
         raise ShapeError(f"{fn}: every component of h0 must be 2-D [B, N], got {shape_str(h0)}.")
     B = int(comps[0].shape[0])
@@ -237,13 +238,18 @@ def _check_output(step, flat: Tensor, spec: Spec, x0: Tensor, fn: str, hint: str
                              f"({b.dtype}).")
 
 
+def is_int(v: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_k(k: Optional[int], N: int, fn: str) -> int:
     if k is None:
         return N
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+    if not is_int(k) or not 1 <= k <= N:
         raise ShapeError(f"{fn}: k must be an integer with 1 <= k <= N = {N} (the state size), got "
                          f"{k!r}.")
-    return k
+    return int(k)
 
 
 def progress_iter(iterable: Iterable, total: int, progress: Optional[bool], flops: float,
@@ -259,6 +265,26 @@ def progress_iter(iterable: Iterable, total: int, progress: Optional[bool], flop
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, progress: Optional[bool], flops: float, desc: str):
+    """A ``tqdm.auto`` bar to ``update(n)`` by hand (same rule as :func:`progress_iter`), or a
+    do-nothing stand-in."""
+    if progress is None:
+        progress = flops / _FLOPS_PER_SECOND > _PROGRESS_SECONDS and _stderr_is_tty()
+    if not progress:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
 
 
 def _stderr_is_tty() -> bool:

@@ -1,7 +1,7 @@
 """Per-step state-to-state Jacobians J_t = ∂h_t/∂h_{t−1} along a trajectory.
 
 Closed forms for the built-in steps (Elman tanh/relu, LSTM with and without projection, GRU), as
-written in SCIENCE.md; autograd (``torch.func``) for any other step. Besides the dense matrix, each
+written in SCIENCE.md; autograd for any other step. Besides the dense matrix, each
 step's Jacobian is offered as the two products the estimators need, so that they never pay more
 than necessary:
 
@@ -10,8 +10,9 @@ than necessary:
 
 For an LSTM, ``rmul`` exploits the block structure (∂c'/∂c and, without projection, ∂h'/∂c are
 diagonal), which halves the N³ cost of a dense product. For a user step, ``rmul`` is a batch of
-vector-Jacobian products and ``mul`` a batch of Jacobian-vector products (``torch.func.vjp`` /
-``jvp`` under ``vmap``), so k tangents cost k steps, not N.
+vector-Jacobian products (one backward pass of the step on R stacked copies of the state) and
+``mul`` a batch of Jacobian-vector products (reverse-over-reverse on k stacked copies), so k
+tangents cost about 3k steps, never the N backward passes of a dense Jacobian.
 
 Index letters: T sequence, B batch, N state size, H hidden units, P projection size (LSTM with
 ``proj_size``; its state is (h [B, P], c [B, H]) so N = P + H), R rows, k tangent vectors.
@@ -25,7 +26,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._util import (Problem, State, finite_rows, flatten_state, prepare, progress_iter,
+from ._util import (Problem, State, flatten_state, prepare, progress_iter, ranges,
                     unflatten_state, warn_nonfinite)
 
 __all__ = ["step_jacobians"]
@@ -35,10 +36,18 @@ __all__ = ["step_jacobians"]
 # Closed forms
 # --------------------------------------------------------------------------------------------
 
+def _col(a: Tensor) -> Tensor:
+    """``[B, H] -> [B, H, 1]``: a per-row factor for ``[B, H, k]`` tangents."""
+    return a.unsqueeze(-1)
+
+
 class _ElmanJac:
     """J = diag(φ'(a)) W_hh with φ' = 1 − h'² (tanh) or 1[a > 0] (relu)."""
 
-    def __init__(self, step, h: Tensor, xw: Tensor, h_next: Tensor):
+    def __init__(self, step, h: Tensor, xw: Tensor, h_next: Optional[Tensor] = None):
+        if h_next is None:
+            h_next = step.recur(h, xw)
+        self.next_flat = h_next
         if step.nonlinearity == "tanh":
             self.d = 1 - h_next * h_next
         else:
@@ -63,6 +72,8 @@ class _LSTMJac:
     Mh = ∂m/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) A               [B, H, P]
     mc = ∂m/∂c = o(1−tanh²c') f  (diagonal),  ∂c'/∂c = f (diagonal)
     ∂h'/∂· = W_hr ∂m/∂· with projection (W_hr on the left of the h rows), ∂m/∂· without.
+
+    ``mul`` never forms A or Mh: one product W_hh V_h and elementwise work, O(k·step).
     """
 
     def __init__(self, step, state, xw: Tensor):
@@ -70,27 +81,41 @@ class _LSTMJac:
         i, f, g, o = step.gate_values(h, xw)
         c_next = f * c + i * g
         tc = torch.tanh(c_next)
-        W_i, W_f, W_g, W_o = step.weight_hh.chunk(4, dim=0)
-        H = int(c.shape[-1])
-        # [Mh; A] is written into one buffer so that P J needs a single batched matmul for the
-        # h columns; in-place accumulation keeps the number of passes over H×P blocks small.
-        MA = torch.empty(*h.shape[:-1], 2 * H, h.shape[-1], dtype=h.dtype, device=h.device)
-        Mh, A = MA[..., :H, :], MA[..., H:, :]
-        torch.mul(W_f, (c * f * (1 - f)).unsqueeze(-1), out=A)
-        A.addcmul_(W_i, (g * i * (1 - i)).unsqueeze(-1))
-        A.addcmul_(W_g, (i * (1 - g * g)).unsqueeze(-1))
-        dtc = o * (1 - tc * tc)
-        torch.mul(W_o, (tc * o * (1 - o)).unsqueeze(-1), out=Mh)
-        Mh.addcmul_(A, dtc.unsqueeze(-1))
-        self.MA = MA                                   # [B, 2H, P]
-        self.H = H
+        self.W = step.weight_hh
+        self.H = int(c.shape[-1])
         self.P = int(h.shape[-1])
-        self.mc = dtc * f
+        # Gate-wise diagonal factors of A and Mh, in gate order (i, f, g, o).
+        self.a_i, self.a_f, self.a_g = g * i * (1 - i), c * f * (1 - f), i * (1 - g * g)
+        self.a_o = tc * o * (1 - o)
+        self.dtc = o * (1 - tc * tc)
+        self.mc = self.dtc * f
         self.f = f
         self.Wr = step.weight_hr
+        m = o * tc
+        h_next = m if self.Wr is None else torch.matmul(m, self.Wr.mT)
+        self.next_flat = torch.cat([h_next, c_next], dim=-1)
+        self._MA = None
+
+    @property
+    def MA(self) -> Tensor:
+        """[Mh; A] ``[B, 2H, P]`` in one buffer, so that P J needs a single batched matmul for
+        the h columns; built on first use with in-place accumulation (few passes over H×P)."""
+        if self._MA is None:
+            H = self.H
+            W_i, W_f, W_g, W_o = self.W.chunk(4, dim=0)
+            lead = self.f.shape[:-1]
+            MA = torch.empty(*lead, 2 * H, self.P, dtype=self.f.dtype, device=self.f.device)
+            Mh, A = MA[..., :H, :], MA[..., H:, :]
+            torch.mul(W_f, self.a_f.unsqueeze(-1), out=A)
+            A.addcmul_(W_i, self.a_i.unsqueeze(-1))
+            A.addcmul_(W_g, self.a_g.unsqueeze(-1))
+            torch.mul(W_o, self.a_o.unsqueeze(-1), out=Mh)
+            Mh.addcmul_(A, self.dtc.unsqueeze(-1))
+            self._MA = MA
+        return self._MA
 
     def dense(self) -> Tensor:
-        H, P = self.H, self.P
+        H = self.H
         Mh, A = self.MA[..., :H, :], self.MA[..., H:, :]
         if self.Wr is None:
             Jhh, Jhc = Mh, torch.diag_embed(self.mc)
@@ -116,58 +141,76 @@ class _LSTMJac:
         return out
 
     def mul(self, V: Tensor) -> Tensor:
-        P, H = self.P, self.H
+        P = self.P
         Vh, Vc = V[..., :P, :], V[..., P:, :]
-        MAV = torch.matmul(self.MA, Vh)                                 # [B, 2H, k]
-        dm = MAV[..., :H, :] + self.mc.unsqueeze(-1) * Vc
+        vi, vf, vg, vo = torch.matmul(self.W, Vh).chunk(4, dim=-2)     # W_h· V_h, [B, H, k]
+        dc = _col(self.a_f) * vf + _col(self.a_i) * vi + _col(self.a_g) * vg + _col(self.f) * Vc
+        dm = _col(self.a_o) * vo + _col(self.dtc) * dc
         dh = dm if self.Wr is None else torch.matmul(self.Wr, dm)
-        dc = MAV[..., H:, :] + self.f.unsqueeze(-1) * Vc
         return torch.cat([dh, dc], dim=-2)
 
 
 class _GRUJac:
     """J = diag(z) + diag((h−n) z(1−z)) W_hz + diag((1−z)(1−n²)) [diag(r) W_hn + diag(u r(1−r)) W_hr].
 
-    Built densely: the three diagonal scalings cost O(H²), against 3 H² k for applying the
-    three blocks to k vectors separately.
+    ``dense``/``rmul`` build J once (three diagonal scalings, O(H²)); ``mul`` applies the closed
+    form without forming it: one product W_hh V and elementwise work, O(k·step).
     """
 
     def __init__(self, step, h: Tensor, xw: Tensor):
         r, z, n, u = step.gate_values(h, xw)
-        W_r, W_z, W_n = step.weight_hh.chunk(3, dim=0)
+        self.W = step.weight_hh
+        self.z = z
+        self.alpha = (h - n) * z * (1 - z)                  # row factor of W_hz
         beta = (1 - z) * (1 - n * n)
-        J = (((h - n) * z * (1 - z)).unsqueeze(-1) * W_z + (beta * r).unsqueeze(-1) * W_n
-             + (beta * u * r * (1 - r)).unsqueeze(-1) * W_r)
-        J.diagonal(dim1=-2, dim2=-1).add_(z)
-        self.J = J
+        self.beta_r = beta * r                              # row factor of W_hn
+        self.gamma = beta * u * r * (1 - r)                 # row factor of W_hr (reset gate)
+        self.next_flat = (1 - z) * n + z * h
+        self._J = None
 
     def dense(self) -> Tensor:
-        return self.J
+        if self._J is None:
+            W_r, W_z, W_n = self.W.chunk(3, dim=0)
+            J = (self.alpha.unsqueeze(-1) * W_z + self.beta_r.unsqueeze(-1) * W_n
+                 + self.gamma.unsqueeze(-1) * W_r)
+            J.diagonal(dim1=-2, dim2=-1).add_(self.z)
+            self._J = J
+        return self._J
 
     def rmul(self, P: Tensor) -> Tensor:
-        return torch.matmul(P, self.J)
+        return torch.matmul(P, self.dense())
 
     def mul(self, V: Tensor) -> Tensor:
-        return torch.matmul(self.J, V)
-
-
-class _DenseJac:
-    def __init__(self, J: Tensor):
-        self.J = J
-
-    def dense(self) -> Tensor:
-        return self.J
-
-    def rmul(self, P: Tensor) -> Tensor:
-        return torch.matmul(P, self.J)
-
-    def mul(self, V: Tensor) -> Tensor:
-        return torch.matmul(self.J, V)
+        ur, uz, un = torch.matmul(self.W, V).chunk(3, dim=-2)        # [B, H, k] each
+        return (_col(self.z) * V + _col(self.alpha) * uz + _col(self.beta_r) * un
+                + _col(self.gamma) * ur)
 
 
 # --------------------------------------------------------------------------------------------
 # Autograd for any other step
 # --------------------------------------------------------------------------------------------
+
+# The autograd engine behind torch.autograd.grad. Calling it directly skips grad()'s Python-side
+# argument checks (symbolic shape comparisons), which cost ~25 µs a call: as much as a small
+# step's backward pass, and the tangent loop makes two calls per step. The arguments are built
+# here with matching shapes and dtypes; if the private signature ever changes, _grad falls back
+# to the public function for good.
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def _grad(out: Tensor, inp: Tensor, cot: Tensor, create_graph: bool = False) -> Optional[Tensor]:
+    """``torch.autograd.grad(out, inp, cot, create_graph=..., allow_unused=True)[0]``."""
+    global _ENGINE
+    if cot.dtype != out.dtype:
+        cot = cot.to(out.dtype)
+    if _ENGINE is not None:
+        try:
+            return _ENGINE.run_backward((out,), (cot,), create_graph, create_graph, (inp,), True,
+                                        False)[0]
+        except (TypeError, AttributeError):
+            _ENGINE = None
+    return torch.autograd.grad(out, inp, cot, create_graph=create_graph, allow_unused=True)[0]
+
 
 _JVP_READY = False
 
@@ -213,6 +256,8 @@ class _AutogradJac:
 
     def _folded(self, r: int):
         """State and input repeated r times per sample: ``[B·r, N]``, ``[B·r, ...]``."""
+        if r == 1:
+            return self.h.detach(), self.x
         return self.h.repeat_interleave(r, dim=0), self.x.repeat_interleave(r, dim=0)
 
     def dense(self) -> Tensor:
@@ -261,7 +306,7 @@ class _AutogradJac:
             with torch.enable_grad():
                 hr.requires_grad_(True)
                 out = self._f(hr, xr)
-                (g,) = torch.autograd.grad(out, hr, P.reshape(B * R, N), allow_unused=True)
+                g = _grad(out, hr, P.reshape(B * R, N)) if out.requires_grad else None
         except _FALLBACK_ERRORS:
             self.o.vjp_ok = False
             return None
@@ -275,22 +320,59 @@ class _AutogradJac:
         return torch.matmul(P, self.dense())
 
     def mul(self, V: Tensor) -> Tensor:
+        return self.mul_next(V)[1]
+
+    def mul_next(self, V: Tensor):
+        """``(h_next [B, N], J V [B, N, k])``: the next state comes free with the products.
+
+        J V by reverse-over-reverse: g(u) = uᵀJ is linear in u, so ∂⟨g(u), v⟩/∂u = J v. Two
+        backward passes of the folded step; in torch 2.13 this is several times faster than
+        forward-mode AD (whose elementwise ops pay a large per-call overhead) and needs only
+        ordinary backward formulas. Falls back to forward mode, then to the dense Jacobian.
+        """
         o = self.o
+        B, N, k = V.shape
+        Vf = V[..., 0] if k == 1 else V.transpose(1, 2).reshape(B * k, N)
+        if o.dbl_ok:
+            try:
+                hr, xr = self._folded(k)
+                with torch.enable_grad():
+                    hr.requires_grad_(True)
+                    out = self._f(hr, xr)
+                    nxt = out.detach() if k == 1 else out.detach()[::k]
+                    if not out.requires_grad:         # the next state ignores the state
+                        return nxt, torch.zeros_like(V)
+                    u = o.zeros_like(out)
+                    g = _grad(out, hr, u, create_graph=True)
+                    if g is None:
+                        return nxt, torch.zeros_like(V)
+                    if not g.requires_grad:
+                        # uᵀJ lost track of u (a backward that is not differentiable): we cannot
+                        # tell J = 0 from an untracked J, so take another route.
+                        raise RuntimeError("backward of the step is not differentiable")
+                    z = _grad(g, u, Vf)
+                if z is None:
+                    return nxt, torch.zeros_like(V)
+                return nxt, (z.unsqueeze(-1) if k == 1 else z.reshape(B, k, N).transpose(1, 2))
+            except _FALLBACK_ERRORS:
+                o.dbl_ok = False
         if o.jvp_ok:
             _load_jvp_decompositions()
-            B, N, k = V.shape
             try:
                 hr, xr = self._folded(k)
                 with fwAD.dual_level():
-                    dual = fwAD.make_dual(hr, V.transpose(1, 2).reshape(B * k, N))
-                    tangent = fwAD.unpack_dual(self._f(dual, xr)).tangent
-                if tangent is None:  # the output does not depend on the state
-                    return torch.zeros_like(V)
-                return tangent.reshape(B, k, N).transpose(1, 2)
+                    dual = fwAD.make_dual(hr, Vf)
+                    res = fwAD.unpack_dual(self._f(dual, xr))
+                nxt = res.primal[::k]
+                if res.tangent is None:  # the output does not depend on the state
+                    return nxt, torch.zeros_like(V)
+                return nxt, res.tangent.reshape(B, k, N).transpose(1, 2)
             except _FALLBACK_ERRORS:
                 # Forward-mode AD lacks formulas for some ops; the dense Jacobian always works.
                 o.jvp_ok = False
-        return torch.matmul(self.dense(), V)
+        with torch.no_grad():
+            nxt = self._f(self.h, self.x)
+        return nxt, torch.matmul(self.dense(), V)
 
 
 _FALLBACK_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError)
@@ -301,46 +383,120 @@ _FALLBACK_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError, In
 # --------------------------------------------------------------------------------------------
 
 class Linearizer:
-    """The trajectory h_0..h_T of a prepared problem and the Jacobian J_t at each step."""
+    """The Jacobians J_t of a prepared problem along its trajectory h_0..h_T.
 
-    def __init__(self, prob: Problem):
+    With ``store=True`` the trajectory is computed up front (``states [T+1, B, N]``, and
+    ``finite [T+1, B]``: step t of sample b saw only finite numbers in h_{t−1}, h_t and x_t; index 0
+    is h_0 alone), as backward sweeps need it. With ``store=False`` nothing is kept: forward sweeps
+    call :meth:`tangent_step`, which returns the next state along with the tangents.
+    """
+
+    def __init__(self, prob: Problem, store: bool = True):
         self.prob = prob
-        self.vmap_ok = self.vjp_ok = self.jvp_ok = True
+        self.vmap_ok = self.vjp_ok = self.jvp_ok = self.dbl_ok = True
+        self._u = None
         step, spec = prob.step, prob.spec
         with torch.no_grad():
             # Built-in steps: the input projection of every step in one matmul.
             self.xw = step.project_inputs(prob.inputs) if prob.kind else None
+        T = prob.T
+        xfin = torch.isfinite(prob.inputs.reshape(T, prob.B, -1)).all(dim=-1)     # [T, B]
+        self.x_finite = xfin
+        self.states = None
+        self.finite = None
+        if not store:
+            return
+        with torch.no_grad():
             states = [prob.h0]
             h = unflatten_state(prob.h0, spec)
-            for t in range(prob.T):
+            for t in range(T):
                 h = step.recur(h, self.xw[t]) if prob.kind else step(h, prob.inputs[t])
                 if isinstance(h, list):
                     h = tuple(h)
                 states.append(flatten_state(h))
         self.states = torch.stack(states)              # [T+1, B, N]
-        # finite[t, b]: step t (1..T) of sample b saw only finite numbers (state before, after,
-        # and input); index 0 is h_0 alone.
-        fin = [finite_rows(self.states[0])]
-        for t in range(1, prob.T + 1):
-            fin.append(finite_rows(self.states[t - 1], self.states[t], prob.inputs[t - 1]))
-        self.finite = torch.stack(fin)                  # [T+1, B]
+        sfin = torch.isfinite(self.states).all(dim=-1)  # [T+1, B]
+        self.finite = torch.cat([sfin[:1], sfin[:-1] & sfin[1:] & xfin])
 
-    def at(self, t: int):
-        """The Jacobian J_t = ∂h_t/∂h_{t−1} (t = 1..T) as a structured object."""
+    def at(self, t: int, h: Optional[Tensor] = None):
+        """The Jacobian J_t = ∂h_t/∂h_{t−1} (t = 1..T) as a structured object, at the stored
+        state h_{t−1} or at ``h`` if given."""
         p = self.prob
-        h = self.states[t - 1]
+        stored = h is None
+        if stored:
+            h = self.states[t - 1]
         with torch.no_grad():
             if p.kind in ("rnn_tanh", "rnn_relu"):
-                return _ElmanJac(p.step, h, self.xw[t - 1], self.states[t])
+                return _ElmanJac(p.step, h, self.xw[t - 1], self.states[t] if stored else None)
             if p.kind == "lstm":
                 return _LSTMJac(p.step, unflatten_state(h, p.spec), self.xw[t - 1])
             if p.kind == "gru":
                 return _GRUJac(p.step, h, self.xw[t - 1])
         return _AutogradJac(self, h, p.inputs[t - 1])
 
-    def first_bad_steps(self) -> dict:
+    def zeros_like(self, out: Tensor) -> Tensor:
+        """A zero cotangent that requires grad, reused from step to step (autograd never
+        writes into it)."""
+        u = self._u
+        if u is None or u.shape != out.shape or u.dtype != out.dtype or u.device != out.device:
+            u = self._u = torch.zeros_like(out, requires_grad=True)
+        return u
+
+    def tangent_step(self, t: int, h: Tensor, V: Tensor):
+        """``(h_t [B, N], J_t V [B, N, k])`` from h = h_{t−1} and tangents ``V [B, N, k]``."""
+        if self.prob.kind is None:
+            return _AutogradJac(self, h, self.prob.inputs[t - 1]).mul_next(V)
+        jac = self.at(t, h)
+        with torch.no_grad():
+            return jac.next_flat, jac.mul(V)
+
+    def chunk_tangents(self, t0: int, t1: int, h: Tensor, V: Tensor):
+        """``(h_{t1}, J_{t1}⋯J_{t0+1} V, sums)`` for a user step, or None if it cannot be done.
+
+        One forward pass through the steps t0+1..t1 on k stacked copies of the state, then
+        reverse-over-reverse through the whole unrolled piece: two autograd calls per chunk
+        instead of two per step, which for small steps removes most of the per-step overhead.
+        No renormalisation happens inside the chunk, so the caller keeps chunks short enough for
+        the tangents to stay in range. ``sums [t1−t0, B]`` (float64) are the row sums of the
+        states h_{t0+1..t1}, non-finite iff a state is.
+        """
+        if not self.dbl_ok:
+            return None
+        p = self.prob
+        B, N, k = V.shape
+        n = t1 - t0
+        try:
+            hr = h.detach() if k == 1 else h.repeat_interleave(k, dim=0)
+            xs = p.inputs[t0:t1] if k == 1 else p.inputs[t0:t1].repeat_interleave(k, dim=1)
+            sums = torch.empty(n, B, dtype=torch.float64, device=h.device)
+            with torch.enable_grad():
+                hr.requires_grad_(True)
+                cur = hr
+                for i in range(n):
+                    out = p.step(unflatten_state(cur, p.spec), xs[i])
+                    cur = flatten_state(tuple(out) if isinstance(out, list) else out)
+                    torch.sum(cur.detach()[::k], dim=-1, dtype=torch.float64, out=sums[i])
+                nxt = cur.detach()[::k]
+                if not cur.requires_grad:
+                    return nxt, torch.zeros_like(V), sums
+                u = self.zeros_like(cur)
+                g = _grad(cur, hr, u, create_graph=True)
+                if g is None:
+                    return nxt, torch.zeros_like(V), sums
+                if not g.requires_grad:
+                    raise RuntimeError("backward of the step is not differentiable")
+                Vf = V[..., 0] if k == 1 else V.transpose(1, 2).reshape(B * k, N)
+                z = _grad(g, u, Vf)
+        except _FALLBACK_ERRORS:
+            self.dbl_ok = False
+            return None
+        if z is None:
+            return nxt, torch.zeros_like(V), sums
+        return nxt, (z.unsqueeze(-1) if k == 1 else z.reshape(B, k, N).transpose(1, 2)), sums
+
+    def first_bad_steps(self, finite: Optional[Tensor] = None) -> dict:
         """``{b: first step t with a non-finite number}`` for the samples that have one."""
-        bad = (~self.finite).cpu()
+        bad = (~(self.finite if finite is None else finite)).cpu()
         out = {}
         for b in range(bad.shape[1]):
             idx = torch.nonzero(bad[:, b]).flatten()
@@ -392,14 +548,13 @@ def step_jacobians(step, h0: Optional[State], inputs: Tensor, *, dtype: Optional
     cost = T * B * N * N * (N if prob.kind is None else 4)
     for t in progress_iter(range(1, T + 1), T, progress, cost, "step Jacobians"):
         out[t - 1] = lin.at(t).dense()
-    bad = ~lin.finite[1:]                                # [T, B]
+    bad = ~lin.finite[1:] | ~torch.isfinite(out.reshape(T, B, -1)).all(dim=-1)     # [T, B]
     if bad.any():
         out[bad] = float("nan")
-        first = {}
+        steps = {}
         for b in range(B):
             idx = torch.nonzero(bad[:, b].cpu()).flatten()
             if len(idx):
-                first[b] = [int(i) + 1 for i in idx]
-        from ._util import ranges
-        warn_nonfinite("step_jacobians", first, lambda ts: f"J_t is NaN for t = {ranges(ts)}")
+                steps[b] = [int(i) + 1 for i in idx]
+        warn_nonfinite("step_jacobians", steps, lambda ts: f"J_t is NaN for t = {ranges(ts)}")
     return out

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradscopeError
-from ._util import State, finite_rows, prepare, progress_iter, warn_nonfinite
+from ._util import State, finite_rows, is_int, prepare, progress_iter, warn_nonfinite
 from .jacobians import Linearizer
 
 __all__ = ["jacobian_norms"]
@@ -99,7 +99,7 @@ def jacobian_norms(step, h0: Optional[State], inputs: Tensor, *, ord: Union[int,
     if method not in allowed:
         raise GradscopeError(f"jacobian_norms: method must be one of {allowed} for ord={ord!r}, "
                              f"got {method!r}.")
-    if method == "probes" and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+    if method == "probes" and (not is_int(probes) or probes < 1):
         raise GradscopeError(f"jacobian_norms: probes must be a positive integer, got {probes!r}.")
     prob = prepare(step, h0, inputs, dtype, "jacobian_norms")
     lin = Linearizer(prob)
@@ -113,7 +113,7 @@ def jacobian_norms(step, h0: Optional[State], inputs: Tensor, *, ord: Union[int,
 
     out = torch.empty(B, T + 1, dtype=torch.float64, device=dev)
     if method == "probes":
-        P = torch.randn(B, probes, N, generator=gen, dtype=torch.float64).to(dtype=dt, device=dev)
+        P = torch.randn(B, int(probes), N, generator=gen, dtype=torch.float64).to(dtype=dt, device=dev)
         # E‖uᵀ P_k‖² over m probes is ‖P_k‖_F²; lag 0 is known exactly, √N.
         log_fix = -0.5 * math.log(probes)
     else:
@@ -141,9 +141,10 @@ def jacobian_norms(step, h0: Optional[State], inputs: Tensor, *, ord: Union[int,
         s = torch.linalg.vector_norm(P, dim=(-2, -1))
         bad = bad | ~lin.finite[t] | ~torch.isfinite(s)
         bad_lag[:, k] = bad
-        # A sample that met NaN/inf keeps a zero product: all its later lags are NaN anyway, and
-        # NaN would make the SVD or eigen-solver raise.
+        # A sample that met NaN/inf carries on with finite garbage: all its later lags are NaN
+        # in the result anyway, and NaN would make the SVD or eigen-solver raise.
         s = torch.where(bad, torch.zeros_like(s), s)
+        P = P.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         P = P.div_(torch.where(s > 0, s, torch.ones_like(s))[:, None, None])
         # hardshrink zeroes |entries| < tiny in one pass (a boolean mask costs far more).
         P = torch.nn.functional.hardshrink(P, tiny)
