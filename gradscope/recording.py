@@ -186,6 +186,128 @@ class Recording:
         """All probe metadata of a site (decay fit, λ₁, weights, gates, …) as a dict."""
         return dict(self._measure_meta.get(self._check_site(site), {}))
 
+    # attention measures ------------------------------------------------------
+    # Sites of kind "attention" are transformer blocks; their grad_norms(site) is ‖∂L/∂x_{ℓ,p}‖ at
+    # the block *input* by position p. Per-step measures are stored as measures of the site
+    # (``[S]`` or ``[S, H]``, NaN where a step did not measure them); a block with several attention
+    # modules (self- and cross-attention) keeps the others' as ``"<measure>[<module path in block>]"``.
+    @property
+    def attention_stacks(self) -> Dict[str, Tuple[str, ...]]:
+        """``{stack: (site, …)}``: attention blocks (sites) of every stack, by depth. A stack is the
+        ``nn.ModuleList`` / ``nn.Sequential`` holding the blocks (``"encoder.layers"``,
+        ``"bert.encoder.layer"``, ``"transformer.h"``)."""
+        stacks: Dict[str, List[Tuple[int, str]]] = {}
+        for s, info in self._site_info.items():
+            if info.get("kind") == "attention":
+                stacks.setdefault(info.get("stack", s), []).append((int(info.get("depth") or 0), s))
+        return {k: tuple(s for _, s in sorted(v)) for k, v in stacks.items()}
+
+    def _stack(self, stack: Optional[str]) -> str:
+        stacks = self.attention_stacks
+        if not stacks:
+            raise MissingMeasureError(
+                "this recording has no attention sites (no nn.MultiheadAttention, nn.Transformer* layer, "
+                "Hugging Face attention or user attention module was found); depth and attention measures "
+                "exist only for attention models.")
+        if stack is None:
+            if len(stacks) > 1:
+                raise GradscopeError(f"the recording has {len(stacks)} attention stacks {list(stacks)}; "
+                                     f"name one, e.g. stack={next(iter(stacks))!r}.")
+            return next(iter(stacks))
+        if stack not in stacks:
+            raise GradscopeError(f"unknown attention stack {stack!r}; the recording has {list(stacks)}."
+                                 f"{did_you_mean(stack, stacks)}")
+        return stack
+
+    def _attention_site(self, site: str) -> str:
+        site = self._check_site(site)
+        if self._site_info[site].get("kind") != "attention":
+            have = [s for s, i in self._site_info.items() if i.get("kind") == "attention"]
+            raise GradscopeError(f"site {site!r} is a {self._site_info[site].get('kind')} site, not an attention "
+                                 f"block; attention sites: {have or 'none'}.")
+        return site
+
+    def _attention_measure(self, site: str, name: str, module: Optional[str]) -> np.ndarray:
+        site = self._attention_site(site)
+        key = (site, name if not module else f"{name}[{module}]")
+        if key not in self._measures:
+            if module:
+                mods = sorted({m[len(name) + 1:-1] for s, m in self._measures
+                               if s == site and m.startswith(name + "[")})
+                raise MissingMeasureError(
+                    f"site {site!r} has no {name!r} for attention module {module!r}; modules with it: "
+                    f"{mods or 'none besides the primary one (module=None)'}.")
+            raise MissingMeasureError(
+                f"the recording has no {name!r} for attention site {site!r} (no scheduled step measured it: "
+                f"watch() records it on scheduled steps, probe() on its batch).")
+        return self._measures[key]
+
+    def depth_grad_norms(self, stack: Optional[str] = None) -> np.ndarray:
+        """``[S, L, P]`` ‖∂L/∂x_{ℓ,p}‖: the gradient reaching the input of block ℓ of an attention
+        stack at position p, every recorded step (Frobenius over samples and features; padding
+        positions of each sample left out; NaN where a position is padding in every sample or the
+        block did not run). ``stack`` may be omitted when the model has one stack.
+
+        Example:
+            >>> import torch, gradscope
+            >>> enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16), 3,
+            ...                                   enable_nested_tensor=False)
+            >>> with gradscope.watch(enc) as scope:
+            ...     enc(torch.randn(5, 2, 8)).sum().backward()
+            >>> scope.recording.depth_grad_norms().shape
+            (1, 3, 5)
+        """
+        stack = self._stack(stack)
+        key = (stack, "depth_grad_norms")
+        if key in self._measures:
+            return self._measures[key]
+        sites = self.attention_stacks[stack]
+        arrs = [self.grad_norms(s) for s in sites]
+        P = max((a.shape[1] for a in arrs), default=0)
+        out = np.full((len(self._steps), len(sites), P), np.nan)
+        for i, a in enumerate(arrs):
+            out[:, i, :a.shape[1]] = a
+        return out
+
+    def depth_jacobian_norms(self, stack: Optional[str] = None) -> np.ndarray:
+        """``[B, L+1]`` RMS gain ‖∂x_L/∂x_{L−k}‖_F / √(P·E) of an attention stack for k = 0…L
+        (lag 0 is the identity, 1), per probed sample; from :func:`gradscope.probe` or
+        ``watch(probe_every=N)``."""
+        stack = self._stack(stack)
+        key = (stack, "depth_jacobian_norms")
+        if key not in self._measures:
+            raise MissingMeasureError(
+                f"the recording has no depth Jacobians for attention stack {stack!r}. Record them with "
+                f"gradscope.probe(model, batch) or watch(model, probe_every=N).")
+        return self._measures[key]
+
+    def attention_entropy(self, site: str, module: Optional[str] = None) -> np.ndarray:
+        """``[S, H]`` attention entropy per head, each query row normalised by ln(number of keys it
+        attends) and averaged over samples and non-padding rows: 1 uniform, 0 one-hot. ``module``
+        picks another attention module of the block (its path inside the block, e.g.
+        ``"multihead_attn"``); default: the block's first (self-)attention."""
+        return self._attention_measure(site, "attention_entropy", module)
+
+    def rank_residual(self, site: str) -> np.ndarray:
+        """``[S]`` rank-collapse residual ‖X − 1x̄ᵀ‖_F / ‖X‖_F of the block output X (per sample over
+        its non-padding tokens, averaged): 0 when all tokens are equal (Dong et al. 2021)."""
+        return self._attention_measure(site, "rank_residual", None)
+
+    def token_cosine(self, site: str) -> np.ndarray:
+        """``[S]`` mean cosine similarity between distinct tokens of the block output (→ 1 with rank
+        collapse)."""
+        return self._attention_measure(site, "token_cosine", None)
+
+    def qk_spectral_norm(self, site: str, module: Optional[str] = None) -> np.ndarray:
+        """``[S, H]`` per head ‖scale · W_{Q,h}ᵀ W_{K,h}‖₂, the spectral norm of the attention-logit
+        bilinear form (power iteration), scale = 1/√d for standard attention."""
+        return self._attention_measure(site, "qk_spectral_norm", module)
+
+    def qkv_grad_norms(self, site: str, module: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """``{"q": [S], "k": [S], "v": [S]}`` ‖∇W_Q‖, ‖∇W_K‖, ‖∇W_V‖ of the block's attention module
+        (query/key gradients ≪ value gradients go with rank collapse, Noci et al. 2022)."""
+        return {w: self._attention_measure(site, f"grad_w{w}", module) for w in "qkv"}
+
     def _replace(self, **changes) -> "Recording":
         """A new Recording with some fields replaced (used by probe to add its measures)."""
         fields = dict(sites=self._site_info, steps=self._steps, grads=self._grads,

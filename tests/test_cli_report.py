@@ -259,3 +259,18 @@ def test_trials_not_improved_when_trading_vanishing_for_exploding():
     ch = SiteChange(**{k: (v if v is not None else float("nan")) for k, v in base.items()})
     score, _, improved = _score([ch])
     assert score > 0 and not improved
+
+
+def test_attention_weights_in_a_checkpoint_are_probed(tmp_path, capsys):
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4)
+
+    torch.save({"state_dict": Enc().state_dict()}, tmp_path / "a.pt")
+    code, out, err = run(["report", tmp_path / "a.pt", "--seq-len", "10", "--num-heads", "4", "--format", "json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    site = next(s for s in d["sites"] if s["name"] == "attn")
+    assert site["kind"] == "attention" and site["regime"] in ("vanishing", "exploding", "stable")
+    assert "qk_spectral_norm_max" in site["static"]

@@ -243,7 +243,7 @@ def test_jacobian_decay_draws_the_stored_fit(probed):
     x, y = dashed[0].get_xdata(), dashed[0].get_ydata()
     slope = (math.log(y[5]) - math.log(y[1])) / (x[5] - x[1])
     assert slope == pytest.approx(jm["rate"], rel=1e-9)
-    assert y[0] == pytest.approx(1.0)  # no stored intercept: the line starts at the lag-0 value (identity)
+    assert y[0] == pytest.approx(math.exp(jm["intercept"]))  # probe stores the fit's intercept
     verticals = [ln for ln in ax.lines if ln.get_linestyle() == ":" and len(set(ln.get_xdata())) == 1]
     assert verticals and verticals[0].get_xdata()[0] == jm["horizon"]
     median = [ln for ln in ax.lines if ln.get_linestyle() == "-" and len(ln.get_xdata()) == 41][0]

@@ -497,7 +497,7 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
 
 def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
              short_memory_ratio: float = 0.1, saturation: float = 0.3, spike_ratio: float = 100.0,
-             steps: int = 20) -> Diagnosis:
+             steps: int = 20, attention_rules=None) -> Diagnosis:
     """Name the regime of every site of a Recording and list findings with evidence and remedies.
 
     Args:
@@ -509,6 +509,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
         saturation: share of saturated gate activations above which ``saturated_gates`` is raised.
         spike_ratio: a global gradient norm this many times its median is an exploding spike.
         steps: how many of the last recorded steps the watch-only profile uses.
+        attention_rules: thresholds for attention sites, an
+            :class:`~gradscope.analysis.attention_rules.AttentionRules` (default: its defaults).
 
     Returns:
         :class:`Diagnosis`.
@@ -540,7 +542,17 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
     findings: List[Finding] = []
     notes = list(rec.notes)
     missing_probe = []
+    attn_sites = [s for s in rec.sites if rec.site_info(s).get("kind") == "attention"]
+    if attn_sites:  # transformer blocks: their own rules (analysis/attention_rules.py)
+        from .attention_rules import AttentionRules, site_diagnosis, stack_findings
+        arules = attention_rules if attention_rules is not None else AttentionRules()
+        for site in attn_sites:
+            sites[site], f = site_diagnosis(rec, site, rules, arules)
+            findings += f
+        findings += stack_findings(rec, rules, arules, sites)
     for site in rec.sites:
+        if site in sites:
+            continue
         info = rec.site_info(site)
         ev, used, caveats = _site_evidence(rec, site, rules)
         if not used:

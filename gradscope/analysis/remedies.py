@@ -1044,10 +1044,14 @@ UNTESTABLE: Dict[str, str] = {
     "leaky_relu": "nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell",
     "gating": "gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or chrono_init "
               "(LSTM/GRU)",
-    "sigma_reparam": "attention sites are not probed yet",
-    "qk_layernorm": "attention sites are not probed yet",
-    "residual_scaling": "attention sites are not probed yet",
-    "pre_ln": "attention sites are not probed yet",
+    "sigma_reparam": "it changes the parametrisation of every attention projection, which try_remedies "
+                     "does not rewrite on a copy yet; measure it by training with and without under watch",
+    "qk_layernorm": "it adds modules inside the attention computation, which try_remedies does not rewrite "
+                    "on a copy yet; measure it by training with and without under watch",
+    "residual_scaling": "it changes the block's forward code, which try_remedies does not rewrite on a copy "
+                        "yet; measure it by training with and without under watch",
+    "pre_ln": "it moves the normalisation inside each block's forward code, which try_remedies does not "
+              "rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is the switch",
 }
 
 # Ranked remedies per (finding kind, site kind); "*" is the fallback for other site kinds.

@@ -13,6 +13,10 @@ How it works (the only code in gradscope that touches a live model):
   fully accumulated gradient. Parameters get tensor hooks for that step only. Norms stay on the
   device until the backward pass ends (``queue_callback``); then they are copied to the host in one
   transfer per device and dtype.
+* Attention blocks (transformer layers, :mod:`gradscope.capture.attention`) have their forward
+  shadowed the same way; on scheduled passes it records the gradient at the block input by
+  position, the attention entropy per head, the rank-collapse residual of the output and the
+  Q/K/V gradient norms, reduced on the device and copied with everything else.
 * Every hook handle is owned by the :class:`Scope` and removed by :meth:`Scope.close`, which also
   runs when the ``with`` block raises.
 """
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
+from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
                     unsupported_reason)
@@ -54,7 +59,7 @@ def _norm(g: Tensor) -> Tensor:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "seq_len", "handles", "__weakref__")
+    __slots__ = ("scheduled", "probe", "calls", "fired", "seq_len", "handles", "attn", "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False):
         self.scheduled = scheduled
@@ -63,6 +68,7 @@ class _Pass:
         self.fired = False
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
+        self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
 
 
 class Scope:
@@ -148,6 +154,12 @@ class Scope:
                 self._fused[name] = m
                 for spec in fused_sites(name, m):
                     self.sites[spec.name] = spec
+        # attention sites: blocks of attention modules (capture/attention.py)
+        self._attn: Optional[AttentionCapture] = None
+        self._probing = False
+        self._attn_layout = find_attention(model, _attention_extra(sites, names))
+        for spec in self._attn_layout.specs():
+            self.sites[spec.name] = spec
         self._explicit_cells: Dict[str, nn.Module] = {}
         self._selected: Optional[set] = None
         if sites is not None:
@@ -163,6 +175,9 @@ class Scope:
             for name, m in self._fused.items():
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
+            if self._attn_layout.blocks:
+                self._attn = AttentionCapture(self, self._attn_layout)
+                self._attn.install(self._wanted)
         except Exception:
             self.close()
             raise
@@ -174,7 +189,11 @@ class Scope:
                                  f"write sites=[{wanted!r}].")
         selected = set()
         for w in wanted:
-            if w in self.sites:
+            w = w[len("attention:"):] if isinstance(w, str) and w.startswith("attention:") else w
+            attn = self._attn_layout.resolve(w) if w not in self.sites else None
+            if attn:
+                selected |= set(attn)
+            elif w in self.sites:
                 selected.add(w)
             elif w in self._fused:
                 selected |= {s for s, spec in self.sites.items() if spec.module_name == w}
@@ -213,12 +232,15 @@ class Scope:
         forward.__gradscope__ = True  # type: ignore[attr-defined]
         m.forward = forward  # instance attribute; removed by close()
         self._patched.append(m)
+        self._claim(m)
+
+    def _claim(self, m: nn.Module) -> None:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
         self._claimed.append(m)
 
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
-        if self.closed or not torch.is_grad_enabled():
+        if self.closed or self._probing or not torch.is_grad_enabled():
             self._current = None
             return
         probe = self.probe_every is not None and self._step % self.probe_every == 0
@@ -228,6 +250,8 @@ class Scope:
             if not self._param_handles:
                 for i, (_, prm) in enumerate(self._params):
                     self._param_handles.append(prm.register_hook(functools.partial(self._on_param_grad, i)))
+            if self._attn is not None:
+                self._attn.start_pass(p)
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
@@ -364,6 +388,8 @@ class Scope:
         for name, m in self.model.named_modules():
             if not name or isinstance(m, FUSED_TYPES) or name in self.sites:
                 continue
+            if name in self._attn_layout.blocks or name in self._attn_layout.attn:
+                continue  # attention blocks and modules are attention sites, not recurrent cells
             if next(m.parameters(), None) is None:
                 continue  # parameter-free modules (activations, dropout) are never cells
             self._discovery_handles.append(m.register_forward_hook(
@@ -412,11 +438,18 @@ class Scope:
         from .probe import measure_sites  # probe imports this module
 
         mods = dict(self.model.named_modules())
-        wanted = {n for n in self.sites if self._wanted(n)}
+        wanted = {n for n in self.sites if self._wanted(n) and self.sites[n].kind != "attention"}
         with torch.no_grad():
             measures, meta, notes = measure_sites(mods, self.sites, wanted, p.calls, order=list(self.sites),
                                                   **self.probe_options)
         p.calls = {}
+        if self._attn is not None:
+            self._probing = True  # the depth Jacobians call blocks, maybe the model itself: no new pass
+            try:
+                with torch.no_grad():
+                    notes = list(notes) + self._attn.run_probe(p, self._step, **self.probe_options)
+            finally:
+                self._probing = False
         for n in notes:
             self._note(("probe", n), n)
         self._probe_latest = (self._step, measures, meta)
@@ -433,6 +466,11 @@ class Scope:
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
         vals, keys = self._vals, self._keys
         self._vals, self._keys = [], []
+        attn_items: List[Tuple[Tuple, Any]] = []
+        if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
+            av, ak = self._attn.pass_values(passes)
+            vals, keys = vals + av, keys + ak
+            self._attn.end_step()
         for h in self._param_handles:
             h.remove()
         self._param_handles = []
@@ -458,6 +496,9 @@ class Scope:
         params = np.zeros(len(self._params))
         got_param = np.zeros(len(self._params), dtype=bool)
         for v, key in zip(host, keys):
+            if key[0] == "attn":
+                attn_items.append((key, v))
+                continue
             if key[0] == "param":
                 params[key[1]] += v * v
                 got_param[key[1]] = True
@@ -501,7 +542,8 @@ class Scope:
         params = np.sqrt(params)
         self._check_finite(step, grads, params, got_param)
         params[~got_param] = np.nan  # NaN: the parameter received no gradient in this step
-        self._rows.append({"step": step, "grads": grads, "seq": seq_len, "params": params})
+        attn_row = self._attn.finalize_row(step, attn_items, grads) if self._attn is not None else {}
+        self._rows.append({"step": step, "grads": grads, "seq": seq_len, "params": params, "attn": attn_row})
         if len(self._rows) >= self.max_steps:
             self._rows = self._rows[::2]
             self._stride *= 2
@@ -581,6 +623,15 @@ class Scope:
                 for key in ("horizon", "rate", "lambda1", "memory_time"):
                     measures[(site, "probe_" + key)] = np.array(
                         [h[1].get(site, {}).get(key, np.nan) for h in self._probe_history], dtype=np.float64)
+        if self._attn is not None:  # per-step attention measures, depth flow and depth Jacobians
+            measures = dict(measures)
+            measures.update(self._attn.recording_measures(rows, grads))
+            if self._attn.latest_probe is not None:
+                pstep, pm, pmeta = self._attn.latest_probe
+                measures.update(pm)
+                mmeta = dict(mmeta)
+                mmeta.update({k: dict(v, probe_step=pstep) for k, v in pmeta.items()})
+            meta["attention"] = self._attn.meta()
         return Recording(sites=sites, steps=[r["step"] for r in rows], grads=grads, seq_lens=seq,
                          params=params, events=self._events, unsupported=self._unsupported,
                          notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
@@ -601,6 +652,8 @@ class Scope:
         for p in self._pending:
             self._drop_pass(p)
         self._pending = []
+        if self._attn is not None:
+            self._attn.close()
         self._discovery_log = None
         self._vals, self._keys = [], []
         for m in self._patched:
@@ -623,6 +676,22 @@ class Scope:
         state = "closed" if self.closed else "open"
         return (f"<gradscope.Scope on {type(self.model).__name__} ({state}), every={self.every}, "
                 f"sites={list(self.sites)}, steps={self._step}>")
+
+
+def _attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
+    """Modules named in ``sites=`` to treat as attention modules: ``"attention:NAME"`` entries and
+    modules with recognisable query/key/value projections."""
+    if sites is None or isinstance(sites, str):
+        return []
+    out = []
+    for w in sites:
+        if not isinstance(w, str):
+            continue
+        if w.startswith("attention:"):
+            out.append(w[len("attention:"):])
+        elif w and w in names and qkv_of(names[w], "") is not None:
+            out.append(w)
+    return out
 
 
 def _dense_len(m: nn.Module, input) -> int:
@@ -654,8 +723,12 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
             Steps off the schedule run the model untouched.
         sites: record only these sites: site names (``"lstm.l0_reverse"``), fused module names
             (all their layers and directions) or any module's qualified name (its per-call outputs
-            become per-step states, even where automatic discovery would not pick it). Default:
-            every fused RNN/LSTM/GRU layer and direction plus every user cell found.
+            become per-step states, even where automatic discovery would not pick it). Attention:
+            a block (``"encoder.layers.3"``), an attention module (its block) or a stack
+            (``"encoder.layers"``, all its blocks); ``"attention:NAME"`` makes any module an
+            attention module. Default: every fused RNN/LSTM/GRU layer and direction, every user
+            cell found, and every attention block (``nn.MultiheadAttention``, ``nn.Transformer*``
+            layers, Hugging Face attention, user modules whose class name says attention).
         max_steps: the history stays below this many recorded steps; when it is reached every
             other recorded step is dropped and the recording interval doubles, so a long run keeps
             its whole span in bounded memory.

@@ -72,6 +72,8 @@ class _Rebuilt(nn.Module):
             m = mods[name]
             if isinstance(m, nn.RNNCellBase):
                 outs.append(_run_cell(m, x))
+            elif isinstance(m, nn.MultiheadAttention):
+                outs.append(m(x, x, x, need_weights=False)[0])  # self-attention on the synthetic tokens
             else:
                 out = m(x)
                 outs.append(out[0] if isinstance(out, tuple) else out)
@@ -79,13 +81,15 @@ class _Rebuilt(nn.Module):
 
 
 class _Bare(nn.Module):
-    """A bare cell (prefix ""): looped over time."""
+    """A bare cell (prefix ""), looped over time, or a bare attention module on its own tokens."""
 
     def __init__(self, cell):
         super().__init__()
         self.cell = cell
 
     def forward(self, x):
+        if isinstance(self.cell, nn.MultiheadAttention):
+            return self.cell(x, x, x, need_weights=False)[0]
         return _run_cell(self.cell, x)
 
 
@@ -207,7 +211,7 @@ class CheckpointReport:
 
 def _synthetic_input(m: nn.Module, T: int, B: int, scale: float, gen: torch.Generator):
     dtype = next(m.parameters()).dtype
-    size = m.input_size
+    size = m.embed_dim if isinstance(m, nn.MultiheadAttention) else m.input_size
     x = torch.randn(T, B, size, generator=gen, dtype=torch.float64).to(dtype) * scale
     if getattr(m, "batch_first", False):
         x = x.transpose(0, 1).contiguous()
@@ -277,9 +281,8 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
     else:
         rebuilt, xs = {}, []
         for f in found:
-            if f.kind not in RECURRENT + CELLS:
-                notes.append(f"{f.kind} at {f.prefix or '(root)'}: static analysis only (attention probing "
-                             f"arrives with attention support).")
+            if f.kind not in RECURRENT + CELLS + ("MultiheadAttention",):
+                notes.append(f"{f.kind} at {f.prefix or '(root)'}: static analysis only.")
                 continue
             m = f.build()
             rebuilt[f.prefix] = m
@@ -289,7 +292,7 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
         if rebuilt and probe_sites:
             if "" in rebuilt:  # a bare module's state dict: probe it as it is
                 m = rebuilt[""]
-                root = _Bare(m) if isinstance(m, nn.RNNCellBase) else m
+                root = _Bare(m) if isinstance(m, (nn.RNNCellBase, nn.MultiheadAttention)) else m
                 rec = probe(root.eval(), xs[list(rebuilt).index("")], k=k, threshold=threshold, progress=progress)
             else:
                 root = _Rebuilt(rebuilt).eval()

@@ -1,0 +1,143 @@
+"""Overhead of watch() on attention models: plain vs watched training steps, interleaved in one run.
+
+Same method and targets as benchmarks/overhead.py (the recurrent rows): two identical copies train
+on the same batches, one watched for the whole run; steps alternate so drifts of a shared machine
+hit both alike. Ratio = median of watched / plain step time for every=1, mean for every=50 (the
+scheduled step amortised over the other 49). A scheduled step records depth flow, per-head
+entropy (probabilities recomputed from the captured query/key), rank residual, token cosine,
+‖∇W_Q,K,V‖ and the QK spectral norms. Writes the "overhead-attention" section of
+benchmarks/RESULTS.md.
+
+Run: python benchmarks/overhead_attention.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gradscope  # noqa: E402
+from _results import machine, write_section  # noqa: E402
+
+
+class Encoder(nn.Module):
+    """Token embedding, nn.TransformerEncoder (Post-LN, batch-first), mean-pooled classifier."""
+
+    def __init__(self, vocab=1000, d=128, heads=4, layers=4, classes=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids, pad):
+        h = self.enc(self.emb(ids), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def hf_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, intermediate_size=512,
+                     vocab_size=1000, num_labels=10)
+    return BertForSequenceClassification(cfg)
+
+
+def timed_steps(make, size, every, steps, warmup=3):
+    B, T = size
+    torch.manual_seed(0)
+    plain = make()
+    watched = copy.deepcopy(plain)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 1000, (B, T), generator=g) for _ in range(4)]
+    pads = []
+    for _ in range(4):
+        lens = torch.randint(T // 2, T + 1, (B,), generator=g)
+        pads.append(torch.arange(T)[None, :] >= lens[:, None])
+    ys = [torch.randint(0, 10, (B,), generator=g) for _ in range(4)]
+    hf = not isinstance(plain, Encoder)
+
+    def step(model, opt, i):
+        opt.zero_grad()
+        if hf:
+            out = model(input_ids=ids[i % 4], attention_mask=(~pads[i % 4]).long()).logits
+        else:
+            out = model(ids[i % 4], pads[i % 4])
+        nn.functional.cross_entropy(out, ys[i % 4]).backward()
+        opt.step()
+
+    a, b = [], []
+    with gradscope.watch(watched, every=every) as scope:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            step(plain, opts[0], i)
+            t1 = time.perf_counter()
+            step(watched, opts[1], i)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                a.append(t1 - t0)
+                b.append(t2 - t1)
+    rec = scope.recording
+    assert len(rec) > 0 and rec.attention_stacks
+    return a, b
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    args = ap.parse_args(argv)
+    # One intra-op thread: on a shared 2-core machine two threads fight other processes and the
+    # step times swing by 10× (the thread count is printed with the machine line).
+    torch.set_num_threads(1)
+    size = (32, 64)
+    cases = [
+        ("nn.TransformerEncoder 4×128, 4 heads, B 32, T 64, padded", Encoder, 1, "≤ 1.5×"),
+        ("nn.TransformerEncoder 4×128, 4 heads, B 32, T 64, padded", Encoder, 50, "≤ 1.02×"),
+    ]
+    try:
+        import transformers  # noqa: F401
+        cases += [("HF BERT 4×128, 4 heads (sdpa), B 32, T 64, padded", hf_bert, 1, "≤ 1.5×"),
+                  ("HF BERT 4×128, 4 heads (sdpa), B 32, T 64, padded", hf_bert, 50, "≤ 1.02×")]
+    except ImportError:
+        pass
+    rows = []
+    for name, make, every, target in cases:
+        n = 30 if every == 1 else 300
+        if args.quick:
+            n = 3 if every == 1 else 51
+        a, b = timed_steps(make, size, every, n)
+        med = statistics.median(b) / statistics.median(a)
+        mean = statistics.fmean(b) / statistics.fmean(a)
+        ratio = med if every == 1 else mean
+        rows.append(f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
+                    f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")
+        print(rows[-1], flush=True)
+    body = "\n".join([
+        "## watch() overhead on attention models (`python benchmarks/overhead_attention.py`)",
+        "",
+        f"Machine: {machine()}. Plain and watched copies of the same model train in alternation "
+        f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
+        f"amortised) of watched / plain step time. A scheduled step records depth flow, per-head "
+        f"entropy, rank residual, token cosine, ‖∇W_Q,K,V‖ and QK spectral norms of every block.",
+        "",
+        "| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    if not args.quick:
+        write_section("overhead-attention", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
