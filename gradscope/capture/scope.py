@@ -123,6 +123,8 @@ class Scope:
         self._bw_queued = False
         self._vals: List[Tensor] = []
         self._keys: List[Tuple] = []
+        self._raw: List[Tensor] = []  # state gradients of this step, normed in _finalize
+        self._keys_raw: List[Tuple] = []
         self._param_handles: List[Any] = []
         self._rows: List[Dict[str, Any]] = []
         self._events: List[Dict[str, Any]] = []
@@ -320,9 +322,11 @@ class Scope:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
 
     def _on_state_grad(self, key, grad):
+        # Keep the gradient itself; the norms of all of a step's states are taken at the end of the
+        # backward pass in one batched op per shape (cheaper than one norm call per hook).
         if not self.closed:
-            self._vals.append(_norm(grad.detach()))
-            self._keys.append(key)
+            self._raw.append(grad.detach())
+            self._keys_raw.append(key)
 
     def _on_param_grad(self, i, grad):
         if not self.closed:
@@ -374,13 +378,21 @@ class Scope:
         t = self._cell_counter.get(name, 0)
         self._cell_counter[name] = t + 1
         spec = self.sites[name]
-        outs = flatten_tensors(output)
+        # the common outputs (a tensor, or a tuple of tensors) without the general flattening
+        if isinstance(output, Tensor):
+            outs = (output,)
+        elif isinstance(output, tuple) and all(isinstance(o, Tensor) for o in output):
+            outs = output
+        else:
+            outs = flatten_tensors(output)
         idx = spec.state_outputs or tuple(range(len(outs)))
         if spec.info.get("explicit") and not spec.state_outputs and len(spec.states) != len(idx):
             spec.states = state_names(len(idx))
+        hook = self._on_state_grad
+        handles = p.handles
         for sname, i in zip(spec.states, idx):
-            if i < len(outs):
-                self._track(p, outs[i], ("site", name, sname, t))
+            if i < len(outs) and outs[i].requires_grad:
+                handles.append(outs[i].register_hook(functools.partial(hook, ("site", name, sname, t))))
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
@@ -466,6 +478,18 @@ class Scope:
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
         vals, keys = self._vals, self._keys
         self._vals, self._keys = [], []
+        raw, raw_keys = self._raw, self._keys_raw
+        self._raw, self._keys_raw = [], []
+        by_shape: Dict[Tuple, List[int]] = defaultdict(list)
+        for i, g in enumerate(raw):
+            by_shape[(tuple(g.shape), g.dtype, g.device)].append(i)
+        for idx in by_shape.values():
+            stacked = torch.stack([raw[i] for i in idx])
+            acc = None if stacked.dtype in (torch.float32, torch.float64) else torch.float32
+            norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=acc)
+            vals.append(norms)
+            keys.append(("multi", [raw_keys[i] for i in idx]))
+        del raw
         attn_items: List[Tuple[Tuple, Any]] = []
         if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
             av, ak = self._attn.pass_values(passes)
@@ -474,59 +498,72 @@ class Scope:
         for h in self._param_handles:
             h.remove()
         self._param_handles = []
-        # One host copy per (device, dtype) group: no .item() per value.
+        # One host copy per (device, dtype) group: no .item() per value. Scalars (one state at one
+        # position, one parameter) are stacked; vectors (a whole site state, fast replay) are
+        # concatenated. Accumulation then runs on Python floats, far cheaper than numpy scalars.
         host: List[Any] = [None] * len(vals)
         groups: Dict[Tuple, List[int]] = defaultdict(list)
         for i, v in enumerate(vals):
-            groups[(v.device, v.dtype)].append(i)
-        for idx in groups.values():
+            groups[(v.device, v.dtype, v.dim() == 0)].append(i)
+        for (_, _, scalar), idx in groups.items():
+            if scalar:
+                flat = torch.stack([vals[i] for i in idx]).cpu().double().tolist()
+                for i, x in zip(idx, flat):
+                    host[i] = x
+                continue
             flat = torch.cat([vals[i].reshape(-1) for i in idx]).cpu().double().numpy()
             pos = 0
             for i in idx:
                 n = vals[i].numel()
-                host[i] = flat[pos] if vals[i].dim() == 0 else flat[pos:pos + n]
+                host[i] = flat[pos:pos + n]
                 pos += n
 
         seq_len: Dict[str, int] = {}
         for p in passes:
             for s, n in p.seq_len.items():
                 seq_len[s] = max(seq_len.get(s, 0), n)
-        sumsq: Dict[Tuple[str, str], np.ndarray] = {}
+        sumsq: Dict[Tuple[str, str], Any] = {}  # (site, state) -> list of floats (per position)
         fired_sites = set()
-        params = np.zeros(len(self._params))
+        params = [0.0] * len(self._params)
         got_param = np.zeros(len(self._params), dtype=bool)
+        flat_items = []
         for v, key in zip(host, keys):
-            if key[0] == "attn":
-                attn_items.append((key, v))
-                continue
-            if key[0] == "param":
+            if key[0] == "multi":
+                flat_items += zip(v.tolist(), key[1])
+            else:
+                flat_items.append((v, key))
+        for v, key in flat_items:
+            kind = key[0]
+            if kind == "site":
+                _, site, sname, t = key
+                arr = sumsq.get((site, sname))
+                if arr is None:
+                    arr = sumsq[(site, sname)] = [0.0] * max(seq_len.get(site, 0), t + 1)
+                elif len(arr) <= t:
+                    arr.extend([0.0] * (t + 1 - len(arr)))
+                arr[t] += v * v
+                fired_sites.add(site)
+            elif kind == "param":
                 params[key[1]] += v * v
                 got_param[key[1]] = True
-                continue
-            if key[0] == "vec":  # all positions of one site state at once (fast replay)
+            elif kind == "vec":  # all positions of one site state at once (fast replay)
                 _, site, sname = key
-                n = max(seq_len.get(site, 0), len(v))
-                seq_len[site] = n
+                sq = (v * v).tolist()
                 arr = sumsq.get((site, sname))
-                new = np.zeros(n)
-                if arr is not None:
-                    new[:len(arr)] = arr
-                new[:len(v)] += v * v
-                sumsq[(site, sname)] = new
+                if arr is None:
+                    sumsq[(site, sname)] = sq
+                else:
+                    if len(arr) < len(sq):
+                        arr.extend([0.0] * (len(sq) - len(arr)))
+                    for t, x in enumerate(sq):
+                        arr[t] += x
                 fired_sites.add(site)
-                continue
-            _, site, sname, t = key
-            n = seq_len.get(site, t + 1)
-            if t >= n:
-                n = seq_len[site] = t + 1
-            arr = sumsq.get((site, sname))
-            if arr is None or len(arr) < n:
-                new = np.zeros(n)
-                if arr is not None:
-                    new[:len(arr)] = arr
-                arr = sumsq[(site, sname)] = new
-            arr[t] += v * v
-            fired_sites.add(site)
+            elif kind == "attn":
+                attn_items.append((key, v))
+        for (site, _), arr in sumsq.items():
+            if len(arr) > seq_len.get(site, 0):
+                seq_len[site] = len(arr)
+        params = np.array(params)
         grads = {}
         for site, spec in self.sites.items():
             if not self._wanted(site):
@@ -536,8 +573,10 @@ class Scope:
                 self._note(("nograd", site), f"site {site!r} ran but no gradient reached its states "
                                             f"(first at step {step}); its norms are recorded as 0.")
             for sname in spec.states:
+                row = np.zeros(n)
                 a = sumsq.get((site, sname))
-                row = np.zeros(n) if a is None else np.pad(a, (0, max(0, n - len(a))))
+                if a is not None:
+                    row[:len(a)] = a
                 grads[(site, sname)] = np.sqrt(row)
         params = np.sqrt(params)
         self._check_finite(step, grads, params, got_param)
@@ -655,7 +694,7 @@ class Scope:
         if self._attn is not None:
             self._attn.close()
         self._discovery_log = None
-        self._vals, self._keys = [], []
+        self._vals, self._keys, self._raw, self._keys_raw = [], [], [], []
         for m in self._patched:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
