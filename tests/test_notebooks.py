@@ -23,7 +23,8 @@ CELL_TIMEOUT = 120  # seconds per cell; each notebook takes well under a minute 
 
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
-    assert {"01_quickstart.ipynb", "02_fused_lstm.ipynb", "03_checkpoint.ipynb", "05_seed_remedies.ipynb"} <= names
+    assert {"01_quickstart.ipynb", "02_fused_lstm.ipynb", "03_checkpoint.ipynb", "04_attention.ipynb",
+            "05_seed_remedies.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

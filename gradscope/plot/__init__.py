@@ -2,7 +2,8 @@
 
 Every function takes a :class:`~gradscope.Recording` (``dashboard`` also a
 :class:`~gradscope.Diagnosis`) or the plain array it would draw (e.g. ``[S, T]`` gradient norms
-for ``gradient_heatmap``, shown as site ``"array"``), accepts ``ax=`` to draw into an existing
+for ``gradient_heatmap``, shown as site ``"array"``; ``rank_collapse``, which draws two measures,
+takes a Recording only), accepts ``ax=`` to draw into an existing
 Axes, and returns what it drew into (the Axes; ``dashboard`` the Figure). Without ``ax`` a new
 pyplot figure is made, so notebooks show it. Importing this module imports neither pyplot nor a
 backend.
@@ -21,13 +22,16 @@ it; a recording with no step raises :class:`~gradscope.GradscopeError`.
 ``param_flow``            gradient norm of every parameter (or module) over training
 ``depth_heatmap``         attention: layer × position (needs ``depth_grad_norms``)
 ``dashboard``             all of the above and the findings, in one Figure
+``attention_entropy``     attention: normalised entropy of every head over training, per block
+``rank_collapse``         attention: rank residual and token cosine by depth (first / last step)
 ========================  ==================================================================
 """
 from __future__ import annotations
 
+from .attention import attention_entropy, rank_collapse
 from .dashboard import dashboard, findings_panel
 from .dynamics import hidden_spectrum, jacobian_decay, lyapunov_spectrum, probe_history
 from .flow import depth_heatmap, gradient_heatmap, param_flow
 
 __all__ = ["gradient_heatmap", "jacobian_decay", "lyapunov_spectrum", "hidden_spectrum", "probe_history",
-           "param_flow", "depth_heatmap", "dashboard", "findings_panel"]
+           "param_flow", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard", "findings_panel"]
