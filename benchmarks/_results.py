@@ -26,3 +26,40 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+OVERHEAD_HEAD = ["| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
+                 "|---|---|---|---|---|---|---|---|"]
+
+
+def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: int = 3):
+    """Per-step seconds of ``step(plain, i)`` and ``step(watched, i)`` run in alternation, the
+    second copy under ``gradscope.watch(every=every)`` for the whole run (warm-up steps dropped)."""
+    import time
+
+    import gradscope
+
+    a, b = [], []
+    with gradscope.watch(watched, every=every) as scope:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            step(plain, i)
+            t1 = time.perf_counter()
+            step(watched, i)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                a.append(t1 - t0)
+                b.append(t2 - t1)
+    assert len(scope.recording) > 0, "the watched copy recorded nothing"
+    return a, b
+
+
+def overhead_row(name: str, every: int, a, b, target: str) -> str:
+    """One results row: median ratio for every=1, mean ratio (scheduled step amortised) otherwise."""
+    import statistics
+
+    med = statistics.median(b) / statistics.median(a)
+    mean = statistics.fmean(b) / statistics.fmean(a)
+    ratio = med if every == 1 else mean
+    return (f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
+            f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")

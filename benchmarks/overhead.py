@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,8 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gradscope  # noqa: E402
-from _results import machine, write_section  # noqa: E402
+from _results import OVERHEAD_HEAD, interleaved_times, machine, overhead_row, write_section  # noqa: E402
 
 
 class FusedModel(nn.Module):
@@ -62,28 +59,18 @@ def timed_steps(make, size, every, steps, warmup=3):
     plain = make(I, H)
     watched = copy.deepcopy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
+    opt_of = {id(plain): opts[0], id(watched): opts[1]}
     xs = [torch.randn(T, B, I) for _ in range(4)]
     ys = [torch.randn(T, B) for _ in range(4)]
 
-    def step(model, opt, i):
+    def step(model, i):
+        opt = opt_of[id(model)]
         opt.zero_grad()
         loss = (model(xs[i % 4]) - ys[i % 4]).pow(2).mean()
         loss.backward()
         opt.step()
 
-    a, b = [], []
-    with gradscope.watch(watched, every=every) as scope:
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            step(plain, opts[0], i)
-            t1 = time.perf_counter()
-            step(watched, opts[1], i)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                a.append(t1 - t0)
-                b.append(t2 - t1)
-    assert len(scope.recording) > 0
-    return a, b
+    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup)
 
 
 NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LSTM` runs the fused kernel
@@ -121,11 +108,7 @@ def main(argv=None):
         if args.quick:
             n = 3 if every == 1 else 51
         a, b = timed_steps(make, size, every, n)
-        med = statistics.median(b) / statistics.median(a)
-        mean = statistics.fmean(b) / statistics.fmean(a)
-        ratio = med if every == 1 else mean
-        rows.append(f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
-                    f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")
+        rows.append(overhead_row(name, every, a, b, target))
         print(rows[-1], flush=True)
     body = "\n".join([
         "## watch() overhead (`python benchmarks/overhead.py`)",
@@ -134,8 +117,7 @@ def main(argv=None):
         f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
         f"amortised) of watched / plain step time.",
         "",
-        "| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
-        "|---|---|---|---|---|---|---|---|",
+        *OVERHEAD_HEAD,
         *rows,
         "",
         NOTES,

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gradscope  # noqa: E402
-from _results import machine, write_section  # noqa: E402
+from _results import OVERHEAD_HEAD, interleaved_times, machine, overhead_row, write_section  # noqa: E402
 
 
 class Encoder(nn.Module):
@@ -67,7 +64,10 @@ def timed_steps(make, size, every, steps, warmup=3):
     ys = [torch.randint(0, 10, (B,), generator=g) for _ in range(4)]
     hf = not isinstance(plain, Encoder)
 
-    def step(model, opt, i):
+    opt_of = {id(plain): opts[0], id(watched): opts[1]}
+
+    def step(model, i):
+        opt = opt_of[id(model)]
         opt.zero_grad()
         if hf:
             out = model(input_ids=ids[i % 4], attention_mask=(~pads[i % 4]).long()).logits
@@ -76,20 +76,7 @@ def timed_steps(make, size, every, steps, warmup=3):
         nn.functional.cross_entropy(out, ys[i % 4]).backward()
         opt.step()
 
-    a, b = [], []
-    with gradscope.watch(watched, every=every) as scope:
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            step(plain, opts[0], i)
-            t1 = time.perf_counter()
-            step(watched, opts[1], i)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                a.append(t1 - t0)
-                b.append(t2 - t1)
-    rec = scope.recording
-    assert len(rec) > 0 and rec.attention_stacks
-    return a, b
+    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup)
 
 
 def main(argv=None):
@@ -105,7 +92,7 @@ def main(argv=None):
         ("nn.TransformerEncoder 4×128, 4 heads, B 32, T 64, padded", Encoder, 50, "≤ 1.02×"),
     ]
     try:
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401  (only: is the extra installed?)
         cases += [("HF BERT 4×128, 4 heads (sdpa), B 32, T 64, padded", hf_bert, 1, "≤ 1.5×"),
                   ("HF BERT 4×128, 4 heads (sdpa), B 32, T 64, padded", hf_bert, 50, "≤ 1.02×")]
     except ImportError:
@@ -116,11 +103,7 @@ def main(argv=None):
         if args.quick:
             n = 3 if every == 1 else 51
         a, b = timed_steps(make, size, every, n)
-        med = statistics.median(b) / statistics.median(a)
-        mean = statistics.fmean(b) / statistics.fmean(a)
-        ratio = med if every == 1 else mean
-        rows.append(f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
-                    f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")
+        rows.append(overhead_row(name, every, a, b, target))
         print(rows[-1], flush=True)
     body = "\n".join([
         "## watch() overhead on attention models (`python benchmarks/overhead_attention.py`)",
@@ -130,8 +113,7 @@ def main(argv=None):
         f"amortised) of watched / plain step time. A scheduled step records depth flow, per-head "
         f"entropy, rank residual, token cosine, ‖∇W_Q,K,V‖ and QK spectral norms of every block.",
         "",
-        "| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
-        "|---|---|---|---|---|---|---|---|",
+        *OVERHEAD_HEAD,
         *rows,
     ])
     if not args.quick:

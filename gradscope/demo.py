@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from torch import nn

@@ -17,11 +17,8 @@ sequence had length 30 in a recording whose longest sequence is 50 has NaN in co
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 import gradscope
 from gradscope.cli import main

@@ -4,7 +4,6 @@ import os
 import pickle
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch

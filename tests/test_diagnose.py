@@ -105,7 +105,7 @@ def test_gradient_spike_is_exploding_model_wide():
 
 
 def test_module_summary_lines_for_multilayer_bidirectional():
-    m = small_lstm(-3.0)
+
     model = nn.Sequential()
     model.add_module("enc", nn.LSTM(2, 6, num_layers=2, bidirectional=True))
     rec = gradscope.probe(model, torch.randn(30, 2, 2), loss_fn=lambda out: out[0].pow(2).mean(), k=2)

@@ -1,6 +1,5 @@
 """Recording: frozen data, versioned save/load, clear errors on bad files."""
 import json
-import zipfile
 
 import numpy as np
 import pytest

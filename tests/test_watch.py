@@ -1,5 +1,4 @@
 """watch(): true per-timestep gradients, safety of the user's run, bad input."""
-import math
 
 import numpy as np
 import pytest
@@ -466,7 +465,7 @@ def test_probe_every_measures_on_scheduled_training_batches():
     model = Seq(nn.LSTM(3, 6), 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(12, 2, 3)
-    ref_out = None
+
     with gradscope.watch(model, every=2, probe_every=3, probe_options={"k": 2}) as scope:
         for i in range(7):
             y = model(x)

@@ -3,7 +3,6 @@
 Each entry is data: a factory, and the expected regime at each length with the reason. The
 analyzer must classify every site of every model correctly (probe + diagnose).
 """
-import math
 
 import pytest
 import torch

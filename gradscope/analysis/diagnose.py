@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -236,7 +236,7 @@ def _explain_exploding(site, ev, reason) -> str:
     if math.isfinite(lag) and lag <= (T or math.inf):
         return (f"The gradient through {site} grows past 1/threshold after {fmt(lag)} of {fmt(T)} steps"
                 + (f" (λ₁ = {lam:.3g}/step)" if math.isfinite(lam) else "") + ", so updates are dominated "
-                f"by a few directions and can overflow.")
+                "by a few directions and can overflow.")
     return (f"Perturbations of {site} grow by about e^{lam:.3g} = {math.exp(lam):.3g}× per step (top "
             f"Lyapunov exponent), {math.exp(min(lam * (T or 0), 700)):.3g}× over the {fmt(T)}-step sequence.")
 
@@ -409,7 +409,7 @@ class Diagnosis:
 
     def to_markdown(self) -> str:
         src = self.meta.get("source", "?")
-        out = [f"# gradscope diagnosis", "",
+        out = ["# gradscope diagnosis", "",
                f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
                f"{self.meta.get('steps', 0)} recorded step(s).", ""]
         if self._sites:

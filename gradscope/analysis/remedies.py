@@ -382,8 +382,8 @@ def _weight_hh_loop(c: _Ctx, body: List[str], indent: str = "    ") -> List[str]
     """Lines that bind ``W`` to the recurrent weight(s) of the site and run ``body`` on each."""
     if c.site_kind == "cell":
         lines = [f"for name, W in {c.m}.named_parameters():",
-                 f"    if W.dim() == 2 and W.shape[0] == W.shape[1]:  # square: recurrent weights "
-                 f"(check the names)"]
+                 "    if W.dim() == 2 and W.shape[0] == W.shape[1]:  # square: recurrent weights "
+                 "(check the names)"]
         return [indent + l for l in lines] + [indent + "        " + b for b in body]
     if c.suffix:
         return [indent + f"W = {c.param('weight_hh')}"] + [indent + b for b in body]

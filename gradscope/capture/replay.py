@@ -14,7 +14,7 @@ Index letters: T time, B batch, I input features, H hidden, P projection, D dire
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

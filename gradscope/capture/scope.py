@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 import weakref
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

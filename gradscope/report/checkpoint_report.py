@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -21,8 +21,8 @@ from .. import __version__
 from .._format import fmt, jsonable, text_table
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose
 from ..capture.probe import probe
-from ..checkpoint import FoundModule, build_user_model, find_modules, load_checkpoint, static_analysis
-from ..errors import CheckpointError, GradscopeError
+from ..checkpoint import build_user_model, find_modules, load_checkpoint, static_analysis
+from ..errors import GradscopeError
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
