@@ -1,5 +1,6 @@
 """Shared test settings. GRADSCOPE_TEST_DEVICE=cuda runs the device-agnostic tests on a GPU."""
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,25 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Close every matplotlib figure a test left open (only if pyplot was imported at all)."""
+    yield
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close("all")
+
+
+@pytest.fixture
+def review_dir(tmp_path):
+    """Where picture tests write PNGs: ``$GRADSCOPE_REVIEW_DIR`` (to look at them) or a temp folder."""
+    d = os.environ.get("GRADSCOPE_REVIEW_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        return d
+    return str(tmp_path)
 
 
 def assert_no_hooks(model: torch.nn.Module) -> None:

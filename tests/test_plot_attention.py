@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -23,28 +22,7 @@ from gradscope import plot as gp  # noqa: E402
 REFERENCE_LINES = 2  # the dotted lines at 0 and 1
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
-@pytest.fixture
-def review_dir(tmp_path):
-    d = os.environ.get("GRADSCOPE_REVIEW_DIR")
-    if d:
-        os.makedirs(d, exist_ok=True)
-        return d
-    return str(tmp_path)
-
-
-def save_and_check(fig, path, *, min_std=0.02):
-    """Write ``fig`` as PNG and check that the picture is not blank."""
-    fig.savefig(path, dpi=70)
-    img = mpimg.imread(path)[..., :3]
-    assert img.std() > min_std, f"{path} looks blank (pixel std {img.std():.4f})"
-    assert (img < 0.9).any(axis=-1).mean() > 0.01, f"{path}: almost every pixel is white"
-    return img
+from plotting import save_and_check  # noqa: E402
 
 
 def data_lines(ax):
