@@ -84,6 +84,11 @@ class Scope:
                  max_steps: int = 10_000, probe_every: Optional[int] = None,
                  probe_options: Optional[Dict[str, Any]] = None):
         _check_model(model)
+        # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
+        # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
+        # site and parameter names carry no "_orig_mod." prefix.
+        self.compiled = model if _is_compiled(model) else None
+        model = model._orig_mod if self.compiled is not None else model
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise GradscopeError(
                 f"every must be a positive integer (record one step in `every`), got {every!r}. "
@@ -230,6 +235,11 @@ class Scope:
                 return cls_forward(m, *args, **kwargs)
             return scope._replay(m, specs, p, args, kwargs)
 
+        # Under torch.compile the replay must run eagerly (it drives its own hooks and autograd
+        # Function); disabling compilation here makes Dynamo break the graph around it.
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
+        if disable is not None:
+            forward = disable(forward)
         forward.__gradscope__ = True  # type: ignore[attr-defined]
         m.forward = forward  # instance attribute; removed by close()
         self._patched.append(m)
@@ -646,7 +656,7 @@ class Scope:
         if not sites and self._discovered and not any("no recurrent" in n for n in notes):
             notes.append("no recurrent or attention site found; parameter gradient norms are still recorded.")
         meta = {"gradscope_version": __version__, "torch_version": torch.__version__,
-                "model": type(self.model).__name__, "every": self.every,
+                "model": type(self.model).__name__, "compiled": self.compiled is not None, "every": self.every,
                 "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
                 "source": "watch", "probe_every": self.probe_every}
         measures: Dict[Tuple[str, str], np.ndarray] = {}
@@ -730,6 +740,11 @@ def _attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
         elif w and w in names and qkv_of(names[w], "") is not None:
             out.append(w)
     return out
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """True for the wrapper torch.compile returns (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 def _dense_len(m: nn.Module, input) -> int:
