@@ -536,3 +536,19 @@ def test_torch_compile_records_what_eager_records(backend, order):
             np.testing.assert_allclose(rec.grad_norms(site, state), ref.grad_norms(site, state), rtol=1e-6)
     assert set(rec.param_grad_norms()) == set(ref.param_grad_norms())
     assert_no_hooks(model)
+
+
+def test_history_thinning_keeps_rows_exact_with_varying_lengths():
+    torch.manual_seed(0)
+    rnn = nn.GRU(2, 3)
+    lengths = [6, 3, 5, 2, 6, 4, 3, 6, 2, 5, 4, 3]
+    with gradscope.watch(rnn, max_steps=4) as scope:
+        for T in lengths:
+            out, _ = rnn(torch.randn(T, 2, 2))
+            out.pow(2).sum().backward()
+    rec = scope.recording
+    g, lens = rec.grad_norms("l0"), rec.seq_lens("l0")
+    assert len(rec) < 4
+    for step, row, n in zip(rec.steps, g, lens):
+        assert n == lengths[step]
+        assert np.all(np.isfinite(row[:n])) and np.all(row[:n] > 0) and np.all(np.isnan(row[n:]))

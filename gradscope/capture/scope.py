@@ -55,6 +55,82 @@ def _norm(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g)
 
 
+class _History:
+    """The recorded steps in growable numpy arrays (no Python object per value).
+
+    One float64 array ``[capacity, T]`` per site state (NaN right-padding, widened when a longer
+    sequence arrives), one int array of sequence lengths per site, one ``[capacity, P]`` array of
+    parameter norms, and the attention rows (dicts) only when the model has attention sites.
+    """
+
+    def __init__(self, n_params: int):
+        self.n = 0
+        self.cap = 64
+        self.steps = np.zeros(self.cap, dtype=np.int64)
+        self.params = np.full((self.cap, n_params), np.nan)
+        self.grads: Dict[Tuple[str, str], np.ndarray] = {}
+        self.seq: Dict[str, np.ndarray] = {}
+        self.attn: List[Any] = []
+
+    def _grow(self) -> None:
+        self.cap *= 2
+        self.steps = np.resize(self.steps, self.cap)
+        self.params = _grow_rows(self.params, self.cap, np.nan)
+        self.grads = {k: _grow_rows(a, self.cap, np.nan) for k, a in self.grads.items()}
+        self.seq = {k: _grow_rows(a, self.cap, 0) for k, a in self.seq.items()}
+
+    def append(self, step: int, grads: Dict[Tuple[str, str], np.ndarray], seq: Dict[str, int],
+               params: np.ndarray, attn) -> None:
+        if self.n == self.cap:
+            self._grow()
+        i = self.n
+        self.steps[i] = step
+        self.params[i] = params
+        for a in self.grads.values():  # rows past n may hold data from before a thinning
+            a[i] = np.nan
+        for a in self.seq.values():
+            a[i] = 0
+        for key, row in grads.items():
+            a = self.grads.get(key)
+            if a is None:
+                a = self.grads[key] = np.full((self.cap, len(row)), np.nan)
+            elif a.shape[1] < len(row):  # a longer sequence: widen, padding earlier rows with NaN
+                wide = np.full((self.cap, len(row)), np.nan)
+                wide[:, :a.shape[1]] = a
+                a = self.grads[key] = wide
+            a[i, :len(row)] = row
+        for site, n in seq.items():
+            if site not in self.seq:
+                self.seq[site] = np.zeros(self.cap, dtype=np.int64)
+            self.seq[site][i] = n
+        self.attn.append(attn)
+        self.n += 1
+
+    def thin(self) -> None:
+        """Keep every other recorded step (the first included)."""
+        keep = np.arange(0, self.n, 2)
+        self.steps[:len(keep)] = self.steps[keep]
+        self.params[:len(keep)] = self.params[keep]
+        for a in list(self.grads.values()) + list(self.seq.values()):
+            a[:len(keep)] = a[keep]
+        self.attn = self.attn[::2]
+        self.n = len(keep)
+
+    def nbytes(self) -> int:
+        return (self.steps.nbytes + self.params.nbytes + sum(a.nbytes for a in self.grads.values())
+                + sum(a.nbytes for a in self.seq.values()))
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """Per-step dicts for the attention capture (``{"step": …, "attn": …}``)."""
+        return [{"step": int(self.steps[i]), "attn": self.attn[i]} for i in range(self.n)]
+
+
+def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
+    out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
@@ -130,7 +206,7 @@ class Scope:
         self._raw: List[Tensor] = []  # state gradients of this step, normed in _finalize
         self._keys_raw: List[Tuple] = []
         self._param_handles: List[Any] = []
-        self._rows: List[Dict[str, Any]] = []
+        self._history = _History(0)  # re-made once the parameters are known (below)
         self._events: List[Dict[str, Any]] = []
         self._event_keys: set = set()
         self._notes: List[str] = []
@@ -147,6 +223,7 @@ class Scope:
         self._module_names = {id(m): n for n, m in names.items()}
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
+        self._history = _History(len(self._params))
 
         # static sites: every fused recurrent module, one site per layer and direction
         self.sites: Dict[str, SiteSpec] = {}
@@ -591,9 +668,9 @@ class Scope:
         self._check_finite(step, grads, params, got_param)
         params[~got_param] = np.nan  # NaN: the parameter received no gradient in this step
         attn_row = self._attn.finalize_row(step, attn_items, grads) if self._attn is not None else {}
-        self._rows.append({"step": step, "grads": grads, "seq": seq_len, "params": params, "attn": attn_row})
-        if len(self._rows) >= self.max_steps:
-            self._rows = self._rows[::2]
+        self._history.append(step, grads, seq_len, params, attn_row)
+        if self._history.n >= self.max_steps:
+            self._history.thin()
             self._stride *= 2
 
     def _check_finite(self, step, grads, params, got_param) -> None:
@@ -635,23 +712,25 @@ class Scope:
     @property
     def recording(self) -> Recording:
         """A frozen :class:`~gradscope.Recording` of everything recorded so far."""
-        rows = self._rows
+        h = self._history
+        S = h.n
         sites = {n: s.to_dict() for n, s in self.sites.items() if self._wanted(n)}
         grads, seq = {}, {}
         for name, spec in self.sites.items():
             if name not in sites:
                 continue
-            lens = np.array([r["seq"].get(name, 0) for r in rows], dtype=np.int64)
-            T = int(lens.max()) if len(lens) else 0
+            lens = h.seq[name][:S].copy() if name in h.seq else np.zeros(S, dtype=np.int64)
+            T = int(lens.max()) if S else 0
             seq[name] = lens
             for sname in spec.states:
-                a = np.full((len(rows), T), np.nan)
-                for i, r in enumerate(rows):
-                    row = r["grads"].get((name, sname))
-                    if row is not None:
-                        a[i, :len(row)] = row
+                a = np.full((S, T), np.nan)
+                stored = h.grads.get((name, sname))
+                if stored is not None:
+                    w = min(T, stored.shape[1])
+                    a[:, :w] = stored[:S, :w]
                 grads[(name, sname)] = a
-        params = {n: np.array([r["params"][i] for r in rows]) for i, (n, _) in enumerate(self._params)}
+        params = {n: h.params[:S, i].copy() for i, (n, _) in enumerate(self._params)}
+        rows = h.rows() if self._attn is not None else None
         notes = list(self._notes)
         if not sites and self._discovered and not any("no recurrent" in n for n in notes):
             notes.append("no recurrent or attention site found; parameter gradient norms are still recorded.")
@@ -680,7 +759,7 @@ class Scope:
                 mmeta = dict(mmeta)
                 mmeta.update({k: dict(v, probe_step=pstep) for k, v in pmeta.items()})
             meta["attention"] = self._attn.meta()
-        return Recording(sites=sites, steps=[r["step"] for r in rows], grads=grads, seq_lens=seq,
+        return Recording(sites=sites, steps=h.steps[:S].copy(), grads=grads, seq_lens=seq,
                          params=params, events=self._events, unsupported=self._unsupported,
                          notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
 
