@@ -329,6 +329,12 @@ class Recording:
                 f"{did_you_mean(site, self._site_info)}")
         return site
 
+    def to_tensorboard(self, writer, step=None, **kwargs) -> None:
+        """Write this recording to a TensorBoard ``SummaryWriter``: scalars per site, heatmaps as
+        images, the diagnosis as text (see :mod:`gradscope.integrations.tensorboard`)."""
+        from .integrations.tensorboard import recording_to_tensorboard
+        recording_to_tensorboard(self, writer, step=step, **kwargs)
+
     def _repr_html_(self) -> str:
         from .report.html import recording_repr_html
         return recording_repr_html(self)

@@ -763,6 +763,11 @@ class Scope:
                          params=params, events=self._events, unsupported=self._unsupported,
                          notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
 
+    def to_tensorboard(self, writer, step=None, **kwargs) -> None:
+        """Write the recording so far to a TensorBoard ``SummaryWriter`` (see
+        :meth:`Recording.to_tensorboard`); ``step`` defaults to the number of steps so far."""
+        self.recording.to_tensorboard(writer, step=self._step if step is None else step, **kwargs)
+
     def diagnose(self, **kwargs):
         """:func:`gradscope.diagnose` of the recording so far (keywords pass through)."""
         from ..analysis.diagnose import diagnose
