@@ -90,8 +90,9 @@ class _LSTMLayer(torch.autograd.Function):
         IG = i * G
         C = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
         c = c0
+        IG_t, f_t, C_t = IG.unbind(0), f.unbind(0), C.unbind(0)
         for t in _order(T, reverse):
-            c = torch.addcmul(IG[t], f[t], c, out=C[t])
+            c = torch.addcmul(IG_t[t], f_t[t], c, out=C_t[t])
         TC = torch.tanh(C)
         HH = o * TC if w_hr is not None else None
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT)
