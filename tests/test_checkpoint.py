@@ -36,15 +36,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 T, B = 5, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny modules gain nothing from threads; on shared cores oneDNN's thread pool is slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _one_line(exc_info) -> str:
     msg = str(exc_info.value)
     assert "\n" not in msg, msg

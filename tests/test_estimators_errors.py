@@ -12,17 +12,9 @@ from gradscope.errors import GradscopeError, NonFiniteWarning, ShapeError
 from gradscope.estimators import (ElmanStep, decay_rate, hidden_spectrum, jacobian_norms,
                                   lyapunov_spectrum, step_from_module, step_jacobians)
 
-F64 = torch.float64
+F64 = torch.float64  # (conftest.py runs the suite on one torch thread)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: a second intra-op thread only adds synchronisation, and on shared
-    CPUs it can stall each parallel op for a scheduler slice. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 ESTIMATORS = [step_jacobians, jacobian_norms, lyapunov_spectrum]
 
 

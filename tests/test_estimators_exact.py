@@ -10,17 +10,7 @@ from hypothesis import given, settings, strategies as st
 from gradscope.estimators import (ElmanStep, LSTMStep, decay_rate, hidden_spectrum, jacobian_norms,
                                   lyapunov_spectrum, step_jacobians)
 
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: a second intra-op thread only adds synchronisation, and on shared
-    CPUs it can stall each parallel op for a scheduler slice. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+F64 = torch.float64  # (conftest.py runs the suite on one torch thread)
 
 
 def _orthogonal(n, seed=0, dtype=F64):

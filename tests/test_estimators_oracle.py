@@ -17,17 +17,7 @@ from gradscope.estimators import (ElmanStep, GRUStep, LSTMStep, jacobian_norms, 
 from gradscope.estimators.jacobians import Linearizer
 from gradscope.estimators._util import prepare
 
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: a second intra-op thread only adds synchronisation, and on shared
-    CPUs it can stall each parallel op for a scheduler slice. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+F64 = torch.float64  # (conftest.py runs the suite on one torch thread)
 
 
 def _rand(*shape, scale=1.0):
