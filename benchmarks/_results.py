@@ -32,20 +32,35 @@ OVERHEAD_HEAD = ["| model | every | plain median ms | watched median ms | median
                  "|---|---|---|---|---|---|---|---|"]
 
 
-def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: int = 3):
+def machine_for(device) -> str:
+    """:func:`machine`, plus the accelerator's name when ``device`` is not the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}, " + machine()
+    return machine()
+
+
+def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: int = 3, device="cpu"):
     """Per-step seconds of ``step(plain, i)`` and ``step(watched, i)`` run in alternation, the
-    second copy under ``gradscope.watch(every=every)`` for the whole run (warm-up steps dropped)."""
+    second copy under ``gradscope.watch(every=every)`` for the whole run (warm-up steps dropped).
+    On CUDA each timed step ends with a device synchronisation, so a step's time includes its
+    kernels."""
     import time
 
     import gradscope
 
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     a, b = [], []
     with gradscope.watch(watched, every=every) as scope:
         for i in range(warmup + steps):
+            sync()
             t0 = time.perf_counter()
             step(plain, i)
+            sync()
             t1 = time.perf_counter()
             step(watched, i)
+            sync()
             t2 = time.perf_counter()
             if i >= warmup:
                 a.append(t1 - t0)

@@ -5,7 +5,7 @@ Steps alternate (plain, watched, plain, …) so drifts of a shared machine hit b
 median over steps for every=1; for every=50 the *mean* (the scheduled step is amortised over the
 other 49, which the median would hide). Writes the "overhead" section of benchmarks/RESULTS.md.
 
-Run: python benchmarks/overhead.py [--quick]
+Run: python benchmarks/overhead.py [--quick] [--device cuda]   (CUDA rows go to "overhead-cuda")
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _results import OVERHEAD_HEAD, interleaved_times, machine, overhead_row, write_section  # noqa: E402
+from _results import OVERHEAD_HEAD, interleaved_times, machine_for, overhead_row, write_section  # noqa: E402
 
 
 class FusedModel(nn.Module):
@@ -52,16 +52,16 @@ class CellModel(nn.Module):
         return self.head(torch.stack(outs)).squeeze(-1)
 
 
-def timed_steps(make, size, every, steps, warmup=3):
+def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     """Interleaved per-step times (seconds) of the plain and the watched copy."""
     T, B, I, H = size
     torch.manual_seed(0)
-    plain = make(I, H)
+    plain = make(I, H).to(device)
     watched = copy.deepcopy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
     opt_of = {id(plain): opts[0], id(watched): opts[1]}
-    xs = [torch.randn(T, B, I) for _ in range(4)]
-    ys = [torch.randn(T, B) for _ in range(4)]
+    xs = [torch.randn(T, B, I, device=device) for _ in range(4)]
+    ys = [torch.randn(T, B, device=device) for _ in range(4)]
 
     def step(model, i):
         opt = opt_of[id(model)]
@@ -70,7 +70,7 @@ def timed_steps(make, size, every, steps, warmup=3):
         loss.backward()
         opt.step()
 
-    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup)
+    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup, device=device)
 
 
 NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LSTM` runs the fused kernel
@@ -84,11 +84,19 @@ Every=50 amortises one such step over 50, so with a 2× scheduled step the floor
 off-schedule cost (one hook on the model's outputs per forward, about 1–2% of a 2.5 ms step).
 Timings on this shared 2-core machine vary by ±5–10% between runs."""
 
+NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`. The plain fused step is one
+cuDNN call per layer and direction; a scheduled watched step runs cuDNN's forward and then a
+Python-driven BPTT loop of small kernels (a few launches per time step), so on a GPU the
+every=1 cost of fused modules is launch-bound and grows with T, not with H. every=50 amortises it."""
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type != "cpu"
     large, small = (200, 32, 32, 256), (50, 32, 32, 64)
     cases = [
         ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 1, "≤ 1.5×"),
@@ -105,25 +113,29 @@ def main(argv=None):
     rows = []
     for name, make, size, every, target in cases:
         n = (10 if size is large else 40) if every == 1 else (100 if size is large else 300)
+        if gpu and every == 1:
+            n *= 3  # GPU steps are short: more of them for a stable median
         if args.quick:
             n = 3 if every == 1 else 51
-        a, b = timed_steps(make, size, every, n)
+        a, b = timed_steps(make, size, every, n, device=dev)
         rows.append(overhead_row(name, every, a, b, target))
         print(rows[-1], flush=True)
+    title = ("## watch() overhead on CUDA (`python benchmarks/overhead.py --device cuda`)" if gpu
+             else "## watch() overhead (`python benchmarks/overhead.py`)")
     body = "\n".join([
-        "## watch() overhead (`python benchmarks/overhead.py`)",
+        title,
         "",
-        f"Machine: {machine()}. Plain and watched copies of the same model train in alternation "
+        f"Machine: {machine_for(dev)}. Plain and watched copies of the same model train in alternation "
         f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
         f"amortised) of watched / plain step time.",
         "",
         *OVERHEAD_HEAD,
         *rows,
         "",
-        NOTES,
+        NOTES_CUDA if gpu else NOTES,
     ])
     if not args.quick:
-        write_section("overhead", body)
+        write_section("overhead-cuda" if gpu else "overhead", body)
     return 0
 
 

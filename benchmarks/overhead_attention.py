@@ -8,7 +8,8 @@ entropy (probabilities recomputed from the captured query/key), rank residual, t
 ‖∇W_Q,K,V‖ and the QK spectral norms. Writes the "overhead-attention" section of
 benchmarks/RESULTS.md.
 
-Run: python benchmarks/overhead_attention.py [--quick]
+Run: python benchmarks/overhead_attention.py [--quick] [--device cuda]
+(CUDA rows go to the "overhead-attention-cuda" section)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _results import OVERHEAD_HEAD, interleaved_times, machine, overhead_row, write_section  # noqa: E402
+from _results import OVERHEAD_HEAD, interleaved_times, machine_for, overhead_row, write_section  # noqa: E402
 
 
 class Encoder(nn.Module):
@@ -49,10 +50,10 @@ def hf_bert():
     return BertForSequenceClassification(cfg)
 
 
-def timed_steps(make, size, every, steps, warmup=3):
+def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     B, T = size
     torch.manual_seed(0)
-    plain = make()
+    plain = make().to(device)
     watched = copy.deepcopy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
     g = torch.Generator().manual_seed(0)
@@ -62,6 +63,7 @@ def timed_steps(make, size, every, steps, warmup=3):
         lens = torch.randint(T // 2, T + 1, (B,), generator=g)
         pads.append(torch.arange(T)[None, :] >= lens[:, None])
     ys = [torch.randint(0, 10, (B,), generator=g) for _ in range(4)]
+    ids, pads, ys = ([t.to(device) for t in ts] for ts in (ids, pads, ys))
     hf = not isinstance(plain, Encoder)
 
     opt_of = {id(plain): opts[0], id(watched): opts[1]}
@@ -76,16 +78,20 @@ def timed_steps(make, size, every, steps, warmup=3):
         nn.functional.cross_entropy(out, ys[i % 4]).backward()
         opt.step()
 
-    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup)
+    return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup, device=device)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type != "cpu"
     # One intra-op thread: on a shared 2-core machine two threads fight other processes and the
     # step times swing by 10× (the thread count is printed with the machine line).
-    torch.set_num_threads(1)
+    if not gpu:
+        torch.set_num_threads(1)
     size = (32, 64)
     cases = [
         ("nn.TransformerEncoder 4×128, 4 heads, B 32, T 64, padded", Encoder, 1, "≤ 1.5×"),
@@ -99,16 +105,18 @@ def main(argv=None):
         pass
     rows = []
     for name, make, every, target in cases:
-        n = 30 if every == 1 else 300
+        n = (100 if gpu else 30) if every == 1 else 300
         if args.quick:
             n = 3 if every == 1 else 51
-        a, b = timed_steps(make, size, every, n)
+        a, b = timed_steps(make, size, every, n, device=dev)
         rows.append(overhead_row(name, every, a, b, target))
         print(rows[-1], flush=True)
     body = "\n".join([
+        ("## watch() overhead on attention models on CUDA (`python benchmarks/overhead_attention.py "
+         "--device cuda`)") if gpu else
         "## watch() overhead on attention models (`python benchmarks/overhead_attention.py`)",
         "",
-        f"Machine: {machine()}. Plain and watched copies of the same model train in alternation "
+        f"Machine: {machine_for(dev)}. Plain and watched copies of the same model train in alternation "
         f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
         f"amortised) of watched / plain step time. A scheduled step records depth flow, per-head "
         f"entropy, rank residual, token cosine, ‖∇W_Q,K,V‖ and QK spectral norms of every block.",
@@ -117,7 +125,7 @@ def main(argv=None):
         *rows,
     ])
     if not args.quick:
-        write_section("overhead-attention", body)
+        write_section("overhead-attention-cuda" if gpu else "overhead-attention", body)
     return 0
 
 

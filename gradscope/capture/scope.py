@@ -584,25 +584,27 @@ class Scope:
         for h in self._param_handles:
             h.remove()
         self._param_handles = []
-        # One host copy per (device, dtype) group: no .item() per value. Scalars (one state at one
-        # position, one parameter) are stacked; vectors (a whole site state, fast replay) are
-        # concatenated. Accumulation then runs on Python floats, far cheaper than numpy scalars.
+        # One host copy per device and step: every value (scalars: one state at one position, one
+        # parameter; vectors: a whole site state from the fast replay, a batch of norms) goes into
+        # one float64 buffer on its device, then a single copy to the host. No .item() per value;
+        # accumulation then runs on Python floats, far cheaper than numpy scalars.
         host: List[Any] = [None] * len(vals)
-        groups: Dict[Tuple, List[int]] = defaultdict(list)
+        groups: Dict[Any, List[int]] = defaultdict(list)
         for i, v in enumerate(vals):
-            groups[(v.device, v.dtype, v.dim() == 0)].append(i)
-        for (_, _, scalar), idx in groups.items():
-            if scalar:
-                flat = torch.stack([vals[i] for i in idx]).cpu().double().tolist()
-                for i, x in zip(idx, flat):
-                    host[i] = x
-                continue
-            flat = torch.cat([vals[i].reshape(-1) for i in idx]).cpu().double().numpy()
+            groups[v.device].append(i)
+        for idx in groups.values():
+            flat = torch.cat([vals[i].detach().reshape(-1).to(torch.float64) for i in idx]).cpu().numpy()
+            lst = flat.tolist() if any(vals[i].dim() == 0 for i in idx) else None
             pos = 0
             for i in idx:
-                n = vals[i].numel()
-                host[i] = flat[pos:pos + n]
-                pos += n
+                v = vals[i]
+                if v.dim() == 0:
+                    host[i] = lst[pos]
+                    pos += 1
+                else:
+                    n = v.numel()
+                    host[i] = flat[pos:pos + n]
+                    pos += n
 
         seq_len: Dict[str, int] = {}
         for p in passes:
