@@ -163,8 +163,20 @@ class Scope:
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
         # site and parameter names carry no "_orig_mod." prefix.
-        self.compiled = model if _is_compiled(model) else None
-        model = model._orig_mod if self.compiled is not None else model
+        self.compiled = None
+        # DistributedDataParallel: watch the replica inside (names without "module."); parameter
+        # norms are read from p.grad after DDP's all-reduce, and scope.gather() merges the ranks.
+        self.ddp: Optional[nn.Module] = None
+        while True:
+            if _is_compiled(model) and self.compiled is None:
+                self.compiled = model
+                model = model._orig_mod
+            elif _is_ddp(model) and self.ddp is None:
+                self.ddp = model
+                model = model.module
+            else:
+                break
+        _check_model(model)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise GradscopeError(
                 f"every must be a positive integer (record one step in `every`), got {every!r}. "
@@ -335,7 +347,7 @@ class Scope:
         p = _Pass(self._is_scheduled(self._step) or probe, probe)
         self._current = p
         if p.scheduled:
-            if not self._param_handles:
+            if not self._param_handles and self.ddp is None:
                 for i, (_, prm) in enumerate(self._params):
                     self._param_handles.append(prm.register_hook(functools.partial(self._on_param_grad, i)))
             if self._attn is not None:
@@ -397,7 +409,24 @@ class Scope:
         for p in fired:
             self._drop_pass(p)
         if scheduled:
-            self._finalize(step, scheduled)
+            if self.ddp is not None:
+                # DDP queues its own end-of-backward callback (wait for the all-reduce, write
+                # p.grad) after ours: a callback queued from here runs after DDP's, when p.grad
+                # holds the averaged gradient every rank applies.
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    functools.partial(self._finalize_ddp, step, scheduled))
+            else:
+                self._finalize(step, scheduled)
+
+    def _finalize_ddp(self, step: int, passes: List[_Pass]) -> None:
+        if self.closed:
+            return
+        for i, (_, prm) in enumerate(self._params):
+            g = prm.grad
+            if g is not None and not g.is_sparse:
+                self._vals.append(_norm(g.detach()))
+                self._keys.append(("param", i))
+        self._finalize(step, passes)
 
     def _is_scheduled(self, step: int) -> bool:
         return step % (self.every * self._stride) == 0
@@ -737,7 +766,8 @@ class Scope:
         if not sites and self._discovered and not any("no recurrent" in n for n in notes):
             notes.append("no recurrent or attention site found; parameter gradient norms are still recorded.")
         meta = {"gradscope_version": __version__, "torch_version": torch.__version__,
-                "model": type(self.model).__name__, "compiled": self.compiled is not None, "every": self.every,
+                "model": type(self.model).__name__, "compiled": self.compiled is not None,
+                "ddp": self.ddp is not None, "every": self.every,
                 "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
                 "source": "watch", "probe_every": self.probe_every}
         measures: Dict[Tuple[str, str], np.ndarray] = {}
@@ -764,6 +794,32 @@ class Scope:
         return Recording(sites=sites, steps=h.steps[:S].copy(), grads=grads, seq_lens=seq,
                          params=params, events=self._events, unsupported=self._unsupported,
                          notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
+
+    def gather(self, dst: int = 0, group=None) -> Optional[Recording]:
+        """Merge the recordings of all ranks of a ``torch.distributed`` run on rank ``dst``.
+
+        A collective: call it on every rank (same point of the program). Returns the merged
+        :class:`~gradscope.Recording` on ``dst`` and ``None`` elsewhere. Per-timestep norms are
+        combined as ``sqrt(Σ_r n_r²) / R`` — the norm of the gradient of the rank-averaged loss
+        that DDP optimises, over the global batch — and parameter norms (identical on every rank
+        after DDP's all-reduce) are taken once. Sites, states or positions a rank did not record
+        contribute nothing (NaN where no rank has them); probe measures and per-step attention
+        statistics are rank ``dst``'s. See :mod:`gradscope.capture.distributed`.
+
+        Raises:
+            GradscopeError: no initialised process group, or ``dst`` is not a rank.
+
+        Example (``torchrun --nproc_per_node 2 -m gradscope.examples.ddp``)::
+
+            model = DistributedDataParallel(model)
+            with gradscope.watch(model) as scope:
+                train(model)
+            merged = scope.gather(dst=0)
+            if merged is not None:
+                print(gradscope.diagnose(merged))
+        """
+        from .distributed import gather_recording
+        return gather_recording(self.recording, dst=dst, group=group)
 
     def to_tensorboard(self, writer, step=None, **kwargs) -> None:
         """Write the recording so far to a TensorBoard ``SummaryWriter`` (see
@@ -833,6 +889,15 @@ def _is_compiled(model: nn.Module) -> bool:
     return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    """True for ``torch.nn.parallel.DistributedDataParallel`` (and subclasses)."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(model, DistributedDataParallel)
+
+
 def _dense_len(m: nn.Module, input) -> int:
     """Sequence length of a dense input to a fused module."""
     if input.dim() == 2:
@@ -849,6 +914,11 @@ def _check_model(model) -> None:
         raise GradscopeError(
             f"watch() expects a torch.nn.Module, got {type(model).__name__}. Pass the model object "
             f"itself (not its output, state_dict or parameters).")
+    if isinstance(model, nn.DataParallel):
+        raise GradscopeError(
+            "watch() cannot see inside nn.DataParallel: it copies the module onto every GPU at each "
+            "forward, and the copies carry no watch. Use DistributedDataParallel (one process per GPU; "
+            "watch() and scope.gather() support it) or watch the module on one device.")
 
 
 def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,

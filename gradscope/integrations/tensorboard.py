@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import GradscopeError
+from ._scalars import param_grad_total, probe_series, profile_scalars
 
 __all__ = ["recording_to_tensorboard"]
 
@@ -93,36 +94,17 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
                 n = int(lens[i])
                 if n < 1:
                     continue
-                row = g[i, :n]
-                first, lst = (row[-1], row[0]) if reverse else (row[0], row[-1])
-                if lst > 0 and math.isfinite(first / lst):
-                    writer.add_scalar(f"gradscope/grad_first_over_last/{site}", float(first / lst), s)
-                with np.errstate(invalid="ignore"):
-                    writer.add_scalar(f"gradscope/grad_norm_mean/{site}", float(np.nanmean(row)), s)
-        if rec.has_measure(site, "probe_steps"):
-            psteps = rec.measure(site, "probe_steps")
-            for key in ("horizon", "rate", "lambda1", "memory_time"):
-                if rec.has_measure(site, "probe_" + key):
-                    for s, v in zip(psteps, rec.measure(site, "probe_" + key)):
-                        if math.isfinite(float(v)):
-                            writer.add_scalar(f"gradscope/{key}/{site}", float(v), int(s))
-        elif site in rec.measure_meta:
-            m = rec.site_measures(site)
-            for key, v in (("horizon", m.get("jacobian", {}).get("horizon")), ("rate", m.get("jacobian", {}).get("rate")),
-                           ("lambda1", m.get("lyapunov", {}).get("lambda1")),
-                           ("memory_time", m.get("gates", {}).get("memory_time"))):
-                if v is not None and math.isfinite(float(v)):
-                    writer.add_scalar(f"gradscope/{key}/{site}", float(v), last)
+                for key, v in profile_scalars(g[i, :n], reverse).items():
+                    writer.add_scalar(f"gradscope/{key}/{site}", v, s)
+        for key, pts in probe_series(rec, site, last).items():
+            for s, v in pts:
+                writer.add_scalar(f"gradscope/{key}/{site}", v, s)
         if images and len(rec) and rec.grad_norms(site).size:
             img = _heatmap_image(rec, site)
             writer.add_image(f"gradscope/heatmap/{site}", img, last, dataformats="HWC")
-    pn = rec.param_grad_norms()
-    if pn and len(rec):
-        with np.errstate(invalid="ignore"):
-            tot = np.sqrt(np.nansum(np.vstack(list(pn.values())) ** 2, axis=0))
-        for s, v in zip(steps, tot):
-            if math.isfinite(v):
-                writer.add_scalar("gradscope/param_grad_norm", float(v), s)
+    for s, v in zip(steps, param_grad_total(rec)):
+        if math.isfinite(v):
+            writer.add_scalar("gradscope/param_grad_norm", float(v), s)
     if diagnosis and (len(rec) or rec.measure_meta):
         from ..analysis.diagnose import diagnose
         writer.add_text("gradscope/diagnosis", diagnose(rec).to_markdown(), last)
