@@ -45,6 +45,8 @@ __all__ = ["watch", "Scope"]
 # Which models are watched right now (model -> scope). Only liveness lives here; every piece of
 # recording state lives on the Scope instance.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# torch._foreach_norm: the multi-tensor norm clip_grad_norm_ uses (private, present since torch 1.13)
+_FOREACH_NORM = getattr(torch, "_foreach_norm", None)
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
@@ -595,13 +597,17 @@ class Scope:
         self._vals, self._keys = [], []
         raw, raw_keys = self._raw, self._keys_raw
         self._raw, self._keys_raw = [], []
-        by_shape: Dict[Tuple, List[int]] = defaultdict(list)
+        groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
         for i, g in enumerate(raw):
-            by_shape[(tuple(g.shape), g.dtype, g.device)].append(i)
-        for idx in by_shape.values():
-            stacked = torch.stack([raw[i] for i in idx])
-            acc = None if stacked.dtype in (torch.float32, torch.float64) else torch.float32
-            norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=acc)
+            full = g.dtype in (torch.float32, torch.float64) and _FOREACH_NORM is not None
+            groups_raw[(g.dtype, g.device) if full else (tuple(g.shape), g.dtype, g.device)].append(i)
+        for key, idx in groups_raw.items():
+            if len(key) == 2:
+                # one multi-tensor kernel over the whole list: no copy of the gradients
+                norms = torch.stack(_FOREACH_NORM([raw[i] for i in idx]))
+            else:  # reduced precision (autocast): accumulate in float32 over a stacked copy
+                stacked = torch.stack([raw[i] for i in idx])
+                norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=torch.float32)
             vals.append(norms)
             keys.append(("multi", [raw_keys[i] for i in idx]))
         del raw
@@ -927,7 +933,10 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
     Args:
-        model: the model to watch; its training loop stays unchanged.
+        model: the model to watch; its training loop stays unchanged. A ``torch.compile``'d
+            module or a ``DistributedDataParallel`` wrapper is unwrapped (names carry no
+            ``_orig_mod.`` / ``module.``); under DDP parameter norms are read from ``p.grad``
+            after the all-reduce, and :meth:`Scope.gather` merges the ranks' recordings.
         every: record one step in ``every``; a step is one backward pass reaching the model.
             Steps off the schedule run the model untouched.
         sites: record only these sites: site names (``"lstm.l0_reverse"``), fused module names
@@ -953,8 +962,9 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
         A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
 
     Raises:
-        GradscopeError: ``model`` is not an ``nn.Module`` instance, ``every < 1``, an unknown site
-            name, or the model is already watched.
+        GradscopeError: ``model`` is not an ``nn.Module`` instance (or is an ``nn.DataParallel``,
+            whose per-forward replicas cannot be watched), ``every < 1``, an unknown site name,
+            or the model is already watched.
 
     Example:
         >>> import torch, gradscope
