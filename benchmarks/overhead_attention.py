@@ -55,6 +55,9 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     torch.manual_seed(0)
     plain = make().to(device)
     watched = copy.deepcopy(plain)
+    for m in watched.modules():  # a deep copy splits cuDNN's flat weight buffer; rejoin it
+        if isinstance(m, nn.RNNBase):
+            m.flatten_parameters()
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 1000, (B, T), generator=g) for _ in range(4)]

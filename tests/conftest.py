@@ -1,11 +1,28 @@
 """Shared test settings. GRADSCOPE_TEST_DEVICE=cuda runs the device-agnostic tests on a GPU."""
 import os
 import sys
+import warnings
 
 import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("GRADSCOPE_TEST_DEVICE", "cpu"))
+
+if DEVICE.type == "cuda":
+    # Float32 comparisons against references assume IEEE float32 products: no TF32 in cuBLAS
+    # matmuls or cuDNN (convolutions and fused RNNs).
+    with warnings.catch_warnings():  # newer torch may call these flags legacy; they still work
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        # Start CUDA, cuBLAS and the autograd engine's device thread here, once per process: else
+        # the first test whose first matrix product runs inside a backward pass meets torch's
+        # one-time "Attempting to run cuBLAS, but there was no current CUDA context!" warning,
+        # which filterwarnings = error turns into a failure of whichever test comes first.
+        _w = torch.ones(2, 2, device=DEVICE, requires_grad=True)
+        (_w @ _w).sum().backward()
+        torch.cuda.synchronize(DEVICE)
+        del _w
 
 # CI (CI=true) replays the same hypothesis examples every run, so a green main stays green; locally
 # each run explores new ones.

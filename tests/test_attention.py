@@ -94,12 +94,13 @@ def zero_query(mha):
 
 
 # ----------------------------------------------------------------------------- exact answers
-def test_uniform_attention_has_normalised_entropy_one_with_causal_and_padding_masks():
-    mha = zero_query(nn.MultiheadAttention(16, 4, batch_first=True))
-    x = torch.randn(3, 7, 16)
-    causal = torch.triu(torch.full((7, 7), float("-inf")), 1)
+def test_uniform_attention_has_normalised_entropy_one_with_causal_and_padding_masks(device):
+    mha = zero_query(nn.MultiheadAttention(16, 4, batch_first=True)).to(device)
+    x = torch.randn(3, 7, 16).to(device)
+    causal = torch.triu(torch.full((7, 7), float("-inf")), 1).to(device)
     kpm = torch.zeros(3, 7, dtype=torch.bool)
     kpm[2, 4:] = True
+    kpm = kpm.to(device)
     for kwargs in ({}, {"attn_mask": causal}, {"key_padding_mask": kpm}):
         rec = gradscope.probe(mha, (x, x, x), loss_fn=lambda o: o[0].pow(2).sum(), **{}, jacobians=False) \
             if not kwargs else gradscope.probe(mha, {"query": x, "key": x, "value": x, **kwargs},
@@ -107,12 +108,13 @@ def test_uniform_attention_has_normalised_entropy_one_with_causal_and_padding_ma
         np.testing.assert_allclose(rec.attention_entropy(rec.sites[0]), 1.0, rtol=1e-6)
 
 
-def test_one_hot_attention_has_entropy_zero_and_is_a_collapse_finding():
+def test_one_hot_attention_has_entropy_zero_and_is_a_collapse_finding(device):
     E, T = 16, 8
     mha = nn.MultiheadAttention(E, 1, batch_first=True, bias=False)
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([100 * torch.eye(E), 100 * torch.eye(E), torch.eye(E)]))
-    x = torch.eye(E)[:T].unsqueeze(0).repeat(2, 1, 1)  # orthonormal tokens: each query sees only itself
+    mha = mha.to(device)
+    x = torch.eye(E)[:T].unsqueeze(0).repeat(2, 1, 1).to(device)  # orthonormal tokens: each query sees only itself
     rec = gradscope.probe(mha, (x, x, x), loss_fn=lambda o: o[0].pow(2).sum())
     site = rec.sites[0]
     assert rec.attention_entropy(site)[0, 0] < 1e-6
@@ -123,27 +125,30 @@ def test_one_hot_attention_has_entropy_zero_and_is_a_collapse_finding():
     compile(f[0].remedies[0].code, "<remedy>", "exec")
 
 
-def test_identical_tokens_have_residual_zero_and_cosine_one():
-    X = torch.randn(1, 1, 8).expand(3, 6, 8)
+def test_identical_tokens_have_residual_zero_and_cosine_one(device):
+    X = torch.randn(1, 1, 8).expand(3, 6, 8).to(device)
     assert float(rank_residual(X)) < 1e-6
     assert abs(float(token_cosine(X)) - 1) < 1e-6
+    assert rank_residual(X).device == X.device
+    empty = torch.zeros(2, 3, dtype=torch.bool, device=device)  # no valid token: NaN, on the device
+    assert math.isnan(float(rank_residual(X[:2, :3], empty))) and token_cosine(X[:2, :3], empty).device == X.device
     # uniform attention makes every output token the mean value vector: the block output collapses
-    mha = zero_query(nn.MultiheadAttention(16, 2, batch_first=True))
-    rec = gradscope.probe(mha, (torch.randn(2, 5, 16),) * 3, loss_fn=lambda o: o[0].sum())
+    mha = zero_query(nn.MultiheadAttention(16, 2, batch_first=True)).to(device)
+    rec = gradscope.probe(mha, (torch.randn(2, 5, 16).to(device),) * 3, loss_fn=lambda o: o[0].sum())
     assert rec.rank_residual(rec.sites[0])[0] < 1e-5
     assert abs(rec.token_cosine(rec.sites[0])[0] - 1) < 1e-5
     assert rec.sites == ("attention",) and not [n for n in rec.notes if "failed" in n], rec.notes
 
 
-def test_pure_attention_collapses_with_depth_and_skips_prevent_it():
+def test_pure_attention_collapses_with_depth_and_skips_prevent_it(device):
     torch.manual_seed(0)
-    x = torch.randn(2, 10, 16)
-    pure = gradscope.probe(PureStack(skip=False), x, jacobians=False)
+    x = torch.randn(2, 10, 16).to(device)
+    pure = gradscope.probe(PureStack(skip=False).to(device), x, jacobians=False)
     r = np.array([pure.rank_residual(s)[0] for s in pure.sites])
     # Dong et al.: doubly exponential decay, until float32 rounding (~1e-7) is reached
     assert r[1] < 1e-2 * r[0] and r[2] < 1e-2 * r[1] and np.all(r[2:] < 1e-6)
     torch.manual_seed(0)
-    skip = gradscope.probe(PureStack(skip=True), x, jacobians=False)
+    skip = gradscope.probe(PureStack(skip=True).to(device), x, jacobians=False)
     r2 = np.array([skip.rank_residual(s)[0] for s in skip.sites])
     assert r2.min() > 0.1 * r2[0]
     kinds = {f.kind for f in gradscope.diagnose(pure).findings}
@@ -151,19 +156,20 @@ def test_pure_attention_collapses_with_depth_and_skips_prevent_it():
     assert "rank_collapse" not in {f.kind for f in gradscope.diagnose(skip).findings}
 
 
-def test_normalized_entropy_pure_function():
-    p = torch.softmax(torch.randn(2, 3, 5, 5), -1)
-    allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
-    pc = torch.softmax(torch.randn(2, 3, 5, 5).masked_fill(~allowed, float("-inf")), -1)
+def test_normalized_entropy_pure_function(device):
+    p = torch.softmax(torch.randn(2, 3, 5, 5), -1).to(device)
+    allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril().to(device)
+    pc = torch.softmax(torch.randn(2, 3, 5, 5).to(device).masked_fill(~allowed, float("-inf")), -1)
     got = normalized_entropy(pc, allowed)
-    ent = -(pc * pc.clamp(min=1e-30).log()).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 6.0))
+    ent = -(pc * pc.clamp(min=1e-30).log()).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 6.0, device=device))
     torch.testing.assert_close(got, ent.mean((0, 2)))
     assert torch.all((normalized_entropy(p) > 0) & (normalized_entropy(p) < 1))
 
 
-def test_qk_spectral_norm_by_power_iteration_matches_svd():
+def test_qk_spectral_norm_by_power_iteration_matches_svd(device):
     g = torch.Generator().manual_seed(1)
     wq, wk = torch.randn(12, 16, generator=g, dtype=torch.float64), torch.randn(12, 16, generator=g, dtype=torch.float64)
+    wq, wk = wq.to(device), wk.to(device)
     got, v = qk_spectral_norms(wq, wk, heads=3, scale=0.5, iters=200)
     want = [0.5 * torch.linalg.matrix_norm(wq[4 * h:4 * h + 4].T @ wk[4 * h:4 * h + 4], ord=2) for h in range(3)]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=0)
@@ -172,13 +178,13 @@ def test_qk_spectral_norm_by_power_iteration_matches_svd():
 
 
 # ----------------------------------------------------------------------------- recomputed probabilities
-def _masks(B, T, S, H):
+def _masks(B, T, S, H, device="cpu"):
     g = torch.Generator().manual_seed(3)
     bool_mask = torch.rand(T, S, generator=g) < 0.3
     bool_mask[:, 0] = False
     kpm = torch.zeros(B, S, dtype=torch.bool)
     kpm[1, S - 2:] = True
-    return {
+    forms = {
         "none": {},
         "bool attn_mask": {"attn_mask": bool_mask},
         "float attn_mask": {"attn_mask": torch.randn(T, S, generator=g)},
@@ -188,38 +194,41 @@ def _masks(B, T, S, H):
         "causal + padding": {"attn_mask": torch.ones(T, S, dtype=torch.bool).triu(1),
                              "key_padding_mask": kpm, "is_causal": True},
     }
+    return {name: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            for name, kw in forms.items()}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("variant", ["plain", "bias_kv_zero_attn", "kdim_vdim"])
-def test_recomputed_probabilities_equal_the_module_weights(batch_first, variant):
+def test_recomputed_probabilities_equal_the_module_weights(batch_first, variant, device):
     B, T, E, H = 2, 6, 16, 4
     kw = {"bias_kv_zero_attn": {"add_bias_kv": True, "add_zero_attn": True}, "kdim_vdim": {"kdim": 8, "vdim": 12},
           "plain": {}}[variant]
-    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, dropout=0.3, **kw).eval()
-    q = torch.randn(B, T, E)
-    kv = torch.randn(B, T, kw.get("kdim", E))
-    v = torch.randn(B, T, kw.get("vdim", E))
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, dropout=0.3, **kw).eval().to(device)
+    q = torch.randn(B, T, E).to(device)
+    kv = torch.randn(B, T, kw.get("kdim", E)).to(device)
+    v = torch.randn(B, T, kw.get("vdim", E)).to(device)
     if not batch_first:
         q, kv, v = q.transpose(0, 1), kv.transpose(0, 1), v.transpose(0, 1)
-    for name, masks in _masks(B, T, T, H).items():
+    for name, masks in _masks(B, T, T, H, device).items():
         want = mha(q, kv, v, need_weights=True, average_attn_weights=False, **masks)[1]
         got = recompute_probabilities(mha, q, kv, v, need_weights=False, **masks)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_sdpa_user_module_probabilities_equal_explicit_softmax():
+def test_sdpa_user_module_probabilities_equal_explicit_softmax(device):
     torch.manual_seed(0)
-    att = CausalSelfAttention()
-    x = torch.randn(2, 5, 16)
+    att = CausalSelfAttention().to(device)
+    x = torch.randn(2, 5, 16).to(device)
     p = recompute_probabilities(att, x)
     q, k, _ = att.c_attn(x).split(16, dim=2)
     q, k = (t.view(2, 5, 4, 4).transpose(1, 2) for t in (q, k))
-    s = (q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    s = (q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(5, 5, dtype=torch.bool, device=device).triu(1),
+                                                  float("-inf"))
     torch.testing.assert_close(p, torch.softmax(s, -1).detach())
 
 
-def test_module_without_visible_attention_says_so():
+def test_module_without_visible_attention_says_so(device):
     class OddAttention(nn.Module):  # its name says attention, it computes none
         def __init__(self):
             super().__init__()
@@ -228,10 +237,10 @@ def test_module_without_visible_attention_says_so():
         def forward(self, x):
             return self.lin(x)
 
-    m = OddAttention()
+    m = OddAttention().to(device)
     with pytest.raises(GradscopeError, match="cannot see its attention probabilities"):
-        recompute_probabilities(m, torch.randn(2, 3, 4))
-    rec = gradscope.probe(m, torch.randn(2, 3, 4), jacobians=False)
+        recompute_probabilities(m, torch.randn(2, 3, 4).to(device))
+    rec = gradscope.probe(m, torch.randn(2, 3, 4).to(device), jacobians=False)
     assert any("made no call to" in n for n in rec.notes)
 
 
@@ -263,20 +272,21 @@ def _reference_block_input_grads(model, layers, x, loss_fn, kpm=None, batch_firs
         if kpm is not None:
             sq = sq.masked_fill(kpm, 0)
         rows.append(sq.sum(0).sqrt())
-    return torch.stack(rows).numpy()
+    return torch.stack(rows).cpu().numpy()
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_depth_flow_equals_autograd_with_padding_masked(batch_first):
+def test_depth_flow_equals_autograd_with_padding_masked(batch_first, device):
     torch.manual_seed(0)
-    enc = encoder(L=3, batch_first=batch_first).double()
-    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    enc = encoder(L=3, batch_first=batch_first).double().to(device)
+    x = torch.randn(3, 7, 16, dtype=torch.float64).to(device)
     if not batch_first:
         x = x.transpose(0, 1)
     kpm = torch.zeros(3, 7, dtype=torch.bool)
     kpm[1:, 5:] = True  # positions 5, 6: padding in samples 1 and 2
     kpm[:, 6] = True    # position 6: padding in every sample
-    loss_fn = lambda y: (y * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum()  # noqa: E731
+    kpm = kpm.to(device)
+    loss_fn = lambda y: (y * torch.linspace(-1, 1, 16, dtype=torch.float64, device=device)).sum()  # noqa: E731
     ref = _reference_block_input_grads(enc, enc.layers, x, loss_fn, kpm, batch_first)
     with gradscope.watch(enc) as scope:
         loss_fn(enc(x, src_key_padding_mask=kpm)).backward()
@@ -288,11 +298,11 @@ def test_depth_flow_equals_autograd_with_padding_masked(batch_first):
     assert not scope.recording.events   # masked positions are not "non-finite gradients"
 
 
-def test_depth_flow_reaches_the_first_block_when_the_input_needs_no_grad():
+def test_depth_flow_reaches_the_first_block_when_the_input_needs_no_grad(device):
     torch.manual_seed(0)
-    enc = encoder(L=2)
-    x = torch.randn(2, 5, 16)
-    loss_fn = lambda y: (y[:, 0] * torch.linspace(-1, 1, 16)).sum()  # noqa: E731
+    enc = encoder(L=2).to(device)
+    x = torch.randn(2, 5, 16).to(device)
+    loss_fn = lambda y: (y[:, 0] * torch.linspace(-1, 1, 16, device=device)).sum()  # noqa: E731
     rec = gradscope.probe(enc, x, loss_fn=loss_fn)   # probe asks autograd only for parameter gradients
     d = rec.depth_grad_norms()[0]
     assert np.all(np.isfinite(d)) and np.all(d[0] > 0)
@@ -309,10 +319,10 @@ class SkipBlock(nn.Module):
         return x + self.attn(x, x, x, need_weights=False)[0]
 
 
-def test_depth_jacobians_match_the_oracle():
+def test_depth_jacobians_match_the_oracle(device):
     torch.manual_seed(0)
-    model = nn.Sequential(*[SkipBlock(8, 2) for _ in range(3)]).double()
-    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    model = nn.Sequential(*[SkipBlock(8, 2) for _ in range(3)]).double().to(device)
+    x = torch.randn(2, 4, 8, dtype=torch.float64).to(device)
     rec = gradscope.probe(model, x)
     assert rec.attention_stacks == {"": ("0", "1", "2")}
     jn = rec.depth_jacobian_norms()
@@ -328,13 +338,14 @@ def test_depth_jacobians_match_the_oracle():
                                                    h0.reshape(-1))
             assert jn[b, k] == pytest.approx(float(torch.linalg.matrix_norm(J)) / math.sqrt(N), rel=1e-8)
     # a residual outside the blocks: the Jacobians compose the blocks alone, and the notes say so
-    rec = gradscope.probe(PureStack(L=2, skip=True), torch.randn(1, 4, 16))
+    rec = gradscope.probe(PureStack(L=2, skip=True).to(device), torch.randn(1, 4, 16).to(device))
     assert any("something runs between its blocks" in n for n in rec.notes)
 
 
-def test_depth_vanishing_and_post_ln_findings():
+def test_depth_vanishing_and_post_ln_findings(device):
     torch.manual_seed(0)
-    rec = gradscope.probe(PureStack(L=5, skip=False, out_scale=0.02), torch.randn(2, 6, 16), jacobians=False)
+    rec = gradscope.probe(PureStack(L=5, skip=False, out_scale=0.02).to(device), torch.randn(2, 6, 16).to(device),
+                          jacobians=False)
     f = [f for f in gradscope.diagnose(rec).findings if f.kind == "vanishing"]
     assert f and f[0].site == "layers" and f[0].evidence["grad_ratio"] < 1e-3
     assert [r.name for r in f[0].remedies] == ["residual_scaling", "pre_ln"]
@@ -345,21 +356,23 @@ def test_depth_vanishing_and_post_ln_findings():
         for p in enc.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-        head = nn.Linear(32, 5)
+        head = nn.Linear(32, 5).to(device)
+        enc = enc.to(device)
+        x, y = torch.randn(8, 12, 32).to(device), torch.randint(0, 5, (8,)).to(device)
         with gradscope.watch(enc) as scope:
-            F.cross_entropy(head(enc(torch.randn(8, 12, 32)).mean(1)), torch.randint(0, 5, (8,))).backward()
+            F.cross_entropy(head(enc(x).mean(1)), y).backward()
         kinds = [f.kind for f in scope.diagnose().findings]
         assert ("postln_instability" in kinds) == expect, kinds
 
 
 # ----------------------------------------------------------------------------- sites
-def test_sites_of_encoder_decoder_transformer_and_cross_attention():
+def test_sites_of_encoder_decoder_transformer_and_cross_attention(device):
     torch.manual_seed(0)
     tr = nn.Transformer(16, 2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32, dropout=0.0,
-                        batch_first=True)
-    src, tgt = torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+                        batch_first=True).to(device)
+    src, tgt = torch.randn(2, 6, 16).to(device), torch.randn(2, 4, 16).to(device)
     with gradscope.watch(tr) as scope:
-        tr(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(4)).sum().backward()
+        tr(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(4, device=device)).sum().backward()
     rec = scope.recording
     assert rec.attention_stacks == {"encoder.layers": ("encoder.layers.0", "encoder.layers.1"),
                                     "decoder.layers": ("decoder.layers.0", "decoder.layers.1")}
@@ -375,27 +388,28 @@ def test_sites_of_encoder_decoder_transformer_and_cross_attention():
         rec.depth_grad_norms("encoder.layer")
 
 
-def test_a_lone_decoder_layer_and_an_unbatched_mha_are_one_block_each():
-    dec = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+def test_a_lone_decoder_layer_and_an_unbatched_mha_are_one_block_each(device):
+    dec = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, dropout=0.0).to(device)
     with gradscope.watch(dec, probe_every=1) as scope:
-        dec(torch.randn(2, 4, 16), torch.randn(2, 6, 16), tgt_is_causal=True,
-            tgt_mask=nn.Transformer.generate_square_subsequent_mask(4)).pow(3).sum().backward()
+        dec(torch.randn(2, 4, 16).to(device), torch.randn(2, 6, 16).to(device), tgt_is_causal=True,
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(4, device=device)).pow(3).sum().backward()
     rec = scope.recording
     assert rec.sites == ("attention",) and rec.site_info("attention")["attention"] == ["self_attn", "multihead_attn"]
     assert rec.attention_entropy("attention", module="multihead_attn").shape == (1, 4)
     assert rec.depth_grad_norms().shape == (1, 1, 4) and rec.depth_jacobian_norms().shape == (2, 2)
     assert not rec.notes, rec.notes
-    rec = gradscope.probe(nn.MultiheadAttention(8, 2), (torch.randn(5, 8),) * 3, loss_fn=lambda o: o[0].sum())
+    rec = gradscope.probe(nn.MultiheadAttention(8, 2).to(device), (torch.randn(5, 8).to(device),) * 3,
+                          loss_fn=lambda o: o[0].sum())
     assert rec.depth_grad_norms().shape == (1, 1, 5) and rec.attention_entropy("attention").shape == (1, 2)
     assert not rec.notes, rec.notes
 
 
-def test_user_attention_blocks_are_found_and_measured():
+def test_user_attention_blocks_are_found_and_measured(device):
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = TinyGPT().to(device)
     layout = find_attention(model)
     assert list(layout.attn) == ["h.0.attn", "h.1.attn"] and layout.stacks == {"h": ["h.0", "h.1"]}
-    idx = torch.randint(0, 20, (2, 6))
+    idx = torch.randint(0, 20, (2, 6)).to(device)
     with gradscope.watch(model) as scope:
         F.cross_entropy(model(idx).reshape(-1, 20), idx.reshape(-1)).backward()
     rec = scope.recording
@@ -432,14 +446,16 @@ def test_sites_selection_by_block_module_stack_and_attention_prefix():
 # ----------------------------------------------------------------------------- safety
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("mask", list(_masks(2, 6, 6, 4)))
-def test_outputs_and_gradients_equal_unwatched_for_every_mask_form(batch_first, mask):
+def test_outputs_and_gradients_equal_unwatched_for_every_mask_form(batch_first, mask, device):
+    # The watched block runs the module's own forward with the same arguments: bitwise equal, on
+    # a GPU too (the same kernels on the same inputs).
     torch.manual_seed(0)
     B, T, E, H = 2, 6, 16, 4
-    masks = dict(_masks(B, T, T, H)[mask])
-    enc = encoder(L=2, E=E, H=H, batch_first=batch_first)
-    twin = encoder(L=2, E=E, H=H, batch_first=batch_first)
+    masks = dict(_masks(B, T, T, H, device)[mask])
+    enc = encoder(L=2, E=E, H=H, batch_first=batch_first).to(device)
+    twin = encoder(L=2, E=E, H=H, batch_first=batch_first).to(device)
     twin.load_state_dict(enc.state_dict())
-    x = torch.randn(B, T, E) if batch_first else torch.randn(T, B, E)
+    x = (torch.randn(B, T, E) if batch_first else torch.randn(T, B, E)).to(device)
     kw = {"mask": masks.get("attn_mask"), "src_key_padding_mask": masks.get("key_padding_mask"),
           "is_causal": masks.get("is_causal", False)}
     with gradscope.watch(enc) as scope:
@@ -457,7 +473,7 @@ def test_outputs_and_gradients_equal_unwatched_for_every_mask_form(batch_first, 
     assert not [n for n in rec.notes if "failed" in n], rec.notes
 
 
-def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged():
+def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged(device):
     class BadHeads(nn.Module):  # heads that do not divide the width: the module's own error
         def __init__(self):
             super().__init__()
@@ -466,8 +482,8 @@ def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged():
         def forward(self, x):
             return self.attention(x)
 
-    m = BadHeads()
-    x = torch.randn(1, 4, 10)
+    m = BadHeads().to(device)
+    x = torch.randn(1, 4, 10).to(device)
     with pytest.raises(RuntimeError) as plain:
         m(x)
     with pytest.raises(RuntimeError) as watched:
@@ -477,10 +493,10 @@ def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged():
     assert_no_hooks(m)
     with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
         nn.MultiheadAttention(10, 3)
-    enc = encoder()
+    enc = encoder().to(device)
     with pytest.raises(ZeroDivisionError):
         with gradscope.watch(enc):
-            enc(torch.randn(1, 3, 16)).sum().backward()
+            enc(torch.randn(1, 3, 16).to(device)).sum().backward()
             1 / 0
     assert_no_hooks(enc)
     with gradscope.watch(enc):  # a block of a watched model cannot be watched twice
@@ -489,10 +505,10 @@ def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged():
     assert_no_hooks(enc)
 
 
-def test_model_without_attention_says_so():
-    lin = nn.Linear(4, 2)
+def test_model_without_attention_says_so(device):
+    lin = nn.Linear(4, 2).to(device)
     with gradscope.watch(lin) as scope:
-        lin(torch.randn(3, 4)).sum().backward()
+        lin(torch.randn(3, 4).to(device)).sum().backward()
     rec = scope.recording
     assert any("no recurrent or attention site" in n for n in rec.notes)
     with pytest.raises(MissingMeasureError, match="no attention sites"):
@@ -500,14 +516,14 @@ def test_model_without_attention_says_so():
     assert "No recurrent or attention site" in str(gradscope.diagnose(rec))
 
 
-def test_schedule_and_save_load_round_trip(tmp_path):
+def test_schedule_and_save_load_round_trip(tmp_path, device):
     torch.manual_seed(0)
-    enc = encoder(L=2)
+    enc = encoder(L=2).to(device)
     opt = torch.optim.SGD(enc.parameters(), lr=0.01)
     with gradscope.watch(enc, every=3) as scope:
         for _ in range(7):
             opt.zero_grad()
-            enc(torch.randn(2, 5, 16)).pow(2).mean().backward()
+            enc(torch.randn(2, 5, 16).to(device)).pow(2).mean().backward()
             opt.step()
     rec = scope.recording
     assert list(rec.steps) == [0, 3, 6]
@@ -520,10 +536,10 @@ def test_schedule_and_save_load_round_trip(tmp_path):
     assert rec2.meta["attention"]["stacks"] == {"layers": ["layers.0", "layers.1"]}
 
 
-def test_two_forwards_one_backward_average_and_cover_the_longest_sequence():
+def test_two_forwards_one_backward_average_and_cover_the_longest_sequence(device):
     torch.manual_seed(0)
-    enc = encoder(L=2)
-    x1, x2 = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    enc = encoder(L=2).to(device)
+    x1, x2 = torch.randn(2, 5, 16).to(device), torch.randn(2, 7, 16).to(device)
     with gradscope.watch(enc) as scope:
         (enc(x1).pow(3).sum() + enc(x2).pow(3).sum()).backward()
     rec = scope.recording
@@ -534,8 +550,8 @@ def test_two_forwards_one_backward_average_and_cover_the_longest_sequence():
     np.testing.assert_allclose(rec.attention_entropy("layers.0")[0], (5 * e[0] + 7 * e[1]) / 12, rtol=1e-5)
 
 
-def test_accessors_refuse_recurrent_sites_and_unmeasured_recordings():
-    rnn = nn.RNN(3, 4)
-    rec = gradscope.probe(rnn, torch.randn(5, 2, 3), lyapunov=False)
+def test_accessors_refuse_recurrent_sites_and_unmeasured_recordings(device):
+    rnn = nn.RNN(3, 4).to(device)
+    rec = gradscope.probe(rnn, torch.randn(5, 2, 3).to(device), lyapunov=False)
     with pytest.raises(GradscopeError, match="not an attention block"):
         rec.attention_entropy("l0")

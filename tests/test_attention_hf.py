@@ -39,23 +39,23 @@ def tiny_gpt2(impl="sdpa", seed=0):
     return GPT2LMHeadModel(cfg)
 
 
-def batch(T=10):
+def batch(T=10, device="cpu"):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 100, (3, T), generator=g)
     am = torch.ones(3, T, dtype=torch.long)
     am[1, T - 3:] = 0
     am[2, T - 5:] = 0
     am[:, T - 1] = 0  # the last position is padding in every sample
-    return {"input_ids": ids, "attention_mask": am}
+    return {"input_ids": ids.to(device), "attention_mask": am.to(device)}
 
 
 def bert_loss(out):
     return out.logits.pow(2).sum()
 
 
-def test_bert_sites_measures_and_padding():
-    m = tiny_bert()
-    rec = gradscope.probe(m, batch(), loss_fn=bert_loss)
+def test_bert_sites_measures_and_padding(device):
+    m = tiny_bert().to(device)
+    rec = gradscope.probe(m, batch(device=device), loss_fn=bert_loss)
     assert rec.attention_stacks == {"bert.encoder.layer": ("bert.encoder.layer.0", "bert.encoder.layer.1")}
     info = rec.site_info("bert.encoder.layer.0")
     assert info["attention"] == ["bert.encoder.layer.0.attention.self"] and info["heads"] == 4
@@ -81,26 +81,26 @@ def _entropy_from_attentions(attn, am):
     return (ent * rows).sum((0, 2)) / rows.sum((0, 2))
 
 
-def test_bert_sdpa_probabilities_equal_the_eager_attentions():
-    sdpa, eager = tiny_bert("sdpa"), tiny_bert("eager")
+def test_bert_sdpa_probabilities_equal_the_eager_attentions(device):
+    sdpa, eager = tiny_bert("sdpa").to(device), tiny_bert("eager").to(device)
     eager.load_state_dict(sdpa.state_dict())
-    b = batch()
+    b = batch(device=device)
     rec = gradscope.probe(sdpa, b, loss_fn=bert_loss, jacobians=False)
     rec_e = gradscope.probe(eager, b, loss_fn=bert_loss, jacobians=False)
     with torch.no_grad():
         att = eager(**b, output_attentions=True).attentions
     for i, a in enumerate(att):
-        want = _entropy_from_attentions(a.double(), b["attention_mask"]).numpy()
+        want = _entropy_from_attentions(a.double(), b["attention_mask"]).cpu().numpy()
         np.testing.assert_allclose(rec.attention_entropy(f"bert.encoder.layer.{i}")[0], want, rtol=1e-4)
         np.testing.assert_allclose(rec_e.attention_entropy(f"bert.encoder.layer.{i}")[0], want, rtol=1e-4)
     np.testing.assert_allclose(rec.depth_grad_norms(), rec_e.depth_grad_norms(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
-def test_outputs_and_gradients_equal_unwatched(make):
-    m, twin = make(), make()
+def test_outputs_and_gradients_equal_unwatched(make, device):
+    m, twin = make().to(device), make().to(device)
     twin.load_state_dict(m.state_dict())
-    b = batch()
+    b = batch(device=device)
     with gradscope.watch(m) as scope:
         out = m(**b)
         out.logits.logsumexp(-1).sum().backward()
@@ -113,9 +113,9 @@ def test_outputs_and_gradients_equal_unwatched(make):
     assert len(scope.recording.sites) == 2
 
 
-def test_gpt2_causal_entropy_cache_untouched_and_diagnosis():
-    m = tiny_gpt2()
-    b = batch()
+def test_gpt2_causal_entropy_cache_untouched_and_diagnosis(device):
+    m = tiny_gpt2().to(device)
+    b = batch(device=device)
     with gradscope.watch(m, probe_every=1) as scope:   # the probe re-runs blocks for depth Jacobians
         out = m(**b, use_cache=True)
         out.logits.logsumexp(-1).mean().backward()
@@ -137,10 +137,10 @@ def test_gpt2_causal_entropy_cache_untouched_and_diagnosis():
     assert_no_hooks(m)
 
 
-def test_gpt2_sdpa_and_eager_measure_the_same_entropy():
-    sdpa, eager = tiny_gpt2("sdpa"), tiny_gpt2("eager")
+def test_gpt2_sdpa_and_eager_measure_the_same_entropy(device):
+    sdpa, eager = tiny_gpt2("sdpa").to(device), tiny_gpt2("eager").to(device)
     eager.load_state_dict(sdpa.state_dict())
-    b = batch()
+    b = batch(device=device)
     loss = lambda o: o.logits.logsumexp(-1).mean()  # noqa: E731
     r1 = gradscope.probe(sdpa, b, loss_fn=loss, jacobians=False)
     r2 = gradscope.probe(eager, b, loss_fn=loss, jacobians=False)

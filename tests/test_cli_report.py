@@ -143,7 +143,7 @@ def test_reduce_payload_is_refused_and_never_runs(tmp_path, capsys):
     ("random.pt", os.urandom(300)),
     ("text.pt", b"hello, this is not a checkpoint\n"),
     ("data.json", b'{"weight": [1, 2, 3]}'),
-])
+], ids=["empty", "random", "text", "json"])  # fixed ids: pytest-xdist workers must collect the same names
 def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys, name, content):
     p = tmp_path / name
     p.write_bytes(content)

@@ -22,8 +22,8 @@ def small_lstm(bf, H=8):
     return m
 
 
-def test_short_memory_lstm_finding_has_numbers():
-    rec = gradscope.probe(small_lstm(0.0), torch.randn(50, 2, 2), k=2)
+def test_short_memory_lstm_finding_has_numbers(device):
+    rec = gradscope.probe(small_lstm(0.0).to(device), torch.randn(50, 2, 2).to(device), k=2)
     diag = gradscope.diagnose(rec)
     assert diag.regime("l0") == "vanishing"
     kinds = {f.kind: f for f in diag.findings}
@@ -37,12 +37,12 @@ def test_short_memory_lstm_finding_has_numbers():
     assert set(v.evidence_used) >= {"jacobian_norms", "lyapunov"}
 
 
-def test_saturated_gates_and_dead_units():
+def test_saturated_gates_and_dead_units(device):
     lstm = nn.LSTM(2, 8)
     with torch.no_grad():
         for p in lstm.parameters():
             p.mul_(40.0)
-    diag = gradscope.diagnose(gradscope.probe(lstm, torch.randn(30, 2, 2), lyapunov=False))
+    diag = gradscope.diagnose(gradscope.probe(lstm.to(device), torch.randn(30, 2, 2).to(device), lyapunov=False))
     sat = [f for f in diag.findings if f.kind == "saturated_gates"]
     assert sat and sat[0].evidence["saturated"] > 0.3
     rnn = nn.RNN(2, 4, nonlinearity="relu")
@@ -51,24 +51,24 @@ def test_saturated_gates_and_dead_units():
         rnn.weight_hh_l0.zero_()
         rnn.bias_hh_l0.zero_()
         rnn.bias_ih_l0.copy_(torch.tensor([1.0, -1.0, -2.0, -3.0]))
-    diag = gradscope.diagnose(gradscope.probe(rnn, torch.randn(10, 2, 2), lyapunov=False))
+    diag = gradscope.diagnose(gradscope.probe(rnn.to(device), torch.randn(10, 2, 2).to(device), lyapunov=False))
     dead = [f for f in diag.findings if f.kind == "dead_units"]
     assert dead and dead[0].evidence["dead_units"] == pytest.approx(0.75) and dead[0].severity == "critical"
 
 
-def test_precision_underflow():
+def test_precision_underflow(device):
     rnn = nn.RNN(2, 8).double()
     with torch.no_grad():
         rnn.weight_hh_l0.mul_(0.1)
-    diag = gradscope.diagnose(gradscope.probe(rnn, torch.randn(40, 2, 2, dtype=torch.float64)))
+    diag = gradscope.diagnose(gradscope.probe(rnn.to(device), torch.randn(40, 2, 2, dtype=torch.float64).to(device)))
     f = next(f for f in diag.findings if f.kind == "precision_underflow")
     assert f.evidence["underflow_lag"] < 40
 
 
-def test_nonfinite_events_become_critical_findings():
-    rnn = nn.RNN(2, 4)
+def test_nonfinite_events_become_critical_findings(device):
+    rnn = nn.RNN(2, 4).to(device)
     with gradscope.watch(rnn) as scope:
-        out, _ = rnn(torch.randn(6, 2, 2))
+        out, _ = rnn(torch.randn(6, 2, 2).to(device))
         (out * float("inf")).sum().backward()
     diag = scope.diagnose()
     nf = [f for f in diag.findings if f.kind == "nonfinite"]
@@ -76,13 +76,14 @@ def test_nonfinite_events_become_critical_findings():
     assert diag.findings[0].severity == "critical"  # most severe first
 
 
-def test_watch_only_vanishing_from_gradient_profile():
+def test_watch_only_vanishing_from_gradient_profile(device):
     rnn = nn.RNN(2, 8)
     with torch.no_grad():
         rnn.weight_hh_l0.mul_(0.2)
+    rnn = rnn.to(device)
     with gradscope.watch(rnn) as scope:
         for _ in range(3):
-            out, _ = rnn(torch.randn(40, 2, 2))
+            out, _ = rnn(torch.randn(40, 2, 2).to(device))
             out[-1].pow(2).sum().backward()
     diag = scope.diagnose()
     s = diag.site_summary("l0")

@@ -41,8 +41,9 @@ class UserCell(nn.Module):
 
 def _gated(h, x, W=None):
     """A plain-function user step with a Tensor state (a minimal gated unit with fixed weights)."""
-    g = torch.sigmoid(h @ _gated.Wg.T + x.sum(-1, keepdim=True))
-    return g * h + (1 - g) * torch.tanh(h @ _gated.Wh.T + x[..., :1])
+    Wg, Wh = _gated.Wg.to(h.device), _gated.Wh.to(h.device)  # the weights follow the state's device
+    g = torch.sigmoid(h @ Wg.T + x.sum(-1, keepdim=True))
+    return g * h + (1 - g) * torch.tanh(h @ Wh.T + x[..., :1])
 
 
 _gen = torch.Generator().manual_seed(1234)
@@ -98,6 +99,17 @@ def _user_cell():
 
 def _user_fn():
     return _gated, _rand(2, 5), _rand(7, 2, 2), None
+
+
+def _on(problem, device):
+    """A problem ``(step, h0, inputs, spec)`` built on the CPU (same numbers everywhere), on ``device``."""
+    step, h0, x, spec = problem
+    if isinstance(step, nn.Module):
+        step = step.to(device)
+    elif hasattr(step, "weight_hh"):  # a built-in step
+        step = step.to(device=device)
+    h0 = tuple(h.to(device) for h in h0) if isinstance(h0, tuple) else h0.to(device)
+    return step, h0, x.to(device), spec
 
 
 PROBLEMS = [
@@ -175,10 +187,10 @@ def _autograd_version(step):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", PROBLEMS)
-def test_step_jacobians_equal_oracle(make):
-    step, h0, x, spec = make()
-    J = step_jacobians(step, h0, x).numpy()
-    J_ag = step_jacobians(_autograd_version(step), h0, x).numpy()
+def test_step_jacobians_equal_oracle(make, device):
+    step, h0, x, spec = _on(make(), device)
+    J = step_jacobians(step, h0, x).cpu().numpy()
+    J_ag = step_jacobians(_autograd_version(step), h0, x).cpu().numpy()
     hs = _trajectory(step, h0, x)
     for t in range(1, x.shape[0] + 1):
         for b in range(x.shape[1]):
@@ -188,17 +200,17 @@ def test_step_jacobians_equal_oracle(make):
 
 
 @pytest.mark.parametrize("make", PROBLEMS)
-def test_structured_products_equal_dense(make):
+def test_structured_products_equal_dense(make, device):
     """The fast routes P·J_t (cumulative products) and J_t·V (tangents) equal the dense matrix."""
-    step, h0, x, spec = make()
+    step, h0, x, spec = _on(make(), device)
     for s in (step, _autograd_version(step)):
         lin = Linearizer(prepare(s, h0, x, None, "test"))
         N = lin.prob.N
         for t in (1, x.shape[0]):
             jac = lin.at(t)
             D = jac.dense()
-            P = _rand(2, 3, N)
-            V = _rand(2, N, 4)
+            P = _rand(2, 3, N).to(device)
+            V = _rand(2, N, 4).to(device)
             torch.testing.assert_close(jac.rmul(P), P @ D, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(jac.mul(V), D @ V, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(jac.mul(V[..., :1]), D @ V[..., :1], rtol=1e-10, atol=1e-12)
@@ -209,8 +221,8 @@ def test_structured_products_equal_dense(make):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", PROBLEMS)
-def test_jacobian_norms_equal_oracle(make):
-    step, h0, x, spec = make()
+def test_jacobian_norms_equal_oracle(make, device):
+    step, h0, x, spec = _on(make(), device)
     ref2 = oracle_norms(step, h0, x, spec, 2)
     reff = oracle_norms(step, h0, x, spec, "fro")
     for method in ("svd", "subspace"):
@@ -221,10 +233,10 @@ def test_jacobian_norms_equal_oracle(make):
                                atol=1e-9)
 
 
-def test_subspace_iteration_on_a_large_state_equals_svd():
+def test_subspace_iteration_on_a_large_state_equals_svd(device):
     """N = 96 (> the SVD cut-off): the default route is subspace iteration; it must equal the SVD."""
-    lstm = nn.LSTM(4, 48).double()
-    x = _rand(40, 3, 4)
+    lstm = nn.LSTM(4, 48).double().to(device)
+    x = _rand(40, 3, 4).to(device)
     fast = jacobian_norms(lstm, None, x, log=True)
     exact = jacobian_norms(lstm, None, x, method="svd", log=True)
     np.testing.assert_allclose(fast, exact, rtol=1e-10, atol=1e-10)
@@ -232,9 +244,9 @@ def test_subspace_iteration_on_a_large_state_equals_svd():
     np.testing.assert_allclose(fast32, exact, rtol=0, atol=2e-5)
 
 
-def test_probe_estimate_of_frobenius_norms():
+def test_probe_estimate_of_frobenius_norms(device):
     """E‖uᵀ P_k‖² = ‖P_k‖_F²: with m probes the relative s.d. of the squared norm is ≤ √(2/m)."""
-    step, h0, x, spec = _gru(True)()
+    step, h0, x, spec = _on(_gru(True)(), device)
     exact = jacobian_norms(step, h0, x, ord="fro")
     est = jacobian_norms(step, h0, x, ord="fro", method="probes", probes=2000, seed=3)
     # √(2/2000) ≈ 3.2% on the square, 1.6% on the norm: 5% is > 3 s.d.
@@ -249,9 +261,9 @@ def test_probe_estimate_of_frobenius_norms():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", PROBLEMS)
-def test_lyapunov_sum_equals_mean_log_determinant(make):
+def test_lyapunov_sum_equals_mean_log_determinant(make, device):
     """With k = N the exponents sum to (1/(T−w)) Σ_{t>w} ln|det J_t|, exactly (QR preserves volume)."""
-    step, h0, x, spec = make()
+    step, h0, x, spec = _on(make(), device)
     w = 2
     lam = lyapunov_spectrum(step, h0, x, warmup=w)
     lam_ag = lyapunov_spectrum(_autograd_version(step), h0, x, warmup=w)
@@ -270,10 +282,10 @@ def test_lyapunov_sum_equals_mean_log_determinant(make):
 
 
 @pytest.mark.parametrize("make", [PROBLEMS[0], PROBLEMS[4], PROBLEMS[6], PROBLEMS[8], PROBLEMS[12]])
-def test_lyapunov_top_k_equals_full_spectrum_top_k(make):
+def test_lyapunov_top_k_equals_full_spectrum_top_k(make, device):
     """Long driven trajectory: top-k with k < N agrees with the top k of the k = N run."""
-    step, h0, x, spec = make()
-    x = torch.cat([x, _rand(593, x.shape[1], x.shape[2])])
+    step, h0, x, spec = _on(make(), device)
+    x = torch.cat([x, _rand(593, x.shape[1], x.shape[2]).to(device)])
     full = lyapunov_spectrum(step, h0, x, warmup=100)
     N = full.shape[1]
     for k in (1, 2):
@@ -282,20 +294,20 @@ def test_lyapunov_top_k_equals_full_spectrum_top_k(make):
     assert N > 2
 
 
-def test_lyapunov_reorth_every_does_not_change_a_well_separated_spectrum():
-    step, h0, x, spec = _gru(True)()
-    x = torch.cat([x, _rand(300, 2, 3)])
+def test_lyapunov_reorth_every_does_not_change_a_well_separated_spectrum(device):
+    step, h0, x, spec = _on(_gru(True)(), device)
+    x = torch.cat([x, _rand(300, 2, 3).to(device)])
     a = lyapunov_spectrum(step, h0, x, k=2, warmup=50)
     b = lyapunov_spectrum(step, h0, x, k=2, warmup=50, reorth_every=5)
     np.testing.assert_allclose(a, b, rtol=1e-8)  # QR of a product: diag(R) multiplies exactly
 
 
 @pytest.mark.parametrize("make", [PROBLEMS[0], PROBLEMS[4], PROBLEMS[6], PROBLEMS[8]])
-def test_user_step_chunks_equal_the_closed_form_step_by_step(make):
+def test_user_step_chunks_equal_the_closed_form_step_by_step(make, device):
     """A built-in step hidden behind a lambda goes through autograd in chunks (k = 1, or k > 1
     with reorth_every > 1); the closed form goes step by step. Same numbers."""
-    step, h0, x, spec = make()
-    x = torch.cat([x, _rand(120, x.shape[1], x.shape[2])])
+    step, h0, x, spec = _on(make(), device)
+    x = torch.cat([x, _rand(120, x.shape[1], x.shape[2]).to(device)])
     for k, every in ((1, 1), (1, 3), (2, 4), (3, 1)):
         a = lyapunov_spectrum(step, h0, x, k=k, warmup=10, reorth_every=every)
         b = lyapunov_spectrum(_autograd_version(step), h0, x, k=k, warmup=10, reorth_every=every)

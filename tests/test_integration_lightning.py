@@ -21,7 +21,11 @@ from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
 
 # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec, which torch 2.13 deprecates;
 # the warning comes from Lightning's own code on every fit (nothing here can avoid it).
-pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"),
+    # these tests train on the CPU on purpose; on a GPU machine Lightning says a GPU goes unused
+    pytest.mark.filterwarnings("ignore:GPU available but not used"),
+]
 
 T, B, STEPS = 12, 4, 6
 

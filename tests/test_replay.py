@@ -26,6 +26,12 @@ for cls, layers, bi, bf, proj, bias, nl in itertools.product(
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
+def _tol(dtype, device):
+    """The replay tolerance; cuDNN's float32 kernels (TF32 off) differ from the step-by-step replay
+    by up to ~3e-5 of the largest entry on these problems (2.6e-5 measured on an H100)."""
+    return 1e-4 if device.type == "cuda" and dtype == torch.float32 else TOL[dtype]
+
+
 def _run(module, inp, hx, forward, packed):
     module.zero_grad()
     torch.manual_seed(1234)  # same dropout draws for both paths
@@ -33,7 +39,7 @@ def _run(module, inp, hx, forward, packed):
     o = out.data if packed else out
     hs = hn if isinstance(hn, tuple) else (hn,)
     # A loss touching outputs and final states with different weights per position.
-    w = torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype).reshape(o.shape)
+    w = torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype, device=o.device).reshape(o.shape)
     loss = (w * o).pow(2).sum() + sum(h.pow(3).sum() for h in hs)
     loss.backward()
     return [o.detach()] + [h.detach() for h in hs] + [p.grad.clone() for p in module.parameters()]
@@ -62,7 +68,7 @@ def test_replay_matches_fused(cls, kw, given_h, packed, dtype, device):
                                enforce_sorted=False) if packed else x
     fused = _run(m, inp, hx, lambda m, i, h: type(m).forward(m, i, h), packed)
     replay = _run(m, inp, hx, replay_fused, packed)
-    assert _max_rel(replay, fused) <= TOL[dtype]
+    assert _max_rel(replay, fused) <= _tol(dtype, device)
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
@@ -85,9 +91,9 @@ def test_replay_dropout_train_mode_draws_the_same_mask(cls, bi, packed):
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
 @pytest.mark.parametrize("bf", [False, True])
-def test_replay_unbatched_input(cls, bf):
-    m = cls(3, 4, num_layers=2, bidirectional=True, batch_first=bf).double()
-    x = torch.randn(6, 3, dtype=torch.float64)
+def test_replay_unbatched_input(cls, bf, device):
+    m = cls(3, 4, num_layers=2, bidirectional=True, batch_first=bf).double().to(device)
+    x = torch.randn(6, 3, dtype=torch.float64).to(device)
     fused = _run(m, x, None, lambda m, i, h: type(m).forward(m, i, h), False)
     replay = _run(m, x, None, replay_fused, False)
     assert _max_rel(replay, fused) <= 1e-10
@@ -127,7 +133,7 @@ def test_fast_replay_matches_fused(cls, kw, given_h, dtype, device):
         hx = (h0, torch.randn(kw["num_layers"] * D, B, 5, dtype=dtype, device=device)) if cls is nn.LSTM else h0
     fused = _run(m, x, hx, lambda m, i, h: type(m).forward(m, i, h), False)
     fast = _run(m, x, hx, _fast, False)
-    assert _max_rel(fast, fused) <= TOL[dtype]
+    assert _max_rel(fast, fused) <= _tol(dtype, device)
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
@@ -147,10 +153,10 @@ def test_fast_replay_dropout_and_input_gradients(cls):
 
 @pytest.mark.parametrize("cls,kw", [(nn.LSTM, {}), (nn.LSTM, {"proj_size": 2}), (nn.GRU, {}),
                                     (nn.RNN, {}), (nn.RNN, {"nonlinearity": "relu"})])
-def test_fast_norms_equal_hooked_norms(cls, kw):
+def test_fast_norms_equal_hooked_norms(cls, kw, device):
     # The norms the fast backward hands out equal those of tensor hooks on the autograd replay.
-    m = cls(3, 5, num_layers=2, bidirectional=True, **kw).double()
-    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    m = cls(3, 5, num_layers=2, bidirectional=True, **kw).double().to(device)
+    x = torch.randn(6, 2, 3, dtype=torch.float64).to(device)
     hooked, fast = {}, {}
 
     def on_state(layer, rev, t, state):

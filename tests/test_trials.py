@@ -54,21 +54,33 @@ def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _untouched(model, snap, rng):
+def _rng_states(device):
+    """The global RNG states try_remedies must restore: the CPU's, and the GPU's when it runs there."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _untouched(model, snap, rng, device=torch.device("cpu")):
     sd = model.state_dict()
     assert sd.keys() == snap.keys()
     for k in sd:
         assert torch.equal(sd[k], snap[k]), k                       # bitwise
     assert all(p.grad is None for p in model.parameters())
     assert_no_hooks(model)
-    assert torch.equal(torch.random.get_rng_state(), rng)           # global RNG restored
+    now = _rng_states(device)
+    assert torch.equal(now[0], rng[0] if isinstance(rng, list) else rng)   # global RNG restored
+    if isinstance(rng, list) and len(rng) > 1:
+        assert torch.equal(now[1], rng[1])                          # and the GPU's
 
 
-def test_vanishing_elman_orthogonal_irnn_lstm_improve_the_horizon(x):
-    model = Elman()
-    snap, rng = _snapshot(model), torch.random.get_rng_state()
+def test_vanishing_elman_orthogonal_irnn_lstm_improve_the_horizon(x, device):
+    model = Elman().to(device)
+    x = x.to(device)
+    snap, rng = _snapshot(model), _rng_states(device)
     trials = try_remedies(model, x)
-    _untouched(model, snap, rng)
+    _untouched(model, snap, rng, device)
     assert isinstance(trials, RemedyTrials)
     assert ("vanishing", "rnn.l0", "warning") in trials.findings or \
            ("vanishing", "rnn.l0", "critical") in trials.findings
@@ -91,11 +103,12 @@ def test_vanishing_elman_orthogonal_irnn_lstm_improve_the_horizon(x):
     assert "truncated_bptt" in skipped and "gating" in skipped
 
 
-def test_short_memory_lstm_forget_bias_lengthens_tau_and_horizon(x):
-    model = short_memory_lstm()
-    snap, rng = _snapshot(model), torch.random.get_rng_state()
+def test_short_memory_lstm_forget_bias_lengthens_tau_and_horizon(x, device):
+    model = short_memory_lstm().to(device)
+    x = x.to(device)
+    snap, rng = _snapshot(model), _rng_states(device)
     trials = try_remedies(model, x)
-    _untouched(model, snap, rng)
+    _untouched(model, snap, rng, device)
     assert ("short_memory", "l0", "warning") in trials.findings
     by = {r.remedy: r for r in trials.results}
     fb = by["forget_bias"]
@@ -108,9 +121,9 @@ def test_short_memory_lstm_forget_bias_lengthens_tau_and_horizon(x):
     assert "layernorm_cell" in skipped and "hand-written cell" in skipped["layernorm_cell"]
 
 
-def test_switch_to_lstm_keeps_the_calling_pattern(x):
-    model = Elman()
-    trials = try_remedies(model, (x, torch.zeros(1, B, H)), remedies=["switch_to_lstm"])
+def test_switch_to_lstm_keeps_the_calling_pattern(x, device):
+    model = Elman().to(device)
+    trials = try_remedies(model, (x.to(device), torch.zeros(1, B, H, device=device)), remedies=["switch_to_lstm"])
     r = trials.results[0]
     assert r.changes[0].site_after == "rnn.lstm.l0"
     assert "LSTMAsRNN" in r.applied
@@ -142,14 +155,14 @@ def test_named_remedies_skip_what_does_not_apply(x):
     assert by["xavier_init"].changes[0].horizon_after > by["xavier_init"].changes[0].horizon_before
 
 
-def test_sites_filter_and_multilayer_bidirectional():
+def test_sites_filter_and_multilayer_bidirectional(device):
     lstm = nn.LSTM(3, 8, num_layers=2, bidirectional=True)
     with torch.no_grad():
         for name, p in lstm.named_parameters():
             if name.startswith("bias"):
                 p[8:16] = -2.0
     x = torch.randn(40, 2, 3, generator=torch.Generator().manual_seed(2))
-    trials = try_remedies(lstm, x, remedies=["forget_bias"], sites=["l1_reverse"])
+    trials = try_remedies(lstm.to(device), x.to(device), remedies=["forget_bias"], sites=["l1_reverse"])
     (r,) = trials.results
     assert r.sites == ("l1_reverse",) and r.changes[0].site == "l1_reverse"
     assert "b_f -4.00" in r.applied
@@ -157,17 +170,18 @@ def test_sites_filter_and_multilayer_bidirectional():
     assert set(trials.before) == {"l1_reverse"}
 
 
-def test_reinit_dead_units():
+def test_reinit_dead_units(device):
     rnn = nn.RNN(3, 8, nonlinearity="relu")
     with torch.no_grad():
         rnn.bias_ih_l0[:4] = -50.0                 # units 0–3 never fire
-    x = torch.randn(30, 2, 3, generator=torch.Generator().manual_seed(3))
+    rnn = rnn.to(device)
+    x = torch.randn(30, 2, 3, generator=torch.Generator().manual_seed(3)).to(device)
     rec = probe(rnn, x, k=1)
     assert rec.gate_stats("l0")["dead_units"] == pytest.approx(0.5)
     trials = try_remedies(rnn, x, remedies=["reinit_dead"])
     (r,) = trials.results
     assert "4 dead unit(s) of 8" in r.applied
-    healthy = nn.RNN(3, 8, nonlinearity="relu")
+    healthy = nn.RNN(3, 8, nonlinearity="relu").to(device)
     with torch.no_grad():
         healthy.bias_ih_l0.fill_(5.0)
     t2 = try_remedies(healthy, x, remedies=["reinit_dead"])

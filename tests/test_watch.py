@@ -71,11 +71,11 @@ def train_steps(model, x, n=1, loss=lambda y: y.pow(2).mean()):
 
 # ----------------------------------------------------------------------------- exact answers
 @pytest.mark.parametrize("s", [0.5, 1.0, 1.1])
-def test_linear_cell_gradient_norms_are_exact(s):
+def test_linear_cell_gradient_norms_are_exact(s, device):
     # L = ½‖h_T‖², ∂L/∂h_t = (W^{T-t})ᵀ h_T, W = s·Q  =>  ‖∂L/∂h_t‖ = s^{T-t} ‖h_T‖.
     N, T = 12, 30
-    model = CellLoop(LinearCell(N, 3, s * orthogonal(N)).double(), N)
-    x = torch.randn(T, 4, 3, dtype=torch.float64)
+    model = CellLoop(LinearCell(N, 3, s * orthogonal(N)).double(), N).to(device)
+    x = torch.randn(T, 4, 3, dtype=torch.float64).to(device)
     with gradscope.watch(model) as scope:
         hT = model(x)
         (0.5 * hT.pow(2).sum()).backward()
@@ -87,8 +87,17 @@ def test_linear_cell_gradient_norms_are_exact(s):
     np.testing.assert_allclose(got, want, rtol=1e-12)  # the issue asks 1e-6
 
 
+def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """The LSTM cell written out op by op: c_t feeds h_t through its own graph node, so retain_grad
+    on c_t sees the total ∂L/∂c_t on every device (CUDA's fused nn.LSTMCell kernel computes h_t
+    inside the node that makes c_t, hiding that path from c_t's gradient)."""
+    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 def _unrolled_lstm_norms(lstm, x, loss_fn):
-    """Independent reference: nn.LSTMCell per layer and direction, retain_grad on every state."""
+    """Independent reference: an LSTM cell per layer and direction, retain_grad on every state."""
     T, B, _ = x.shape
     D = 2 if lstm.bidirectional else 1
     H = lstm.hidden_size
@@ -98,14 +107,12 @@ def _unrolled_lstm_norms(lstm, x, loss_fn):
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            cell = nn.LSTMCell(layer_in.shape[-1], H).to(x.dtype)
-            with torch.no_grad():
-                for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    getattr(cell, p).copy_(getattr(lstm, p + sfx))
+            w = [getattr(lstm, p + sfx).detach().clone().requires_grad_(True)
+                 for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             h, c = x.new_zeros(B, H), x.new_zeros(B, H)
             seq = [None] * T
             for t in (range(T - 1, -1, -1) if d else range(T)):
-                h, c = cell(layer_in[t], (h, c))
+                h, c = _lstm_cell(layer_in[t], h, c, *w)
                 h.retain_grad(), c.retain_grad()
                 states[(layer, d, t)] = (h, c)
                 seq[t] = h
@@ -115,10 +122,10 @@ def _unrolled_lstm_norms(lstm, x, loss_fn):
     return {k: (h.grad.norm().item(), c.grad.norm().item()) for k, (h, c) in states.items()}
 
 
-def test_bidirectional_two_layer_lstm_matches_unrolled_cells():
+def test_bidirectional_two_layer_lstm_matches_unrolled_cells(device):
     torch.manual_seed(3)
-    lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True).double()
-    x = torch.randn(11, 3, 5, dtype=torch.float64)
+    lstm = nn.LSTM(5, 7, num_layers=2, bidirectional=True).double().to(device)
+    x = torch.randn(11, 3, 5, dtype=torch.float64).to(device)
     loss_fn = lambda out: (out[-1].pow(2).sum() + out[0].sum() * 0.3)  # noqa: E731
     ref = _unrolled_lstm_norms(lstm, x, loss_fn)
     with gradscope.watch(lstm) as scope:
@@ -135,10 +142,10 @@ def test_bidirectional_two_layer_lstm_matches_unrolled_cells():
 
 
 # ----------------------------------------------------------------------------- sites
-def test_fused_sites_named_by_layer_and_direction():
-    model = Seq(nn.GRU(3, 4, num_layers=3, bidirectional=True), 8)
+def test_fused_sites_named_by_layer_and_direction(device):
+    model = Seq(nn.GRU(3, 4, num_layers=3, bidirectional=True), 8).to(device)
     with gradscope.watch(model) as scope:
-        train_steps(model, torch.randn(5, 2, 3))
+        train_steps(model, torch.randn(5, 2, 3).to(device))
     assert scope.recording.sites == ("rnn.l0", "rnn.l0_reverse", "rnn.l1", "rnn.l1_reverse",
                                      "rnn.l2", "rnn.l2_reverse")
     info = scope.recording.site_info("rnn.l1_reverse")
@@ -146,10 +153,10 @@ def test_fused_sites_named_by_layer_and_direction():
 
 
 @pytest.mark.parametrize("cell_cls,lstm", [(nn.RNNCell, False), (nn.GRUCell, False), (nn.LSTMCell, True)])
-def test_builtin_cells_are_found(cell_cls, lstm):
-    model = CellLoop(cell_cls(3, 6), 6, lstm=lstm)
+def test_builtin_cells_are_found(cell_cls, lstm, device):
+    model = CellLoop(cell_cls(3, 6), 6, lstm=lstm).to(device)
     with gradscope.watch(model) as scope:
-        train_steps(model, torch.randn(9, 2, 3))
+        train_steps(model, torch.randn(9, 2, 3).to(device))
     rec = scope.recording
     assert rec.sites == ("cell",)
     assert rec.states("cell") == (("h", "c") if lstm else ("h",))
@@ -157,7 +164,7 @@ def test_builtin_cells_are_found(cell_cls, lstm):
     assert np.all(rec.grad_norms("cell") > 0)
 
 
-def test_reused_modules_that_are_not_cells_are_ignored():
+def test_reused_modules_that_are_not_cells_are_ignored(device):
     class TwoTowers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -169,9 +176,9 @@ def test_reused_modules_that_are_not_cells_are_ignored():
             b = self.act(self.shared(x[1]))
             return a + b
 
-    model = TwoTowers()
+    model = TwoTowers().to(device)
     with gradscope.watch(model) as scope:
-        train_steps(model, torch.randn(2, 3, 4))
+        train_steps(model, torch.randn(2, 3, 4).to(device))
     rec = scope.recording
     assert rec.sites == ()
     assert any("no recurrent" in n for n in rec.notes)
@@ -179,7 +186,7 @@ def test_reused_modules_that_are_not_cells_are_ignored():
     assert np.all(np.isfinite(rec.param_grad_norms()["shared.weight"]))
 
 
-def test_cell_found_through_dropout_between_calls():
+def test_cell_found_through_dropout_between_calls(device):
     class Loop(nn.Module):
         def __init__(self):
             super().__init__()
@@ -192,16 +199,16 @@ def test_cell_found_through_dropout_between_calls():
                 h = self.drop(self.cell(x[t], h))
             return h
 
-    model = Loop()
+    model = Loop().to(device)
     with gradscope.watch(model) as scope:
-        train_steps(model, torch.randn(6, 2, 3))
+        train_steps(model, torch.randn(6, 2, 3).to(device))
     assert scope.recording.sites == ("cell",)
 
 
-def test_sites_selects_and_adds():
-    model = Seq(nn.LSTM(3, 4, num_layers=2), 4)
+def test_sites_selects_and_adds(device):
+    model = Seq(nn.LSTM(3, 4, num_layers=2), 4).to(device)
     with gradscope.watch(model, sites=["rnn.l1", "head"]) as scope:
-        train_steps(model, torch.randn(5, 2, 3))
+        train_steps(model, torch.randn(5, 2, 3).to(device))
     rec = scope.recording
     assert rec.sites == ("rnn.l1", "head")
     assert rec.grad_norms("rnn.l1", "c").shape == (1, 5)
@@ -224,11 +231,11 @@ def test_unknown_site_suggests_the_closest_name():
     assert_no_hooks(model)
 
 
-def test_packed_sequence_and_variable_lengths():
-    lstm = nn.LSTM(3, 4, bidirectional=True, batch_first=True)
+def test_packed_sequence_and_variable_lengths(device):
+    lstm = nn.LSTM(3, 4, bidirectional=True, batch_first=True).to(device)
     with gradscope.watch(lstm) as scope:
         for T in (8, 5):
-            x = torch.randn(3, T, 3)
+            x = torch.randn(3, T, 3).to(device)  # the lengths stay on the CPU, as torch requires
             packed = pack_padded_sequence(x, torch.tensor([T, 2, T - 1]), batch_first=True, enforce_sorted=False)
             out, (h, c) = lstm(packed)
             (out.data.pow(2).sum() + h.sum()).backward()
@@ -240,9 +247,9 @@ def test_packed_sequence_and_variable_lengths():
 
 
 # ----------------------------------------------------------------------------- schedule and history
-def test_every_schedule_and_step_count():
-    model = Seq(nn.RNN(3, 4), 4)
-    x = torch.randn(5, 2, 3)
+def test_every_schedule_and_step_count(device):
+    model = Seq(nn.RNN(3, 4), 4).to(device)
+    x = torch.randn(5, 2, 3).to(device)
     with gradscope.watch(model, every=3) as scope:
         train_steps(model, x, n=10)
     rec = scope.recording
@@ -262,24 +269,24 @@ def test_history_bounded_by_max_steps_keeps_whole_span():
     assert np.all(np.diff(steps) == steps[1] - steps[0])  # evenly thinned
 
 
-def test_gradient_accumulation_counts_each_backward():
-    model = Seq(nn.LSTM(3, 4), 4)
+def test_gradient_accumulation_counts_each_backward(device):
+    model = Seq(nn.LSTM(3, 4), 4).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradscope.watch(model) as scope:
         for _ in range(2):
             for micro in range(3):
-                model(torch.randn(5, 2, 3)).pow(2).mean().backward()
+                model(torch.randn(5, 2, 3).to(device)).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
     assert scope.step == 6
     assert len(scope.recording.steps) == 6
 
 
-def test_two_forwards_one_backward_is_one_step():
-    model = Seq(nn.GRU(3, 4), 4)
+def test_two_forwards_one_backward_is_one_step(device):
+    model = Seq(nn.GRU(3, 4), 4).to(device)
     with gradscope.watch(model) as scope:
-        a = model(torch.randn(5, 2, 3))
-        b = model(torch.randn(5, 2, 3))
+        a = model(torch.randn(5, 2, 3).to(device))
+        b = model(torch.randn(5, 2, 3).to(device))
         (a.sum() + b.sum()).backward()
     assert scope.step == 1
     assert scope.recording.grad_norms("rnn.l0").shape == (1, 5)
@@ -296,23 +303,24 @@ def test_no_grad_forwards_are_ignored():
     assert scope.step == 0 and len(scope.recording) == 0
 
 
-def test_autocast_bfloat16():
-    model = Seq(nn.LSTM(3, 8, num_layers=2), 8)
+def test_autocast_bfloat16(device):
+    # autocast on the test device: "cpu" or "cuda" (the replay takes its autograd path under both)
+    model = Seq(nn.LSTM(3, 8, num_layers=2), 8).to(device)
     with gradscope.watch(model) as scope:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(torch.randn(6, 2, 3))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = model(torch.randn(6, 2, 3).to(device))
         y.float().pow(2).mean().backward()
     g = scope.recording.grad_norms("rnn.l1")
     assert g.shape == (1, 6) and np.all(np.isfinite(g)) and np.all(g > 0)
 
 
-def test_nonfinite_gradients_become_events_not_exceptions():
-    model = Seq(nn.RNN(3, 4), 4)
+def test_nonfinite_gradients_become_events_not_exceptions(device):
+    model = Seq(nn.RNN(3, 4), 4).to(device)
     with gradscope.watch(model) as scope:
-        y = model(torch.randn(5, 2, 3))
+        y = model(torch.randn(5, 2, 3).to(device))
         (y * float("nan")).sum().backward()
         model.zero_grad()
-        train_steps(model, torch.randn(5, 2, 3))
+        train_steps(model, torch.randn(5, 2, 3).to(device))
     rec = scope.recording
     kinds = {(e.get("site"), e.get("param")) for e in rec.events}
     assert ("rnn.l0", None) in kinds
@@ -328,10 +336,12 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("every,bitwise", [(2, True), (1, False)], ids=["off-schedule", "on-schedule"])
-def test_outputs_and_gradients_equal_unwatched(every, bitwise):
+def test_outputs_and_gradients_equal_unwatched(every, bitwise, device):
+    # Off schedule the untouched module runs (cuDNN's own kernel on a GPU): bitwise. On schedule the
+    # replay recomputes it: equal to the replay tolerance (float32, TF32 off in conftest.py).
     torch.manual_seed(0)
-    model = Seq(nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2), 4)
-    xs = [torch.randn(7, 2, 3) for _ in range(3)]
+    model = Seq(nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2), 4).to(device)
+    xs = [torch.randn(7, 2, 3).to(device) for _ in range(3)]
     ref_out, ref_g = [], []
     for x in xs:
         model.zero_grad()
@@ -355,12 +365,12 @@ def test_outputs_and_gradients_equal_unwatched(every, bitwise):
     assert scope.step == 3
 
 
-def test_hooks_removed_after_normal_exit_and_close_twice():
-    model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True, readout=nn.Linear(4, 1))
-    model2 = Seq(nn.GRU(3, 4, bidirectional=True), 8)
+def test_hooks_removed_after_normal_exit_and_close_twice(device):
+    model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True, readout=nn.Linear(4, 1)).to(device)
+    model2 = Seq(nn.GRU(3, 4, bidirectional=True), 8).to(device)
     for m in (model, model2):
         scope = gradscope.watch(m)
-        train_steps(m, torch.randn(5, 2, 3))
+        train_steps(m, torch.randn(5, 2, 3).to(device))
         scope.close()
         scope.close()
         assert_no_hooks(m)
@@ -368,9 +378,9 @@ def test_hooks_removed_after_normal_exit_and_close_twice():
             pass
 
 
-def test_hooks_removed_after_exception_in_block():
-    model = Seq(nn.LSTM(3, 4), 4)
-    x = torch.randn(5, 2, 3)
+def test_hooks_removed_after_exception_in_block(device):
+    model = Seq(nn.LSTM(3, 4), 4).to(device)
+    x = torch.randn(5, 2, 3).to(device)
     with pytest.raises(ZeroDivisionError):
         with gradscope.watch(model):
             y = model(x)  # graph with state hooks pending
@@ -379,19 +389,19 @@ def test_hooks_removed_after_exception_in_block():
     y.sum().backward()  # the pending graph can still be used and nothing fires
 
 
-def test_hooks_removed_when_exception_in_backward_region():
-    model = CellLoop(nn.GRUCell(3, 4), 4)
+def test_hooks_removed_when_exception_in_backward_region(device):
+    model = CellLoop(nn.GRUCell(3, 4), 4).to(device)
     with pytest.raises(RuntimeError):
         with gradscope.watch(model):
-            y = model(torch.randn(5, 2, 3))
+            y = model(torch.randn(5, 2, 3).to(device))
             y.backward()  # non-scalar: torch raises
     assert_no_hooks(model)
 
 
-def test_model_without_sites_records_parameter_norms():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+def test_model_without_sites_records_parameter_norms(device):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).to(device)
     with gradscope.watch(model) as scope:
-        train_steps(model, torch.randn(8, 3), n=2)
+        train_steps(model, torch.randn(8, 3).to(device), n=2)
     rec = scope.recording
     assert rec.sites == ()
     assert any("no recurrent" in n for n in rec.notes)
@@ -400,9 +410,9 @@ def test_model_without_sites_records_parameter_norms():
     np.testing.assert_allclose(norms["2.bias"][-1], model[2].bias.grad.norm().item() / 2, rtol=1e-6)
 
 
-def test_parameter_norms_are_this_steps_gradient_not_the_accumulated_one():
-    model = Seq(nn.RNN(3, 4), 4)
-    x = torch.randn(5, 2, 3)
+def test_parameter_norms_are_this_steps_gradient_not_the_accumulated_one(device):
+    model = Seq(nn.RNN(3, 4), 4).to(device)
+    x = torch.randn(5, 2, 3).to(device)
     with gradscope.watch(model) as scope:
         model(x).sum().backward()
         g1 = model.head.weight.grad.norm().item()
@@ -461,10 +471,10 @@ def test_unsupported_modules_are_reported():
     assert "overrides forward" in rec.unsupported[0]["reason"]
 
 
-def test_probe_every_measures_on_scheduled_training_batches():
-    model = Seq(nn.LSTM(3, 6), 6)
+def test_probe_every_measures_on_scheduled_training_batches(device):
+    model = Seq(nn.LSTM(3, 6), 6).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(12, 2, 3)
+    x = torch.randn(12, 2, 3).to(device)
 
     with gradscope.watch(model, every=2, probe_every=3, probe_options={"k": 2}) as scope:
         for i in range(7):
@@ -483,10 +493,10 @@ def test_probe_every_measures_on_scheduled_training_batches():
     assert "jacobian_norms" in diag.site_summary("rnn.l0")["evidence_used"]
 
 
-def test_probe_every_does_not_change_results():
+def test_probe_every_does_not_change_results(device):
     torch.manual_seed(0)
-    model = CellLoop(nn.GRUCell(3, 5), 5, readout=nn.Linear(5, 1)).double()
-    x = torch.randn(8, 2, 3, dtype=torch.float64)
+    model = CellLoop(nn.GRUCell(3, 5), 5, readout=nn.Linear(5, 1)).double().to(device)
+    x = torch.randn(8, 2, 3, dtype=torch.float64).to(device)
     y0 = model(x)
     y0.sum().backward()
     g0 = [p.grad.clone() for p in model.parameters()]
@@ -538,13 +548,13 @@ def test_torch_compile_records_what_eager_records(backend, order):
     assert_no_hooks(model)
 
 
-def test_history_thinning_keeps_rows_exact_with_varying_lengths():
+def test_history_thinning_keeps_rows_exact_with_varying_lengths(device):
     torch.manual_seed(0)
-    rnn = nn.GRU(2, 3)
+    rnn = nn.GRU(2, 3).to(device)
     lengths = [6, 3, 5, 2, 6, 4, 3, 6, 2, 5, 4, 3]
     with gradscope.watch(rnn, max_steps=4) as scope:
         for T in lengths:
-            out, _ = rnn(torch.randn(T, 2, 2))
+            out, _ = rnn(torch.randn(T, 2, 2).to(device))
             out.pow(2).sum().backward()
     rec = scope.recording
     g, lens = rec.grad_norms("l0"), rec.seq_lens("l0")
@@ -552,3 +562,20 @@ def test_history_thinning_keeps_rows_exact_with_varying_lengths():
     for step, row, n in zip(rec.steps, g, lens):
         assert n == lengths[step]
         assert np.all(np.isfinite(row[:n])) and np.all(row[:n] > 0) and np.all(np.isnan(row[n:]))
+
+
+@pytest.mark.parametrize("batched, given", [(True, True), (True, False), (False, True), (False, False)])
+def test_op_by_op_lstm_cell_equals_nn_lstmcell(batched, given):
+    # what the watch runs for nn.LSTMCell on scheduled accelerator passes (there the fused cell
+    # would hide the path c_t -> h_t from a hook on c_t)
+    from gradscope.capture.scope import _lstm_cell_ops
+
+    cell = nn.LSTMCell(3, 5).double()
+    x = torch.randn(4, 3, dtype=torch.float64) if batched else torch.randn(3, dtype=torch.float64)
+    shape = (4, 5) if batched else (5,)
+    hx = (torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)) if given else None
+    want = cell(x, hx)
+    got = _lstm_cell_ops(cell, x, hx)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -115,10 +115,10 @@ ZOO = [
 
 @pytest.mark.parametrize("T", [50, 500])
 @pytest.mark.parametrize("name,make,exp50,exp500,why", ZOO, ids=[z[0] for z in ZOO])
-def test_zoo_regime(name, make, exp50, exp500, why, T):
+def test_zoo_regime(name, make, exp50, exp500, why, T, device):
     torch.manual_seed(0)
-    model = make()
-    x = torch.randn(T, 2, 2, dtype=torch.float64)
+    model = make().to(device)
+    x = torch.randn(T, 2, 2, dtype=torch.float64).to(device)
     rec = gradscope.probe(model, x, jacobian_samples=2, k=2)
     diag = gradscope.diagnose(rec)
     expected = exp50 if T == 50 else exp500

@@ -524,6 +524,20 @@ def _seeded(model: nn.Module, seed: int):
         yield
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with the fused RNN weights of the copy in one cuDNN chunk again.
+
+    A deep copy gives each weight its own storage; on the GPU every cuDNN call would then compact
+    them afresh and warn ("not part of single contiguous chunk of memory"). On the CPU this is a
+    no-op.
+    """
+    work = copy.deepcopy(model)
+    for m in work.modules():
+        if isinstance(m, nn.RNNBase):
+            m.flatten_parameters()
+    return work
+
+
 def _probe(model, batch, loss_fn, target, sites, seed, threshold):
     from ..capture.probe import probe
 
@@ -715,7 +729,7 @@ def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None,
     results: List[TrialResult] = []
     for name, targets in plan:
         applier = _APPLIERS[name][0]
-        work = copy.deepcopy(model)
+        work = _copy(model)
         try:
             with _seeded(work, seed):
                 work, renames, applied = applier(work, targets, {"batch": batch, "seed": seed})

@@ -158,7 +158,7 @@ def rank_residual(X: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         0.0
     """
     r, _, n = _token_sums(X, valid)
-    return r / n if n > 0 else torch.tensor(float("nan"))
+    return _mean_or_nan(r, n)
 
 
 def token_cosine(X: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -169,7 +169,12 @@ def token_cosine(X: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         1.0
     """
     _, c, n = _token_sums(X, valid)
-    return c / n if n > 0 else torch.tensor(float("nan"))
+    return _mean_or_nan(c, n)
+
+
+def _mean_or_nan(total: Tensor, n: Tensor) -> Tensor:
+    """total / n, NaN where n = 0; on their device, without a host synchronisation."""
+    return torch.where(n > 0, total / n.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 @torch.no_grad()
@@ -278,15 +283,19 @@ class _Scores:
     def chunk(self) -> int:
         return max(1, _CHUNK_ELEMENTS // max(1, self.B * self.H * self.S))
 
-    def key_padding(self) -> Optional[Tensor]:
-        """bool ``[B, positions]``: keys no query of any head may attend (padding), or None."""
+    def key_padding(self) -> Tensor:
+        """bool ``[B, positions]``: keys no query of any head may attend (padding).
+
+        Always a tensor (all False without padding): asking whether any key is padding would
+        synchronise with the device once per attention module and step. Every use treats an
+        all-False mask exactly as no mask.
+        """
         seen = torch.zeros(self.B, self.S, dtype=torch.bool, device=self.device)
         c = self.chunk()
         for i0 in range(0, self.T, c):
             a = self.allowed(i0, min(self.T, i0 + c))
             seen |= a.any(dim=2).any(dim=1).expand(self.B, self.S)
-        pad = ~seen[:, :self.positions]
-        return pad if bool(pad.any()) else None
+        return ~seen[:, :self.positions]
 
     def entropy_sums(self, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         qv = ~pad if pad is not None and self.T == self.positions else None
@@ -847,7 +856,7 @@ class AttentionCapture:
 
     def _on_qkv_grad(self, site, rel, slices, grad):
         scope = self.scope
-        if scope.closed:
+        if scope.closed or grad is None:  # None: an output of a multi-output node got no gradient
             return
         g = grad.detach()
         for which, dim, s0, s1 in slices:
@@ -980,7 +989,7 @@ class AttentionCapture:
 
     def _on_input_grad(self, site, bf, pad, xref, grad):
         scope = self.scope
-        if scope.closed or (self._vjp_root is not None and xref() is self._vjp_root):
+        if grad is None or scope.closed or (self._vjp_root is not None and xref() is self._vjp_root):
             return  # the root of our own vector-Jacobian product: counted by the ordinary pass
         with torch.no_grad():
             g = _bpe(grad.detach(), bf)
@@ -994,7 +1003,7 @@ class AttentionCapture:
             scope._keys.append(("vec", site, "h"))
 
     def _vjp_input(self, y, x, grad):
-        if self.scope.closed or x.grad_fn is None:
+        if grad is None or self.scope.closed or x.grad_fn is None:
             return
         if torch._C._will_engine_execute_node(x.grad_fn):
             return  # the ordinary backward reaches the input: its hook fires by itself
@@ -1212,6 +1221,8 @@ class AttentionCapture:
         nb = max(1, min(B, samples, 2))
         N = int(P * int(np.prod(feat)))
         pad = first["pad"]
+        if pad is not None and not bool(pad[:nb].any()):  # the probe may synchronise; the step may not
+            pad = None
         keep = None if pad is None else (~pad[:nb]).to(x0.dtype)[:, :, None]           # [nb, P, 1]
         modes = [(m, m.training) for b in blks for m in b.module.modules()]
         for b in blks:

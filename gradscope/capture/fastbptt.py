@@ -59,6 +59,15 @@ def _fused_single(kind: str, x: Tensor, hx, weights, reverse: bool):
     if reverse:
         x = x.flip(0)
     has_bias = len(weights) >= 4 and weights[2] is not None
+    if not has_bias and x.is_cuda:
+        # A bias-free layer's weights are views into the module's flat cuDNN buffer. For the first
+        # layer they sit at its start, and cuDNN takes the buffer as this one layer's weights and
+        # reads the next layer's weights where its biases would be (wrong outputs, seen for
+        # bias=False with 2 layers or 2 directions). Explicit zero biases (the same function) make
+        # cuDNN copy the weights into a buffer of its own instead.
+        zero = torch.zeros(weights[1].shape[0], dtype=weights[1].dtype, device=weights[1].device)
+        weights = [weights[0], weights[1], zero, zero] + list(weights[4:])
+        has_bias = True
     params = [w for w in weights if w is not None]
     with warnings.catch_warnings():
         # cuDNN asks for one contiguous weight chunk; these are the module's own per-layer weights.

@@ -132,7 +132,7 @@ def _weight_stats(step) -> Dict[str, float]:
     # effective bias of the gate that keeps memory: LSTM forget (block 1), GRU update (block 1)
     if G in (3, 4):
         H = step.hidden_size
-        b = torch.zeros(H, dtype=torch.float64)
+        b = torch.zeros(H, dtype=torch.float64, device=W.device)
         for bias in (step.bias_ih, step.bias_hh):
             if bias is not None:
                 b = b + bias.detach().double()[H:2 * H]

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
@@ -272,6 +273,9 @@ class Scope:
             for name, m in self._fused.items():
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
+            for name, m in names.items():
+                if type(m).forward is nn.LSTMCell.forward:
+                    self._patch_lstm_cell(m)
             if self._attn_layout.blocks:
                 self._attn = AttentionCapture(self, self._attn_layout)
                 self._attn.install(self._wanted)
@@ -335,6 +339,29 @@ class Scope:
         m.forward = forward  # instance attribute; removed by close()
         self._patched.append(m)
         self._claim(m)
+
+    def _patch_lstm_cell(self, m: nn.Module) -> None:
+        """On an accelerator nn.LSTMCell is one fused kernel whose autograd node outputs c_t and
+        computes h_t from it internally, so a hook on c_t would miss the path c_t → h_t. On
+        scheduled passes with device tensors the cell runs op by op instead (same formula; within
+        the replay tolerance), so ∂L/∂c_t is total. CPU tensors and unscheduled passes run the
+        module's own forward, unchanged."""
+        cls_forward = type(m).forward
+        scope_ref = weakref.ref(self)
+
+        def forward(input, hx=None):
+            scope = scope_ref()
+            p = scope._current if scope is not None and not scope.closed else None
+            if (p is None or not p.scheduled or input.device.type == "cpu" or not torch.is_grad_enabled()):
+                return cls_forward(m, input, hx)
+            return _lstm_cell_ops(m, input, hx)
+
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
+        if disable is not None:
+            forward = disable(forward)
+        forward.__gradscope__ = True  # type: ignore[attr-defined]
+        m.forward = forward
+        self._patched.append(m)
 
     def _claim(self, m: nn.Module) -> None:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
@@ -440,13 +467,14 @@ class Scope:
 
     def _on_state_grad(self, key, grad):
         # Keep the gradient itself; the norms of all of a step's states are taken at the end of the
-        # backward pass in one batched op per shape (cheaper than one norm call per hook).
-        if not self.closed:
+        # backward pass in one batched op per shape (cheaper than one norm call per hook). A None
+        # gradient (an output no later op used, e.g. the last c of a fused CUDA cell) adds nothing.
+        if grad is not None and not self.closed:
             self._raw.append(grad.detach())
             self._keys_raw.append(key)
 
     def _on_param_grad(self, i, grad):
-        if not self.closed:
+        if grad is not None and not self.closed:
             self._vals.append(_norm(grad.detach()))
             self._keys.append(("param", i))
 
@@ -628,7 +656,8 @@ class Scope:
         for i, v in enumerate(vals):
             groups[v.device].append(i)
         for idx in groups.values():
-            flat = torch.cat([vals[i].detach().reshape(-1).to(torch.float64) for i in idx]).cpu().numpy()
+            wide = torch.float32 if idx and vals[idx[0]].device.type == "mps" else torch.float64  # MPS: no float64
+            flat = torch.cat([vals[i].detach().reshape(-1).to(wide) for i in idx]).cpu().numpy()
             lst = flat.tolist() if any(vals[i].dim() == 0 for i in idx) else None
             pos = 0
             for i in idx:
@@ -771,7 +800,7 @@ class Scope:
         notes = list(self._notes)
         if not sites and self._discovered and not any("no recurrent" in n for n in notes):
             notes.append("no recurrent or attention site found; parameter gradient norms are still recorded.")
-        meta = {"gradscope_version": __version__, "torch_version": torch.__version__,
+        meta = {"gradscope_version": __version__, "torch_version": str(torch.__version__),
                 "model": type(self.model).__name__, "compiled": self.compiled is not None,
                 "ddp": self.ddp is not None, "every": self.every,
                 "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
@@ -893,6 +922,23 @@ def _attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
 def _is_compiled(model: nn.Module) -> bool:
     """True for the wrapper torch.compile returns (``OptimizedModule``)."""
     return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def _lstm_cell_ops(m: nn.Module, input: Tensor, hx=None):
+    """nn.LSTMCell's forward written op by op (gate order i, f, g, o), so c_t is an ordinary
+    graph node whose gradient includes the path through h_t."""
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    if hx is None:
+        zeros = x.new_zeros(x.shape[0], m.hidden_size)
+        h, c = zeros, zeros
+    else:
+        h, c = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+    gates = F.linear(x, m.weight_ih, m.bias_ih) + F.linear(h, m.weight_hh, m.bias_hh)
+    i, f, g, o = gates.chunk(4, dim=1)
+    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h1 = torch.sigmoid(o) * torch.tanh(c1)
+    return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
 
 
 def _is_ddp(model: nn.Module) -> bool:

@@ -51,15 +51,18 @@ class _GateAccumulator:
         self.low = {}
         self.high = {}
         self.sums = {}
+        self.count = {}
         self.keep_unit = None
         self.active_unit = None
         self.count_units = 0
 
     def add(self, name: str, g: Tensor) -> None:
-        self.low[name] = self.low.get(name, 0.0) + float((g < 0.1).sum())
-        self.high[name] = self.high.get(name, 0.0) + float((g > 0.9).sum())
-        self.sums[name] = self.sums.get(name, 0.0) + float(g.sum())
-        self.sums[name + "#n"] = self.sums.get(name + "#n", 0) + g.numel()
+        # Running sums stay on g's device (float64: the same sums as adding Python floats) and
+        # reach the host once, in result(): no synchronisation per time step.
+        self.low[name] = self.low.get(name, 0) + (g < 0.1).sum()
+        self.high[name] = self.high.get(name, 0) + (g > 0.9).sum()
+        self.sums[name] = self.sums.get(name, 0) + g.sum().double()
+        self.count[name] = self.count.get(name, 0) + g.numel()
 
     def add_keep(self, g: Tensor) -> None:
         """The gate that keeps memory (LSTM forget, GRU update): per-unit mean for τ."""
@@ -69,14 +72,20 @@ class _GateAccumulator:
 
     def result(self, keep: Optional[str]) -> Dict[str, float]:
         out: Dict[str, float] = {}
+        names = list(self.low)
+        low, high, sums = {}, {}, {}
+        if names:  # one host copy for every running sum
+            host = torch.stack([torch.stack([d[n].double() for n in names])
+                                for d in (self.low, self.high, self.sums)]).cpu().tolist()
+            low, high, sums = (dict(zip(names, row)) for row in host)
         tot_low = tot_high = tot_n = 0.0
-        for name in self.low:
-            n = self.sums[name + "#n"]
-            out[f"{name}_low"] = self.low[name] / n
-            out[f"{name}_high"] = self.high[name] / n
-            out[f"{name}_mean"] = self.sums[name] / n
-            tot_low += self.low[name]
-            tot_high += self.high[name]
+        for name in names:
+            n = self.count[name]
+            out[f"{name}_low"] = low[name] / n
+            out[f"{name}_high"] = high[name] / n
+            out[f"{name}_mean"] = sums[name] / n
+            tot_low += low[name]
+            tot_high += high[name]
             tot_n += n
         if tot_n:
             out["saturated_low"] = tot_low / tot_n
