@@ -85,6 +85,7 @@ def spawn_worker(rank: int, world: int, init_file: str, out: str, steps: int, dt
             merged.save(out)
         with open(f"{out}.rank{rank}", "w") as f:
             f.write("merged" if merged is not None else "None")
+        dist.barrier()  # leave together: a rank tearing down gloo while another still works can abort
     finally:
         dist.destroy_process_group()
 
@@ -119,6 +120,7 @@ def main(argv: Optional[list] = None) -> int:
             if args.out:
                 merged.save(args.out)
                 print(f"saved {args.out}")
+        dist.barrier()  # leave together: a rank tearing down gloo while another still works can abort
     finally:
         dist.destroy_process_group()
     return 0
