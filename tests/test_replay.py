@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from gradscope.capture import fastbptt
 from gradscope.capture.replay import replay_fused
 
 # Problems as data: every recurrent variant meets every check.
@@ -174,3 +175,37 @@ def test_fast_norms_equal_hooked_norms(cls, kw, device):
     assert set(hooked) == set(fast)
     for k in hooked:
         assert fast[k] == pytest.approx(hooked[k], rel=1e-10, abs=1e-300)
+
+
+@pytest.fixture
+def own_lstm_loop(monkeypatch, device):
+    """Force the LSTM fast path's own forward loop (used on the CPU from H >= 128) at any size;
+    yields the list of calls so a test can check the loop really ran."""
+    calls = []
+    real = fastbptt._lstm_forward_loop
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastbptt, "LSTM_OWN_LOOP_MIN_HIDDEN", 0)
+    monkeypatch.setattr(fastbptt, "_lstm_forward_loop", spy)
+    yield calls
+    if device.type == "cpu":
+        assert calls, "the own forward loop never ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
+@pytest.mark.parametrize("cls,kw", [s for s in SETTINGS if s.values[0] is nn.LSTM])
+def test_fast_lstm_own_forward_loop_matches_fused(cls, kw, given_h, dtype, device, own_lstm_loop):
+    test_fast_replay_matches_fused(cls, kw, given_h, dtype, device)
+
+
+@pytest.mark.parametrize("kw", [{}, {"proj_size": 2}])
+def test_fast_lstm_own_forward_loop_norms_equal_hooked_norms(kw, device, own_lstm_loop):
+    test_fast_norms_equal_hooked_norms(nn.LSTM, kw, device)
+
+
+def test_fast_lstm_own_forward_loop_with_dropout_and_input_gradients(own_lstm_loop):
+    test_fast_replay_dropout_and_input_gradients(nn.LSTM)
