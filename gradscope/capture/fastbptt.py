@@ -102,13 +102,13 @@ def _lstm_forward_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse: bool):
     TC = torch.empty(T, B, H, **kw)
     OUT = torch.empty(T, B, OUT_SIZE, **kw)
     HH = torch.empty(T, B, H, **kw) if w_hr is not None else None
-    pre, ig = torch.empty(B, 4 * H, **kw), torch.empty(B, H, **kw)
+    ig = torch.empty(B, H, **kw)
     whT, wrT = w_hh.t(), (w_hr.t() if w_hr is not None else None)
     XW_t, SIG_t, G_t, C_t, TC_t, OUT_t = (a.unbind(0) for a in (XW, SIG, G, C, TC, OUT))
     HH_t = HH.unbind(0) if HH is not None else None
     h, c = h0, c0
     for t in _order(T, reverse):
-        torch.addmm(XW_t[t], h, whT, out=pre)
+        pre = XW_t[t].addmm_(h, whT)  # in place: the input part is not needed again
         sg = torch.sigmoid(pre, out=SIG_t[t])
         g = torch.tanh(pre[:, 2 * H:3 * H], out=G_t[t])
         torch.mul(sg[:, :H], g, out=ig)
@@ -173,14 +173,16 @@ class _LSTMLayer(torch.autograd.Function):
         torch.mul(K[:, :, 3], TC, out=K[:, :, 3])                                  # tanh(c) · o(1−o)
         Kc = o * (1 - TC * TC)
         dG = torch.empty(T, B, 4, H, dtype=x.dtype, device=x.device)
-        DH = torch.empty_like(OUT)
+        DH = g_out.clone(memory_format=torch.contiguous_format)  # + recurrent part, in place below
         DC = torch.empty_like(C)
         # Per-step views made once (unbind) rather than indexed in the loop: fewer Python ops.
         dG_t, DH_t, DC_t = dG.unbind(0), DH.unbind(0), DC.unbind(0)
-        K_t, Kc_t, f_t, g_t = K.unbind(0), Kc.unbind(0), f.unbind(0), g_out.unbind(0)
+        K_t, Kc_t, f_t = K.unbind(0), Kc.unbind(0), f.unbind(0)
         dGv_t = dG.view(T, B, 4 * H).unbind(0)
         order = list(reversed(_order(T, ctx.reverse)))
-        dh = torch.add(g_t[order[0]], _zeros_if_none(g_hT, h0), out=DH_t[order[0]])
+        dh = DH_t[order[0]]
+        if g_hT is not None:
+            dh.add_(g_hT)
         dc_rec = _zeros_if_none(g_cT, c0)
         for n, t in enumerate(order):
             dhh = dh @ w_hr if w_hr is not None else dh
@@ -189,7 +191,7 @@ class _LSTMLayer(torch.autograd.Function):
             dc_rec = dc * f_t[t]
             if n + 1 < T:
                 nxt = order[n + 1]
-                dh = torch.addmm(g_t[nxt], dGv_t[t], w_hh, out=DH_t[nxt])
+                dh = DH_t[nxt].addmm_(dGv_t[t], w_hh)
             else:
                 dh = dGv_t[t] @ w_hh  # gradient of h0
         ctx.sink({"h": _step_norms(DH), "c": _step_norms(DC)})
