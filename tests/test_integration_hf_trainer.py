@@ -195,3 +195,10 @@ def test_missing_transformers_raises_with_install_line(monkeypatch):
     with pytest.raises(GradscopeError, match=r'GradscopeTrainerCallback needs transformers.*'
                                              r'pip install "gradscope\[trainer\]"'):
         mod.GradscopeTrainerCallback()
+
+
+@pytest.mark.parametrize("kw, msg", [({"every": 0}, "every must be a positive integer"),
+                                     ({"probe_every": -1}, "probe_every must be a positive integer")])
+def test_bad_watch_options_are_refused_when_the_callback_is_made(kw, msg):
+    with pytest.raises(GradscopeError, match=msg):
+        GradscopeTrainerCallback(**kw)

@@ -237,13 +237,13 @@ def test_bad_log_every_is_refused(bad):
         GradscopeCallback(log_every=bad)
 
 
-def test_bad_watch_option_is_refused_at_fit_start_without_hooks(tmp_path):
-    model = LitLSTM()
-    cb = GradscopeCallback(every=0)
-    with pytest.raises(GradscopeError, match="every must be a positive integer"):
-        _fit(model, cb, tmp_path)
-    assert_no_hooks(model)
-    assert "training_step" not in model.__dict__
+@pytest.mark.parametrize("kw, msg", [({"every": 0}, "every must be a positive integer"),
+                                     ({"probe_every": 0}, "probe_every must be a positive integer"),
+                                     ({"max_steps": 1}, "max_steps must be an integer >= 2"),
+                                     ({"probe_options": {"kk": 2}}, r"unknown probe option\(s\) \['kk'\]")])
+def test_bad_watch_options_are_refused_when_the_callback_is_made(kw, msg):
+    with pytest.raises(GradscopeError, match=msg):
+        GradscopeCallback(**kw)
 
 
 def test_missing_lightning_raises_with_install_line(monkeypatch):

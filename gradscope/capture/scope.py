@@ -180,19 +180,8 @@ class Scope:
             else:
                 break
         _check_model(model)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise GradscopeError(
-                f"every must be a positive integer (record one step in `every`), got {every!r}. "
-                f"Use every=1 to record every step.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
-            raise GradscopeError(f"max_steps must be an integer >= 2, got {max_steps!r}.")
-        if probe_every is not None and (isinstance(probe_every, bool) or not isinstance(probe_every, int)
-                                        or probe_every < 1):
-            raise GradscopeError(f"probe_every must be a positive integer or None, got {probe_every!r}.")
-        allowed = {"jacobians", "lyapunov", "k", "jacobian_samples", "threshold", "progress"}
-        bad = set(probe_options or {}) - allowed
-        if bad:
-            raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
+        check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
+                            probe_options=probe_options)
         for m in model.modules():
             ref = _ACTIVE.get(m)
             other = ref() if ref is not None else None
@@ -955,6 +944,27 @@ def _dense_len(m: nn.Module, input) -> int:
     if input.dim() == 2:
         return input.shape[0]
     return input.shape[1] if m.batch_first else input.shape[0]
+
+
+def check_watch_options(*, every: int = 1, max_steps: int = 10_000, probe_every: Optional[int] = None,
+                        probe_options: Optional[Dict[str, Any]] = None) -> None:
+    """Raise :class:`GradscopeError` for a bad :func:`watch` option (used by watch() and by the
+    framework callbacks, which check their options when they are made)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GradscopeError(
+            f"every must be a positive integer (record one step in `every`), got {every!r}. "
+            f"Use every=1 to record every step.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
+        raise GradscopeError(f"max_steps must be an integer >= 2, got {max_steps!r}.")
+    if probe_every is not None and (isinstance(probe_every, bool) or not isinstance(probe_every, int)
+                                    or probe_every < 1):
+        raise GradscopeError(f"probe_every must be a positive integer or None, got {probe_every!r}.")
+    allowed = {"jacobians", "lyapunov", "k", "jacobian_samples", "threshold", "progress"}
+    if probe_options is not None and not isinstance(probe_options, dict):
+        raise GradscopeError(f"probe_options must be a dict of probe keywords, got {type(probe_options).__name__}.")
+    bad = set(probe_options or {}) - allowed
+    if bad:
+        raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
 
 
 def _check_model(model) -> None:

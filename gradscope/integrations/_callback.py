@@ -36,6 +36,10 @@ class WatchingCallback:
 
     def _init_watch(self, *, every: int, sites: Optional[Sequence[str]], max_steps: int,
                     probe_every: Optional[int], probe_options: Optional[Dict[str, Any]]) -> None:
+        from ..capture.scope import check_watch_options
+
+        check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
+                            probe_options=probe_options)
         self.every = every
         self.sites = sites
         self.max_steps = max_steps

@@ -117,8 +117,8 @@ class GradscopeCallback(WatchingCallback, _Callback or object):
 
     Raises:
         GradscopeError: Lightning is not installed; ``log_every`` is not a positive integer; fit
-            starts with something that is not an ``nn.Module``. The watch options are checked by
-            :func:`gradscope.watch` when fit starts.
+            starts with something that is not an ``nn.Module``; a bad watch option (``every``,
+            ``probe_every``, ``max_steps``, ``probe_options``), checked when the callback is made.
 
     Example:
         >>> from gradscope.integrations.lightning import GradscopeCallback

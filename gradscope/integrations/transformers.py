@@ -77,8 +77,8 @@ class GradscopeTrainerCallback(WatchingCallback, _TrainerCallback or object):
 
     Raises:
         GradscopeError: ``transformers`` is not installed; training starts with something that is
-            not an ``nn.Module``. The watch options are checked by :func:`gradscope.watch` when
-            training starts.
+            not an ``nn.Module``; a bad watch option (``every``, ``probe_every``, ``max_steps``,
+            ``probe_options``), checked when the callback is made.
 
     Example:
         >>> from gradscope.integrations.transformers import GradscopeTrainerCallback
