@@ -579,3 +579,34 @@ def test_op_by_op_lstm_cell_equals_nn_lstmcell(batched, given):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monkeypatch):
+    # On accelerators nn.LSTMCell is fused and hides c_t -> h_t from a hook on c_t; there the watch
+    # swaps in the op-by-op cell for scheduled passes only. Pretend the CPU is such a device.
+    from gradscope.capture import scope as scope_mod
+
+    model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
+    plain = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    with gradscope.watch(plain, every=2) as ref:  # the reference: the module's own cell
+        for step in range(3):
+            plain(x).pow(2).sum().backward()
+    calls = []
+    real = scope_mod._lstm_cell_ops
+    monkeypatch.setattr(scope_mod, "_fused_cell_device", lambda device: True)
+    monkeypatch.setattr(scope_mod, "_lstm_cell_ops", lambda *a: calls.append(1) or real(*a))
+    with gradscope.watch(model, every=2) as scope:
+        for step in range(3):
+            before = len(calls)
+            out = model(x)
+            assert "forward" not in model.cell.__dict__  # removed again at the end of the pass
+            out.pow(2).sum().backward()
+            assert len(calls) - before == (6 if step % 2 == 0 else 0)  # scheduled passes only
+    assert_no_hooks(model)
+    for state in ("h", "c"):
+        np.testing.assert_allclose(scope.recording.grad_norms("cell", state),
+                                   ref.recording.grad_norms("cell", state), rtol=1e-12)
+    for (n, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

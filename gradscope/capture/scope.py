@@ -222,6 +222,7 @@ class Scope:
         self._cell_handles: List[Any] = []
         self._cell_counter: Dict[str, int] = {}
         self._probe_records: List[Any] = []
+        self._lstm_cells: Dict[nn.Module, Any] = {}
 
         names = dict(model.named_modules())
         self._module_names = {id(m): n for n, m in names.items()}
@@ -262,9 +263,8 @@ class Scope:
             for name, m in self._fused.items():
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
-            for name, m in names.items():
-                if type(m).forward is nn.LSTMCell.forward:
-                    self._patch_lstm_cell(m)
+            self._lstm_cells = {m: self._lstm_cell_forward(m) for m in names.values()
+                                if type(m).forward is nn.LSTMCell.forward}
             if self._attn_layout.blocks:
                 self._attn = AttentionCapture(self, self._attn_layout)
                 self._attn.install(self._wanted)
@@ -329,19 +329,19 @@ class Scope:
         self._patched.append(m)
         self._claim(m)
 
-    def _patch_lstm_cell(self, m: nn.Module) -> None:
+    def _lstm_cell_forward(self, m: nn.Module):
         """On an accelerator nn.LSTMCell is one fused kernel whose autograd node outputs c_t and
-        computes h_t from it internally, so a hook on c_t would miss the path c_t → h_t. On
-        scheduled passes with device tensors the cell runs op by op instead (same formula; within
-        the replay tolerance), so ∂L/∂c_t is total. CPU tensors and unscheduled passes run the
-        module's own forward, unchanged."""
-        cls_forward = type(m).forward
+        computes h_t from it internally, so a hook on c_t would miss the path c_t → h_t. For
+        scheduled passes on such a device this forward (installed by ``_root_pre``, removed by
+        ``_root_post``) runs the cell op by op instead (same formula; within the replay
+        tolerance), so ∂L/∂c_t is total. CPU cells and unscheduled passes are left untouched."""
         scope_ref = weakref.ref(self)
+        cls_forward = type(m).forward
 
         def forward(input, hx=None):
             scope = scope_ref()
             p = scope._current if scope is not None and not scope.closed else None
-            if (p is None or not p.scheduled or input.device.type == "cpu" or not torch.is_grad_enabled()):
+            if p is None or not p.scheduled or not _fused_cell_device(input.device) or not torch.is_grad_enabled():
                 return cls_forward(m, input, hx)
             return _lstm_cell_ops(m, input, hx)
 
@@ -349,8 +349,13 @@ class Scope:
         if disable is not None:
             forward = disable(forward)
         forward.__gradscope__ = True  # type: ignore[attr-defined]
-        m.forward = forward
-        self._patched.append(m)
+        return forward
+
+    def _unpatch_cells(self) -> None:
+        for m in self._lstm_cells:
+            fwd = m.__dict__.get("forward")
+            if getattr(fwd, "__gradscope__", False):
+                del m.__dict__["forward"]
 
     def _claim(self, m: nn.Module) -> None:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
@@ -373,6 +378,9 @@ class Scope:
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
+            for m, fwd in self._lstm_cells.items():
+                if _fused_cell_device(m.weight_ih.device):
+                    m.forward = fwd
             for name, m in self._explicit_cells.items():
                 self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
                                                                   with_kwargs=True))
@@ -387,6 +395,8 @@ class Scope:
         self._current = None
         if p is None or self.closed:
             return
+        if p.scheduled:
+            self._unpatch_cells()
         for h in self._cell_handles:
             h.remove()
         self._cell_handles = []
@@ -870,6 +880,7 @@ class Scope:
             self._attn.close()
         self._discovery_log = None
         self._vals, self._keys, self._raw, self._keys_raw = [], [], [], []
+        self._unpatch_cells()
         for m in self._patched:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
@@ -911,6 +922,12 @@ def _attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
 def _is_compiled(model: nn.Module) -> bool:
     """True for the wrapper torch.compile returns (``OptimizedModule``)."""
     return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def _fused_cell_device(device: torch.device) -> bool:
+    """Whether nn.LSTMCell runs as one fused kernel there (CUDA and other accelerators; the CPU
+    composes it from ordinary ops)."""
+    return device.type != "cpu"
 
 
 def _lstm_cell_ops(m: nn.Module, input: Tensor, hx=None):
