@@ -76,16 +76,20 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup, device=device)
 
 
-NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LSTM` runs the fused kernel
-forward, recomputes every gate from two large products, and back-propagates with a hand-written BPTT
-loop (one `[B, 4H] @ [4H, H]` product and a few elementwise ops per step) that yields the total
-∂L/∂h_t and ∂L/∂c_t. On CPU the plain step uses oneDNN's fused LSTM backward, which a
-Python-driven loop does not match: with 2 threads the large LSTM pays 1.6–1.75× and the small one
-about 2×; with 1 thread the large one measured 0.96–1.4× across runs. GRU and Elman RNN replays
-are at or below the plain step (their autograd backward is slower than the hand-written one).
-Every=50 amortises one such step over 50, so with a 2× scheduled step the floor is 1.02× plus the
-off-schedule cost (one hook on the model's outputs per forward, about 1–2% of a 2.5 ms step).
-Timings on this shared 2-core machine vary by ±5–10% between runs."""
+NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LSTM` back-propagates
+with a hand-written BPTT loop (one `[B, 4H] @ [4H, H]` product and four elementwise ops per step)
+that yields the total ∂L/∂h_t and ∂L/∂c_t; its forward is, on the CPU from H 128, a loop of its own
+that keeps every gate (one product and six elementwise ops per step), below that the fused kernel
+plus one recomputation of all gates. The plain step uses oneDNN's fused forward and backward. For
+H 256, T 200 the watched step costs 1.49–1.6× with 2 threads (it was 1.7–1.9× with fused forward
++ recomputation), 1.38× with 1 thread. For H 64, T 50 each step's few µs of work is far below
+the ~4 µs dispatch cost of an eager op, so the per-step loop (about 20 µs a step) and the bulk
+elementwise work dominate: about 2×; every=50 then amortises to 1.02 + ~1.5% off-schedule cost
+(one hook on the model's outputs and one end-of-backward callback per step, ~40 µs). The user
+LSTMCell loop pays a forward hook and two tensor hooks per time step (~15 µs) plus one multi-tensor
+norm: 1.07–1.09×. GRU and Elman RNN replays are at or below the plain step (their autograd
+backward is slower than the hand-written one). Timings on this shared 2-core machine vary by
+±5–10% between runs (the large-LSTM row has moved between 1.49× and 1.61× on unchanged code)."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). The targets were set
@@ -122,7 +126,7 @@ def main(argv=None):
     ]
     rows = []
     for name, make, size, every, target in cases:
-        n = (10 if size is large else 40) if every == 1 else (100 if size is large else 300)
+        n = (20 if size is large else 60) if every == 1 else (100 if size is large else 300)
         if gpu and every == 1:
             n *= 3  # GPU steps are short: more of them for a stable median
         if args.quick:
