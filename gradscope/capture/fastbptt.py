@@ -189,12 +189,13 @@ class _LSTMLayer(torch.autograd.Function):
         torch.mul(TC, TC, out=sq)
         Kc = torch.addcmul(o, o, sq, value=-1)                                     # o · (1−tanh²c)
         del sq
-        dG = torch.empty(T, B, 4, H, dtype=x.dtype, device=x.device)
+        # Step t's local derivatives are read once, by step t: the gate gradients dG overwrite K
+        # and the cell gradients DC overwrite Kc as the loop goes (two buffers fewer to allocate).
+        dG, DC = K, Kc
         DH = g_out.clone(memory_format=torch.contiguous_format)  # + recurrent part, in place below
-        DC = torch.empty_like(C)
         # Per-step views made once (unbind) rather than indexed in the loop: fewer Python ops.
         dG_t, DH_t, DC_t = dG.unbind(0), DH.unbind(0), DC.unbind(0)
-        K_t, Kc_t, f_t = K.unbind(0), Kc.unbind(0), f.unbind(0)
+        K_t, Kc_t, f_t = dG_t, DC_t, f.unbind(0)
         dGv_t = dG.view(T, B, 4 * H).unbind(0)
         order = list(reversed(_order(T, ctx.reverse)))
         dh = DH_t[order[0]]
