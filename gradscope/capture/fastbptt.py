@@ -88,6 +88,20 @@ def _fused_single(kind: str, x: Tensor, hx, weights, reverse: bool):
 LSTM_OWN_LOOP_MIN_HIDDEN = 128  # H 128, T 100: equal with 2 threads, 13 against 16 ms with 1
 
 
+def _recurrent_weight_grad(dA: Tensor, OUT: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """``Σ_t dA_tᵀ h_{t−1}`` (``dA [T, B, G·H]``, states in position order) as two products over
+    slices, without building the shifted state sequence."""
+    T, B, _ = dA.shape
+    if T == 1:
+        return dA[0].t() @ h0
+    if reverse:  # position t's previous state is h_{t+1}; the last position's is h0
+        body, first = (dA[:-1], OUT[1:]), dA[-1]
+    else:
+        body, first = (dA[1:], OUT[:-1]), dA[0]
+    out = body[0].reshape((T - 1) * B, -1).t() @ body[1].reshape((T - 1) * B, -1)
+    return out.addmm_(first.t(), h0)
+
+
 def _tanh_from_sigmoid(s: Tensor) -> Tensor:
     """``2s − 1`` for ``s = σ(2x)``: tanh(x), within ~2 ulp of 1 absolute (a new tensor)."""
     return torch.add(torch.tensor(-1.0, dtype=s.dtype, device=s.device), s, alpha=2)
@@ -158,7 +172,7 @@ class _LSTMLayer(torch.autograd.Function):
         f_t, C_t = f.unbind(0), C.unbind(0)
         for t in _order(T, reverse):
             c = C_t[t].addcmul_(f_t[t], c)
-        TC = _tanh_from_sigmoid(torch.mul(C, 2).sigmoid_())
+        TC = torch.mul(C, 2).sigmoid_().mul_(2).sub_(1)  # tanh(c) = 2σ(2c) − 1, one buffer
         HH = o * TC if w_hr is not None else None
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT)
         ctx.reverse, ctx.sink, ctx.has_bias = reverse, sink, b_ih is not None
@@ -217,7 +231,7 @@ class _LSTMLayer(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = (dGf @ w_ih).view(T, B, -1) if need[0] else None
         dw_ih = dGf.t() @ x.reshape(T * B, -1) if need[3] else None
-        dw_hh = dGf.t() @ _prev(OUT, h0, ctx.reverse).reshape(T * B, -1) if need[4] else None
+        dw_hh = _recurrent_weight_grad(dG.view(T, B, 4 * H), OUT, h0, ctx.reverse) if need[4] else None
         db = dGf.sum(0) if ctx.has_bias else None
         dw_hr = DH.view(T * B, -1).t() @ HH.view(T * B, H) if w_hr is not None and need[7] else None
         return dx, dh, dc_rec, dw_ih, dw_hh, db, db, dw_hr, None, None
