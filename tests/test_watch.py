@@ -610,3 +610,23 @@ def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monk
                                    ref.recording.grad_norms("cell", state), rtol=1e-12)
     for (n, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_state_gradients_are_normed_in_chunks_during_backward(monkeypatch):
+    # long sequences must not keep every state gradient alive until the end of the backward pass
+    from gradscope.capture import scope as scope_mod
+
+    model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
+    x = torch.randn(9, 2, 3, dtype=torch.float64)
+    with gradscope.watch(model) as ref:
+        model(x).pow(2).sum().backward()
+    monkeypatch.setattr(scope_mod, "_NORM_CHUNK", 3)
+    held = []
+    with gradscope.watch(model) as scope:
+        real = scope._on_state_grad
+        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._raw))] and None)
+        model(x).pow(2).sum().backward()
+    assert held and max(held) < 3
+    for state in ("h", "c"):
+        np.testing.assert_allclose(scope.recording.grad_norms("cell", state),
+                                   ref.recording.grad_norms("cell", state), rtol=1e-14)

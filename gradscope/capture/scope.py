@@ -48,6 +48,7 @@ __all__ = ["watch", "Scope"]
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # torch._foreach_norm: the multi-tensor norm clip_grad_norm_ uses (private, present since torch 1.13)
 _FOREACH_NORM = getattr(torch, "_foreach_norm", None)
+_NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
@@ -471,6 +472,28 @@ class Scope:
         if grad is not None and not self.closed:
             self._raw.append(grad.detach())
             self._keys_raw.append(key)
+            if len(self._raw) >= _NORM_CHUNK:
+                self._norm_raw()
+
+    def _norm_raw(self) -> None:
+        """Norms of the state gradients kept so far, in one multi-tensor op per dtype and device;
+        run every ``_NORM_CHUNK`` gradients during the backward pass (so they are not all held
+        until its end) and once more at its end."""
+        raw, raw_keys = self._raw, self._keys_raw
+        self._raw, self._keys_raw = [], []
+        groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
+        for i, g in enumerate(raw):
+            full = g.dtype in (torch.float32, torch.float64) and _FOREACH_NORM is not None
+            groups_raw[(g.dtype, g.device) if full else (tuple(g.shape), g.dtype, g.device)].append(i)
+        for key, idx in groups_raw.items():
+            if len(key) == 2:
+                # one multi-tensor kernel over the whole list: no copy of the gradients
+                norms = torch.stack(_FOREACH_NORM([raw[i] for i in idx]))
+            else:  # reduced precision (autocast): accumulate in float32 over a stacked copy
+                stacked = torch.stack([raw[i] for i in idx])
+                norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=torch.float32)
+            self._vals.append(norms)
+            self._keys.append(("multi", [raw_keys[i] for i in idx]))
 
     def _on_param_grad(self, i, grad):
         if grad is not None and not self.closed:
@@ -620,24 +643,9 @@ class Scope:
 
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
+        self._norm_raw()
         vals, keys = self._vals, self._keys
         self._vals, self._keys = [], []
-        raw, raw_keys = self._raw, self._keys_raw
-        self._raw, self._keys_raw = [], []
-        groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
-        for i, g in enumerate(raw):
-            full = g.dtype in (torch.float32, torch.float64) and _FOREACH_NORM is not None
-            groups_raw[(g.dtype, g.device) if full else (tuple(g.shape), g.dtype, g.device)].append(i)
-        for key, idx in groups_raw.items():
-            if len(key) == 2:
-                # one multi-tensor kernel over the whole list: no copy of the gradients
-                norms = torch.stack(_FOREACH_NORM([raw[i] for i in idx]))
-            else:  # reduced precision (autocast): accumulate in float32 over a stacked copy
-                stacked = torch.stack([raw[i] for i in idx])
-                norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=torch.float32)
-            vals.append(norms)
-            keys.append(("multi", [raw_keys[i] for i in idx]))
-        del raw
         attn_items: List[Tuple[Tuple, Any]] = []
         if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
             av, ak = self._attn.pass_values(passes)
