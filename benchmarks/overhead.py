@@ -80,17 +80,18 @@ NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LS
 with a hand-written BPTT loop (one `[B, 4H] @ [4H, H]` product and four elementwise ops per step)
 that yields the total ∂L/∂h_t and ∂L/∂c_t; its forward is, on the CPU from H 128, a loop of its own
 that keeps every gate (one product and six elementwise ops per step), below that the fused kernel
-plus one recomputation of all gates. The plain step uses oneDNN's fused forward and backward. For
-H 256, T 200 the watched step costs 1.49–1.65× with 2 threads across today's runs (it was 1.7–1.9× with fused forward
-+ recomputation), 1.38× with 1 thread. For H 64, T 50 each step's few µs of work is far below
-the ~4 µs dispatch cost of an eager op, so the per-step loop (about 20 µs a step) and the bulk
-elementwise work dominate: 1.75–2.0×; every=50 then amortises to 1.02 + ~1.5% off-schedule cost
-(one hook on the model's outputs and one end-of-backward callback per step, ~40 µs). The user
-LSTMCell loop pays a forward hook and two tensor hooks per time step (~15 µs) plus one multi-tensor
-norm: 1.07–1.09×. GRU and Elman RNN replays are at or below the plain step (their autograd
-backward is slower than the hand-written one). Timings on this shared 2-core machine vary by
-±5–10% between runs, more when neighbours are busy (the plain small-LSTM step took 2.4–4.7 ms
-in today's runs)."""
+plus one recomputation of all gates. The plain step uses oneDNN's fused forward and backward.
+Fresh memory is expensive here (a step's new buffers are zero-filled pages): the replay writes
+gates over pre-activations and gradients over the local derivatives they consume. For H 256,
+T 200 the watched step costs 1.33–1.46× with 2 threads in repeated runs of this code (1.7–1.9×
+before the own-loop forward and the buffer reuse). For H 64, T 50 each step's few µs of work is
+below the ~2–4 µs cost of dispatching an eager op, so the per-step loop (about 20 µs a step) and
+the bulk elementwise work dominate: 1.68–1.84×; every=50 then amortises to 1.014 plus ~1–1.5%
+off-schedule cost (one hook on the model's outputs and one end-of-backward callback per step,
+~40 µs): 1.025–1.044×. The user LSTMCell loop pays a forward hook and two tensor hooks per time
+step (~15–20 µs) plus multi-tensor norms: 1.06–1.09×. GRU and Elman RNN replays are at or below
+the plain step. Timings on this shared 2-core machine vary by ±5–10% between runs, more when
+neighbours are busy (the plain small-LSTM step took 2.4–4.7 ms in today's runs)."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). The targets were set
