@@ -40,6 +40,30 @@ def machine_for(device) -> str:
     return machine()
 
 
+def bench_args(doc: str, argv=None):
+    """The overhead scripts' command line: ``(args, device, on_gpu)`` from ``--quick``/``--device``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    return args, dev, dev.type != "cpu"
+
+
+def watched_copy(plain):
+    """A deep copy of ``plain`` to watch; fused RNN weights rejoined into cuDNN's flat buffer (a deep
+    copy splits it, and cuDNN would then compact the weights on every call)."""
+    import copy
+
+    watched = copy.deepcopy(plain)
+    for m in watched.modules():
+        if isinstance(m, torch.nn.RNNBase):
+            m.flatten_parameters()
+    return watched
+
+
 def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: int = 3, device="cpu"):
     """Per-step seconds of ``step(plain, i)`` and ``step(watched, i)`` run in alternation, the
     second copy under ``gradscope.watch(every=every)`` for the whole run (warm-up steps dropped).

@@ -9,8 +9,6 @@ Run: python benchmarks/overhead.py [--quick] [--device cuda]   (CUDA rows go to 
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _results import OVERHEAD_HEAD, interleaved_times, machine_for, overhead_row, write_section  # noqa: E402
+from _results import (OVERHEAD_HEAD, bench_args, interleaved_times, machine_for, overhead_row,  # noqa: E402
+                      watched_copy, write_section)
 
 
 class FusedModel(nn.Module):
@@ -57,10 +56,7 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     T, B, I, H = size
     torch.manual_seed(0)
     plain = make(I, H).to(device)
-    watched = copy.deepcopy(plain)
-    for m in watched.modules():  # a deep copy splits cuDNN's flat weight buffer; rejoin it
-        if isinstance(m, nn.RNNBase):
-            m.flatten_parameters()
+    watched = watched_copy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
     opt_of = {id(plain): opts[0], id(watched): opts[1]}
     xs = [torch.randn(T, B, I, device=device) for _ in range(4)]
@@ -107,12 +103,7 @@ scheduled step to 1.02–1.12× (mean). On a GPU, use every=50 or more to leave 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    gpu = dev.type != "cpu"
+    args, dev, gpu = bench_args(__doc__, argv)
     large, small = (200, 32, 32, 256), (50, 32, 32, 64)
     cases = [
         ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 1, "≤ 1.5×"),

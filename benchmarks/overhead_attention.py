@@ -13,8 +13,6 @@ Run: python benchmarks/overhead_attention.py [--quick] [--device cuda]
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _results import OVERHEAD_HEAD, interleaved_times, machine_for, overhead_row, write_section  # noqa: E402
+from _results import (OVERHEAD_HEAD, bench_args, interleaved_times, machine_for, overhead_row,  # noqa: E402
+                      watched_copy, write_section)
 
 
 class Encoder(nn.Module):
@@ -54,10 +53,7 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     B, T = size
     torch.manual_seed(0)
     plain = make().to(device)
-    watched = copy.deepcopy(plain)
-    for m in watched.modules():  # a deep copy splits cuDNN's flat weight buffer; rejoin it
-        if isinstance(m, nn.RNNBase):
-            m.flatten_parameters()
+    watched = watched_copy(plain)
     opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, watched)]
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 1000, (B, T), generator=g) for _ in range(4)]
@@ -85,12 +81,7 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    gpu = dev.type != "cpu"
+    args, dev, gpu = bench_args(__doc__, argv)
     # One intra-op thread: on a shared 2-core machine two threads fight other processes and the
     # step times swing by 10× (the thread count is printed with the machine line).
     if not gpu:

@@ -325,7 +325,7 @@ class _ElmanLayer(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = (dAf @ w_ih).view(T, B, -1) if need[0] else None
         dw_ih = dAf.t() @ x.reshape(T * B, -1) if need[2] else None
-        dw_hh = dAf.t() @ _prev(OUT, h0, ctx.reverse).reshape(T * B, -1) if need[3] else None
+        dw_hh = _recurrent_weight_grad(dA.view(T, B, -1), OUT, h0, ctx.reverse) if need[3] else None
         db = dAf.sum(0) if ctx.has_bias else None
         return dx, dh, dw_ih, dw_hh, db, db, None, None, None
 
