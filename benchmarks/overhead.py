@@ -102,9 +102,56 @@ depth flow of every block. Off schedule a step costs 1.02–1.04× (median), and
 scheduled step to 1.02–1.12× (mean). On a GPU, use every=50 or more to leave gradscope on."""
 
 
+def _kernel_line(dev) -> str:
+    """Build (or load) the compiled LSTM kernel before timing; say which LSTM replay the rows use."""
+    import os
+    import time
+
+    from gradscope.capture import kernels
+
+    if dev.type != "cpu":
+        return "The compiled LSTM kernel is CPU-only; these rows use the Python replay."
+    if kernels.mode() == "off":
+        return "GRADSCOPE_KERNELS=off: the LSTM rows use the pure-Python replay."
+    t0 = time.perf_counter()
+    try:
+        kernels.build(wait=True)
+    except Exception as e:  # report, and time the Python replay instead
+        os.environ["GRADSCOPE_KERNELS"] = "off"
+        return f"Compiled LSTM kernel unavailable ({e}); the LSTM rows use the pure-Python replay."
+    return (f"Fused LSTM rows use the compiled CPU kernel (`gradscope.capture.kernels`, built or loaded "
+            f"in {time.perf_counter() - t0:.1f} s before timing); rows marked *Python replay* run "
+            f"with `GRADSCOPE_KERNELS=off`.")
+
+
+class _NoKernel:
+    """Context: the pure-Python LSTM replay (GRADSCOPE_KERNELS=off) for one row."""
+
+    def __enter__(self):
+        import os
+
+        self.old = os.environ.get("GRADSCOPE_KERNELS")
+        os.environ["GRADSCOPE_KERNELS"] = "off"
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.old is None:
+            os.environ.pop("GRADSCOPE_KERNELS", None)
+        else:
+            os.environ["GRADSCOPE_KERNELS"] = self.old
+
+
 def main(argv=None):
+    import contextlib
+
     args, dev, gpu = bench_args(__doc__, argv)
+    kernel_line = _kernel_line(dev)
     large, small = (200, 32, 32, 256), (50, 32, 32, 64)
+    python_rows = [] if gpu else [
+        ("fused nn.LSTM 32→256, B 32, T 200, *Python replay*", lambda i, h: FusedModel(nn.LSTM, i, h), large, 1, "—"),
+        ("fused nn.LSTM 32→64, B 32, T 50, *Python replay*", lambda i, h: FusedModel(nn.LSTM, i, h), small, 1, "—"),
+    ]
     cases = [
         ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 1, "≤ 1.5×"),
         ("fused nn.LSTM 32→256, B 32, T 200", lambda i, h: FusedModel(nn.LSTM, i, h), large, 50, "≤ 1.02×"),
@@ -118,13 +165,14 @@ def main(argv=None):
         ("user loop nn.LSTMCell 32→64, B 32, T 50", CellModel, small, 50, "—"),
     ]
     rows = []
-    for name, make, size, every, target in cases:
+    for name, make, size, every, target in cases + python_rows:
         n = (20 if size is large else 60) if every == 1 else (100 if size is large else 300)
         if gpu and every == 1:
             n *= 3  # GPU steps are short: more of them for a stable median
         if args.quick:
             n = 3 if every == 1 else 51
-        a, b = timed_steps(make, size, every, n, device=dev)
+        with _NoKernel() if "Python replay" in name else contextlib.nullcontext():
+            a, b = timed_steps(make, size, every, n, device=dev)
         rows.append(overhead_row(name, every, a, b, target))
         print(rows[-1], flush=True)
     title = ("## watch() overhead on CUDA (`python benchmarks/overhead.py --device cuda`)" if gpu
@@ -134,7 +182,7 @@ def main(argv=None):
         "",
         f"Machine: {machine_for(dev)}. Plain and watched copies of the same model train in alternation "
         f"(SGD step included); ratio = median (every=1) or mean (every=50, the scheduled step "
-        f"amortised) of watched / plain step time.",
+        f"amortised) of watched / plain step time. {kernel_line}",
         "",
         *OVERHEAD_HEAD,
         *rows,

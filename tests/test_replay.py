@@ -209,3 +209,54 @@ def test_fast_lstm_own_forward_loop_norms_equal_hooked_norms(kw, device, own_lst
 
 def test_fast_lstm_own_forward_loop_with_dropout_and_input_gradients(own_lstm_loop):
     test_fast_replay_dropout_and_input_gradients(nn.LSTM)
+
+
+# ----------------------------------------------------------------------------- compiled kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
+@pytest.mark.parametrize("cls,kw", [s for s in SETTINGS if s.values[0] is nn.LSTM])
+def test_fast_lstm_compiled_kernel_matches_fused(cls, kw, given_h, dtype, device, native_lstm):
+    test_fast_replay_matches_fused(cls, kw, given_h, dtype, device)
+
+
+@pytest.mark.parametrize("kw", [{}, {"proj_size": 2}])
+def test_fast_lstm_compiled_kernel_norms_equal_hooked_norms(kw, device, native_lstm):
+    test_fast_norms_equal_hooked_norms(nn.LSTM, kw, device)
+
+
+def test_fast_lstm_compiled_kernel_with_dropout_and_input_gradients(native_lstm):
+    test_fast_replay_dropout_and_input_gradients(nn.LSTM)
+
+
+def test_fast_lstm_compiled_kernel_larger_sizes_match_fused(native_lstm):
+    # Sizes where the kernel's elementwise passes split over threads (B·4H ≥ 32768) and H is not a
+    # multiple of any vector width.
+    torch.set_num_threads(2)
+    try:
+        for H, B in ((67, 130), (130, 9)):
+            m = nn.LSTM(6, H, num_layers=2, bidirectional=True).double()
+            x = torch.randn(5, B, 6, dtype=torch.float64)
+            hx = (torch.randn(4, B, H, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64))
+            fused = _run(m, x, hx, lambda m, i, h: type(m).forward(m, i, h), False)
+            fast = _run(m, x, hx, _fast, False)
+            assert _max_rel(fast, fused) <= 1e-10, (H, B)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("path", ["python", "own_loop", "compiled"])
+def test_fast_lstm_backward_twice_with_retain_graph(path, request):
+    # Saved forward values must survive a backward pass: a second backward through the same graph
+    # (retain_graph=True) gives the same gradients, on every LSTM path.
+    if path == "own_loop":
+        request.getfixturevalue("own_lstm_loop")
+    elif path == "compiled":
+        request.getfixturevalue("native_lstm")
+    m = nn.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3).double()
+    x = torch.randn(6, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, (hn, cn) = _fast(m, x, None)
+    loss = out.pow(2).sum() + cn.sum()
+    first = torch.autograd.grad(loss, [x, *m.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *m.parameters()])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -141,6 +141,10 @@ def test_bidirectional_two_layer_lstm_matches_unrolled_cells(device):
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)  # the issue asks 1e-5
 
 
+def test_bidirectional_two_layer_lstm_matches_unrolled_cells_compiled_kernel(device, native_lstm):
+    test_bidirectional_two_layer_lstm_matches_unrolled_cells(device)
+
+
 # ----------------------------------------------------------------------------- sites
 def test_fused_sites_named_by_layer_and_direction(device):
     model = Seq(nn.GRU(3, 4, num_layers=3, bidirectional=True), 8).to(device)

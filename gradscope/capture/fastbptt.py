@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import kernels as _native
+
 Sink = Callable[[Dict[str, Tensor]], None]
 
 __all__ = ["lstm_layer", "gru_layer", "elman_layer"]
@@ -146,6 +148,22 @@ class _LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, sink):
         T, B, _ = x.shape
         H = w_hh.shape[0] // 4
+        ctx.native = None
+        kernel = _native.get() if _native.usable(x) and x.dtype == w_hh.dtype else None
+        if kernel is not None:
+            # The compiled loop (see _native): per step one product, two sigmoids and two passes of
+            # cell arithmetic in C++; the backward's cell arithmetic in one pass per step.
+            XW = (torch.addmm(b_ih + b_hh, x.reshape(T * B, -1), w_ih.t()) if b_ih is not None
+                  else x.reshape(T * B, -1) @ w_ih.t()).view(T, B, 4 * H)
+            XW[:, :, 2 * H:3 * H].mul_(2)  # the g block doubled (exact): tanh(g) = 2σ(2g) − 1
+            w_hh2 = w_hh.clone(memory_format=torch.contiguous_format)
+            w_hh2[2 * H:3 * H].mul_(2)
+            OUT, hT, cT, G, C, TC, HH = kernel.lstm_forward(
+                XW, h0.contiguous(), c0.contiguous(), w_hh2,
+                w_hr.contiguous() if w_hr is not None else None, reverse)
+            ctx.save_for_backward(x, h0, c0.contiguous(), w_ih, w_hh, w_hr, XW.view(T, B, 4, H), G, C, TC, HH, OUT)
+            ctx.reverse, ctx.sink, ctx.has_bias, ctx.native = reverse, sink, b_ih is not None, kernel
+            return OUT, hT, cT
         if x.device.type == "cpu" and H >= LSTM_OWN_LOOP_MIN_HIDDEN:
             OUT, hT, cT, SIG, G, C, TC, HH = _lstm_forward_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
             ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT)
@@ -185,6 +203,17 @@ class _LSTMLayer(torch.autograd.Function):
         T, B, _ = x.shape
         H = w_hh.shape[0] // 4
         g_out = _zeros_if_none(g_out, OUT)
+        if ctx.native is not None:
+            DH = g_out.clone(memory_format=torch.contiguous_format)
+            last = T - 1 if not ctx.reverse else 0
+            if g_hT is not None:
+                DH[last].add_(g_hT)
+            dc_rec = (g_cT.clone(memory_format=torch.contiguous_format) if g_cT is not None
+                      else torch.zeros_like(c0, memory_format=torch.contiguous_format))
+            dG, DC, dh = ctx.native.lstm_backward(DH, SIG.view(T, B, 4 * H), G, C, TC, c0, w_hh.contiguous(),
+                                                  w_hr.contiguous() if w_hr is not None else None,
+                                                  dc_rec, ctx.reverse)
+            return _lstm_param_grads(ctx, x, h0, w_ih, w_hh, w_hr, dG.view(T, B, 4, H), DH, DC, HH, OUT, dh, dc_rec)
         i, f, o = SIG[:, :, 0], SIG[:, :, 1], SIG[:, :, 3]
         # Local derivatives for all steps at once (written in place into K); the loop below only
         # chains them. dσ = σ(1−σ) for all four gate blocks in two passes.
@@ -226,15 +255,23 @@ class _LSTMLayer(torch.autograd.Function):
                 dh = DH_t[nxt].addmm_(dGv_t[t], w_hh)
             else:
                 dh = dGv_t[t] @ w_hh  # gradient of h0
-        ctx.sink({"h": _step_norms(DH), "c": _step_norms(DC)})
-        dGf = dG.view(T * B, 4 * H)
-        need = ctx.needs_input_grad
-        dx = (dGf @ w_ih).view(T, B, -1) if need[0] else None
-        dw_ih = dGf.t() @ x.reshape(T * B, -1) if need[3] else None
-        dw_hh = _recurrent_weight_grad(dG.view(T, B, 4 * H), OUT, h0, ctx.reverse) if need[4] else None
-        db = dGf.sum(0) if ctx.has_bias else None
-        dw_hr = DH.view(T * B, -1).t() @ HH.view(T * B, H) if w_hr is not None and need[7] else None
-        return dx, dh, dc_rec, dw_ih, dw_hh, db, db, dw_hr, None, None
+        return _lstm_param_grads(ctx, x, h0, w_ih, w_hh, w_hr, dG, DH, DC, HH, OUT, dh, dc_rec)
+
+
+def _lstm_param_grads(ctx, x, h0, w_ih, w_hh, w_hr, dG, DH, DC, HH, OUT, dh, dc_rec):
+    """After the BPTT loop: hand the per-step norms to the sink, then every input's gradient from
+    the pre-activation gradients ``dG [T, B, 4, H]`` in large products."""
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // 4
+    ctx.sink({"h": _step_norms(DH), "c": _step_norms(DC)})
+    dGf = dG.view(T * B, 4 * H)
+    need = ctx.needs_input_grad
+    dx = (dGf @ w_ih).view(T, B, -1) if need[0] else None
+    dw_ih = dGf.t() @ x.reshape(T * B, -1) if need[3] else None
+    dw_hh = _recurrent_weight_grad(dG.view(T, B, 4 * H), OUT, h0, ctx.reverse) if need[4] else None
+    db = dGf.sum(0) if ctx.has_bias else None
+    dw_hr = DH.view(T * B, -1).t() @ HH.view(T * B, H) if w_hr is not None and need[7] else None
+    return dx, dh, dc_rec, dw_ih, dw_hh, db, db, dw_hr, None, None
 
 
 class _GRULayer(torch.autograd.Function):

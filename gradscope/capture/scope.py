@@ -52,6 +52,19 @@ _NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
+def _graph_task_id() -> int:
+    """Id of the running backward call (torch ≥ 2.1); a fresh number per call where missing."""
+    global _TASK_FALLBACK
+    if _CURRENT_TASK is not None:
+        return _CURRENT_TASK()
+    _TASK_FALLBACK += 1
+    return _TASK_FALLBACK
+
+
+_CURRENT_TASK = getattr(torch._C, "_current_graph_task_id", None)
+_TASK_FALLBACK = 0
+
+
 def _norm(g: Tensor) -> Tensor:
     """Frobenius norm on the gradient's device; half precisions accumulate in float32."""
     if g.dtype not in (torch.float32, torch.float64):
@@ -138,13 +151,14 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "seq_len", "handles", "attn", "__weakref__")
+    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "attn", "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False):
         self.scheduled = scheduled
         self.probe = probe  # also measure Jacobians/exponents on this pass's batch
         self.calls: Dict[str, list] = {}  # probe passes: module -> [((args, kwargs), output), …]
         self.fired = False
+        self.task = -1  # the autograd graph task (backward call) that first reached this pass
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
@@ -206,6 +220,7 @@ class Scope:
         self._pending: List[_Pass] = []
         self._current: Optional[_Pass] = None
         self._bw_queued = False
+        self._bw_task = -1
         self._vals: List[Tensor] = []
         self._keys: List[Tuple] = []
         self._raw: List[Tensor] = []  # state gradients of this step, normed in _finalize
@@ -367,6 +382,8 @@ class Scope:
         if self.closed or self._probing or not torch.is_grad_enabled():
             self._current = None
             return
+        if self._pending:
+            self._settle()
         probe = self.probe_every is not None and self._step % self.probe_every == 0
         p = _Pass(self._is_scheduled(self._step) or probe, probe)
         self._current = p
@@ -398,16 +415,19 @@ class Scope:
             return
         if p.scheduled:
             self._unpatch_cells()
-        for h in self._cell_handles:
-            h.remove()
-        self._cell_handles = []
-        if self._discovery_log is not None:
-            self._finish_discovery(p)
-        for name, n in self._cell_counter.items():
-            p.seq_len[name] = max(p.seq_len.get(name, 0), n)
-        if p.probe:
-            self._run_probe(p)
-        outs = [t for t in flatten_tensors(output) if t.requires_grad]
+            for h in self._cell_handles:
+                h.remove()
+            self._cell_handles = []
+            if self._discovery_log is not None:
+                self._finish_discovery(p)
+            for name, n in self._cell_counter.items():
+                p.seq_len[name] = max(p.seq_len.get(name, 0), n)
+            if p.probe:
+                self._run_probe(p)
+        if type(output) is Tensor:  # the common case, without the generic walk
+            outs = [output] if output.requires_grad else []
+        else:
+            outs = [t for t in flatten_tensors(output) if t.requires_grad]
         if not outs:
             return
         hook = functools.partial(self._on_output_grad, weakref.ref(p))
@@ -419,17 +439,37 @@ class Scope:
 
     def _on_output_grad(self, pref, grad):
         p = pref()
-        if p is None or self.closed:
+        if p is None or self.closed or p.fired:
             return
         p.fired = True
-        if not self._bw_queued:
+        p.task = _graph_task_id()
+        # Off schedule nothing more happens here: the step is counted when the next forward pass
+        # starts (or the step is read), from the distinct backward calls that reached pending passes
+        # (_settle). A scheduled pass is finished at the end of its backward call.
+        if p.scheduled and not self._bw_queued:
             self._bw_queued = True
+            self._bw_task = p.task
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _settle(self, current: Optional[int] = None) -> None:
+        """Count the backward calls (other than ``current``) that reached pending passes since the
+        last count as steps, and drop those passes."""
+        tasks = set()
+        keep = []
+        for p in self._pending:
+            if p.fired and p.task != current:
+                tasks.add(p.task)
+                self._drop_pass(p)
+            else:
+                keep.append(p)
+        self._pending = keep
+        self._step += len(tasks)
 
     def _on_backward_end(self):
         self._bw_queued = False
         if self.closed:
             return
+        self._settle(current=self._bw_task)  # earlier backward calls came first
         fired = [p for p in self._pending if p.fired]
         self._pending = [p for p in self._pending if not p.fired]
         step = self._step
@@ -496,9 +536,17 @@ class Scope:
             self._keys.append(("multi", [raw_keys[i] for i in idx]))
 
     def _on_param_grad(self, i, grad):
-        if grad is not None and not self.closed:
-            self._vals.append(_norm(grad.detach()))
+        if grad is None or self.closed:
+            return
+        if grad.is_sparse:  # e.g. nn.Embedding(sparse=True): duplicate indices summed first
+            self._vals.append(_norm(grad.detach().coalesce()._values()))
             self._keys.append(("param", i))
+            return
+        # normed with the state gradients, one multi-tensor op (no norm call per parameter)
+        self._raw.append(grad.detach())
+        self._keys_raw.append(("param", i))
+        if len(self._raw) >= _NORM_CHUNK:
+            self._norm_raw()
 
     def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs):
         if p.probe:
@@ -664,7 +712,7 @@ class Scope:
             groups[v.device].append(i)
         for idx in groups.values():
             wide = torch.float32 if idx and vals[idx[0]].device.type == "mps" else torch.float64  # MPS: no float64
-            flat = torch.cat([vals[i].detach().reshape(-1).to(wide) for i in idx]).cpu().numpy()
+            flat = torch.cat([vals[i].reshape(-1) for i in idx]).to(wide).cpu().numpy()
             lst = flat.tolist() if any(vals[i].dim() == 0 for i in idx) else None
             pos = 0
             for i in idx:
@@ -780,11 +828,15 @@ class Scope:
     @property
     def step(self) -> int:
         """Number of backward passes that reached the model so far."""
+        if self._pending and not self.closed:
+            self._settle()
         return self._step
 
     @property
     def recording(self) -> Recording:
         """A frozen :class:`~gradscope.Recording` of everything recorded so far."""
+        if self._pending and not self.closed:
+            self._settle()
         h = self._history
         S = h.n
         sites = {n: s.to_dict() for n, s in self.sites.items() if self._wanted(n)}
@@ -877,6 +929,7 @@ class Scope:
         """Remove every hook and patch; safe to call twice. The recording stays available."""
         if self.closed:
             return
+        self._settle()
         self.closed = True
         for h in self._handles + self._param_handles + self._discovery_handles + self._cell_handles:
             h.remove()
@@ -990,6 +1043,9 @@ def check_watch_options(*, every: int = 1, max_steps: int = 10_000, probe_every:
     bad = set(probe_options or {}) - allowed
     if bad:
         raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
+    from .kernels import mode as kernel_mode
+
+    kernel_mode()  # a bad GRADSCOPE_KERNELS value fails here, not inside the user's forward pass
 
 
 def _check_model(model) -> None:

@@ -1,0 +1,281 @@
+"""Optional compiled CPU kernel for the LSTM fast replay (:mod:`.fastbptt`).
+
+At small sizes (H 64, T 50) a scheduled step of the Python fast replay spends most of its time
+dispatching tiny eager ops from Python, one time step at a time. This module holds a short C++
+extension — the LSTM forward and backward loops of one layer and direction — that torch compiles
+on the user's machine (``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and
+``ninja``) and caches under ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``), so only the
+first use on a machine pays the build (~25 s of one core).
+
+The build starts in a background thread the first time a watched fused LSTM replays on the CPU;
+until it is ready — or when it cannot be built — the pure-Python path runs, and results are the
+same to rounding (both are tested against the fused kernel). ``GRADSCOPE_KERNELS`` chooses:
+
+- ``auto`` (default): build in the background on first use, use once ready;
+- ``sync``: build on first use and wait for it;
+- ``0`` / ``off``: never build, never use.
+
+``gradscope.capture.kernels.status()`` says which applies and why; :func:`build` builds now.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from ..errors import GradscopeError
+
+__all__ = ["get", "build", "status", "mode"]
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+
+using at::Tensor;
+
+// One LSTM layer and direction, time-major and contiguous. XW [T, B, 4H] holds every step's input
+// pre-activations (biases included) with the g block doubled, and w_hh2 is the recurrent weight with
+// its g rows doubled (both exact): one sigmoid over all four blocks then gives i, f, o and
+// sigmoid(2g), and tanh(g) = 2 sigmoid(2g) - 1 (torch's CPU sigmoid is ~6x faster than its tanh).
+// XW is overwritten by the gates (the g block then holds sigmoid(2g), which nothing reads; tanh(g)
+// goes to G). Returns OUT, h_T, c_T, G, C, TC = tanh(C), HH (o * tanh(c) before the projection;
+// undefined without one).
+template <typename scalar_t>
+static void cell_forward_c(int64_t B, int64_t H, const scalar_t* sig, const scalar_t* cp,
+                           scalar_t* g, scalar_t* c, scalar_t* c2) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* s = sig + b * 4 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t n = b * H + j;
+      const scalar_t gv = scalar_t(2) * s[2 * H + j] - scalar_t(1);
+      const scalar_t cv = s[H + j] * cp[n] + s[j] * gv;
+      g[n] = gv;
+      c[n] = cv;
+      c2[n] = scalar_t(2) * cv;
+    }
+  }
+}
+
+template <typename scalar_t>
+static void cell_forward_h(int64_t B, int64_t H, const scalar_t* sig, scalar_t* tc, scalar_t* hh) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* s = sig + b * 4 * H + 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t n = b * H + j;
+      const scalar_t t = scalar_t(2) * tc[n] - scalar_t(1);
+      tc[n] = t;
+      hh[n] = s[j] * t;
+    }
+  }
+}
+
+std::vector<Tensor> lstm_forward(Tensor XW, Tensor h0, Tensor c0, Tensor w_hh2,
+                                 c10::optional<Tensor> w_hr_opt, bool reverse) {
+  const int64_t T = XW.size(0), B = XW.size(1), H = w_hh2.size(0) / 4;
+  const bool proj = w_hr_opt.has_value() && w_hr_opt->defined();
+  const int64_t P = proj ? w_hr_opt->size(0) : H;
+  auto opts = XW.options();
+  Tensor G = at::empty({T, B, H}, opts), C = at::empty({T, B, H}, opts);
+  Tensor TC = at::empty({T, B, H}, opts), OUT = at::empty({T, B, P}, opts);
+  Tensor HH = proj ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor whT = w_hh2.t(), wrT = proj ? w_hr_opt->t() : Tensor();
+  auto XW_t = XW.unbind(0), TC_t = TC.unbind(0), OUT_t = OUT.unbind(0);
+  std::vector<Tensor> HH_t = proj ? HH.unbind(0) : std::vector<Tensor>();
+  Tensor h = h0;
+  const int64_t s4 = B * 4 * H, s1 = B * H;
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    const int64_t tp = k == 0 ? -1 : (reverse ? t + 1 : t - 1);
+    Tensor& pre = XW_t[t];
+    pre.addmm_(h, whT);
+    pre.sigmoid_();
+    AT_DISPATCH_FLOATING_TYPES(XW.scalar_type(), "gradscope_lstm_cell_forward", [&] {
+      cell_forward_c<scalar_t>(B, H, XW.data_ptr<scalar_t>() + t * s4,
+                               tp < 0 ? c0.data_ptr<scalar_t>() : C.data_ptr<scalar_t>() + tp * s1,
+                               G.data_ptr<scalar_t>() + t * s1, C.data_ptr<scalar_t>() + t * s1,
+                               TC.data_ptr<scalar_t>() + t * s1);
+    });
+    TC_t[t].sigmoid_();
+    Tensor& hh = proj ? HH_t[t] : OUT_t[t];
+    AT_DISPATCH_FLOATING_TYPES(XW.scalar_type(), "gradscope_lstm_cell_forward_h", [&] {
+      cell_forward_h<scalar_t>(B, H, XW.data_ptr<scalar_t>() + t * s4, TC.data_ptr<scalar_t>() + t * s1,
+                               hh.data_ptr<scalar_t>());
+    });
+    h = proj ? at::mm_out(OUT_t[t], hh, wrT) : hh;
+  }
+  const int64_t last = reverse ? 0 : T - 1;
+  return {OUT, OUT[last].clone(), C[last].clone(), G, C, TC, HH};
+}
+
+// One step of the cell's backward, elementwise: from dhh = dL/d(o*tanh c) and the cell gradient
+// carried back from the next step, the total dL/dc_t, the four gate gradients and dL/dc_{t-1}'s
+// recurrent part (f * dc), all from stored forward values (no transcendental functions).
+template <typename scalar_t>
+static void cell_backward(int64_t B, int64_t H, const scalar_t* sig, const scalar_t* g,
+                          const scalar_t* tc, const scalar_t* cp, const scalar_t* dhh,
+                          scalar_t* dcrec, scalar_t* dG, scalar_t* dc_out) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 4 * H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* s = sig + b * 4 * H;
+      scalar_t* d = dG + b * 4 * H;
+      const int64_t o0 = b * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t n = o0 + j;
+        const scalar_t i = s[j], f = s[H + j], o = s[3 * H + j];
+        const scalar_t gv = g[n], t = tc[n], dh = dhh[n];
+        const scalar_t dc = dcrec[n] + dh * o * (scalar_t(1) - t * t);
+        d[j] = dc * gv * i * (scalar_t(1) - i);
+        d[H + j] = dc * cp[n] * f * (scalar_t(1) - f);
+        d[2 * H + j] = dc * i * (scalar_t(1) - gv * gv);
+        d[3 * H + j] = dh * t * o * (scalar_t(1) - o);
+        dc_out[n] = dc;
+        dcrec[n] = dc * f;
+      }
+    }
+  });
+}
+
+// The BPTT loop. DH [T, B, P|H] holds dL/dout (plus dL/dh_T at the last position) and receives the
+// recurrent part in place, so it ends as the total dL/dh_t; dcrec [B, H] holds dL/dc_T and ends as
+// dL/dc_0. SIG [T, B, 4H] are the gates (g block unused), G = tanh(g), C the cells, TC = tanh(C).
+// Returns dG [T, B, 4H] (pre-activation gradients), DC [T, B, H] (total dL/dc_t) and dL/dh_0.
+std::vector<Tensor> lstm_backward(Tensor DH, Tensor SIG, Tensor G, Tensor C, Tensor TC, Tensor c0,
+                                  Tensor w_hh, c10::optional<Tensor> w_hr_opt, Tensor dcrec,
+                                  bool reverse) {
+  const int64_t T = SIG.size(0), B = SIG.size(1), H = w_hh.size(0) / 4;
+  const bool proj = w_hr_opt.has_value() && w_hr_opt->defined();
+  auto opts = SIG.options();
+  Tensor dG = at::empty({T, B, 4 * H}, opts), DC = at::empty({T, B, H}, opts);
+  Tensor tmp = proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor dh0;
+  auto DH_t = DH.unbind(0), dG_t = dG.unbind(0);
+  for (int64_t k = T - 1; k >= 0; --k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    const int64_t tp = k == 0 ? -1 : (reverse ? t + 1 : t - 1);  // position of the previous state
+    Tensor dhh = proj ? at::mm_out(tmp, DH_t[t], *w_hr_opt) : DH_t[t];
+    AT_DISPATCH_FLOATING_TYPES(SIG.scalar_type(), "gradscope_lstm_cell_backward", [&] {
+      const int64_t s4 = B * 4 * H, s1 = B * H;
+      cell_backward<scalar_t>(B, H, SIG.data_ptr<scalar_t>() + t * s4, G.data_ptr<scalar_t>() + t * s1,
+                              TC.data_ptr<scalar_t>() + t * s1,
+                              tp < 0 ? c0.data_ptr<scalar_t>() : C.data_ptr<scalar_t>() + tp * s1,
+                              dhh.data_ptr<scalar_t>(), dcrec.data_ptr<scalar_t>(),
+                              dG.data_ptr<scalar_t>() + t * s4, DC.data_ptr<scalar_t>() + t * s1);
+    });
+    if (tp >= 0) {
+      DH_t[tp].addmm_(dG_t[t], w_hh);
+    } else {
+      dh0 = at::mm(dG_t[t], w_hh);
+    }
+  }
+  return {dG, DC, dh0};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm_forward", &lstm_forward, "gradscope LSTM layer forward (CPU)");
+  m.def("lstm_backward", &lstm_backward, "gradscope LSTM layer BPTT (CPU)");
+}
+"""
+
+# The source's hash names the build, so a changed source never loads a stale cached library.
+NAME = "gradscope_lstm_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]
+
+_lock = threading.Lock()
+_module = None
+_error: Optional[str] = None
+_thread: Optional[threading.Thread] = None
+
+
+def mode() -> str:
+    """``auto``, ``sync`` or ``off``, from ``GRADSCOPE_KERNELS`` (unknown values raise)."""
+    raw = os.environ.get("GRADSCOPE_KERNELS", "auto").strip().lower()
+    if raw in ("", "auto", "1", "on"):
+        return "auto"
+    if raw in ("0", "off", "no", "false"):
+        return "off"
+    if raw == "sync":
+        return "sync"
+    raise GradscopeError(f"GRADSCOPE_KERNELS={raw!r} is not understood; expected auto (default), "
+                         "sync or off. Set it to off to use the pure-Python replay only.")
+
+
+def _compile():
+    global _module, _error
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        mod = load_inline(NAME, cpp_sources=[_SOURCE], extra_cflags=["-O3"], verbose=False)
+    except Exception as e:  # any failure (no compiler, no ninja, ABI): the Python path stays
+        msg = str(e).strip().splitlines()
+        with _lock:
+            _error = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500]
+        return
+    with _lock:
+        _module = mod
+
+
+def build(wait: bool = True):
+    """Build (or load the cached) kernel now. With ``wait``, return the module or raise
+    :class:`GradscopeError` saying why it could not be built; without, start a background build
+    (if none is running) and return ``None``."""
+    global _thread
+    with _lock:
+        if _module is not None:
+            return _module
+        if _thread is None:  # one attempt per process; a failure is remembered (see status())
+            _thread = threading.Thread(target=_compile, name="gradscope-kernel-build", daemon=True)
+            _thread.start()
+        th = _thread
+    if not wait:
+        return None
+    th.join()
+    if _module is None:
+        raise GradscopeError(f"gradscope's compiled LSTM kernel could not be built ({_error}); the "
+                             "pure-Python replay is used instead. It needs a C++ compiler and ninja "
+                             "(pip install ninja); set GRADSCOPE_KERNELS=off to stop trying.")
+    return _module
+
+
+def get():
+    """The compiled kernel if it is ready, else ``None`` (starting a background build in ``auto``
+    mode, building and waiting in ``sync`` mode). Never raises for a failed build."""
+    try:
+        m = mode()
+    except GradscopeError:  # watch() reports a bad value when it starts; never fail a forward pass
+        return None
+    if m == "off":
+        return None
+    if _module is not None:
+        return _module
+    if _error is not None:
+        return None
+    if m == "sync":
+        try:
+            return build(wait=True)
+        except GradscopeError:
+            return None
+    build(wait=False)
+    return _module
+
+
+def status() -> str:
+    """One line: whether the compiled kernel is in use, being built, off, or failed and why."""
+    m = mode()
+    if m == "off":
+        return "off (GRADSCOPE_KERNELS=off): the pure-Python replay is used"
+    if _module is not None:
+        return f"ready ({NAME})"
+    if _error is not None:
+        return f"unavailable: {_error}"
+    if _thread is not None and _thread.is_alive():
+        return "building in the background; the pure-Python replay runs meanwhile"
+    return f"not built yet ({m}: built on the first scheduled replay of a fused LSTM on the CPU)"
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernel applies to this input: CPU, float32 or float64."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)

@@ -1,0 +1,135 @@
+"""The optional compiled LSTM kernel: modes, background build, failures, and that watch() uses it."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import GradscopeError
+from gradscope.capture import kernels
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Kernel state as in a new process (restored afterwards)."""
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setattr(kernels, "_thread", None)
+    return monkeypatch
+
+
+class _Fake:
+    """Stands in for the compiled module in tests of the build logic."""
+
+
+def _fake_compile(release: threading.Event):
+    def compile_():
+        release.wait(10)
+        with kernels._lock:
+            kernels._module = _Fake()
+    return compile_
+
+
+@pytest.mark.parametrize("raw,want", [("", "auto"), ("auto", "auto"), ("1", "auto"), ("ON", "auto"),
+                                      ("0", "off"), ("off", "off"), ("false", "off"), ("sync", "sync")])
+def test_mode_from_environment(raw, want, monkeypatch):
+    monkeypatch.setenv("GRADSCOPE_KERNELS", raw)
+    assert kernels.mode() == want
+
+
+def test_bad_mode_is_a_clear_error_at_watch_time(monkeypatch):
+    monkeypatch.setenv("GRADSCOPE_KERNELS", "fast")
+    with pytest.raises(GradscopeError, match=r"GRADSCOPE_KERNELS='fast' is not understood; expected auto"):
+        kernels.mode()
+    with pytest.raises(GradscopeError, match="GRADSCOPE_KERNELS"):
+        gradscope.watch(nn.LSTM(2, 3))
+    assert kernels.get() is None  # inside a forward pass it never raises
+
+
+def test_auto_mode_builds_in_the_background_and_python_runs_meanwhile(fresh):
+    fresh.setenv("GRADSCOPE_KERNELS", "auto")
+    release = threading.Event()
+    fresh.setattr(kernels, "_compile", _fake_compile(release))
+    assert "not built yet" in kernels.status()
+    assert kernels.get() is None  # starts the build, does not wait
+    assert kernels.status().startswith("building in the background")
+    assert kernels.get() is None
+    release.set()
+    kernels._thread.join(10)
+    assert isinstance(kernels.get(), _Fake)
+    assert kernels.status().startswith("ready")
+
+
+def test_sync_mode_waits_for_the_build(fresh):
+    fresh.setenv("GRADSCOPE_KERNELS", "sync")
+    release = threading.Event()
+    release.set()
+    fresh.setattr(kernels, "_compile", _fake_compile(release))
+    assert isinstance(kernels.get(), _Fake)
+
+
+def test_off_mode_never_uses_a_built_kernel(fresh):
+    fresh.setattr(kernels, "_module", _Fake())
+    fresh.setenv("GRADSCOPE_KERNELS", "off")
+    assert kernels.get() is None
+    assert kernels.status().startswith("off")
+
+
+def test_failed_build_is_remembered_reported_and_the_python_replay_still_runs(fresh):
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    fresh.setattr(ext, "load_inline", no_compiler)
+    fresh.setenv("GRADSCOPE_KERNELS", "auto")
+    with pytest.raises(GradscopeError, match=r"could not be built \(RuntimeError: .*command not found\).*"
+                                             r"pip install ninja.*GRADSCOPE_KERNELS=off"):
+        kernels.build(wait=True)
+    assert kernels.get() is None
+    assert kernels.status().startswith("unavailable: RuntimeError")
+    m = nn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(m) as scope:
+        m(x)[0].sum().backward()
+    assert np.isfinite(scope.recording.grad_norms("l0")).all()
+
+
+def test_usable_only_for_cpu_float32_and_float64():
+    assert kernels.usable(torch.ones(1)) and kernels.usable(torch.ones(1, dtype=torch.float64))
+    assert not kernels.usable(torch.ones(1, dtype=torch.bfloat16))
+
+
+def test_watch_uses_the_compiled_kernel_and_records_the_same_norms(native_lstm):
+    # Same model, same batches: the recording through the kernel equals the pure-Python one.
+    torch.manual_seed(5)
+    m = nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3).double()
+    xs = [torch.randn(7, 3, 4, dtype=torch.float64) for _ in range(3)]
+
+    def run(use_kernel):
+        model = __import__("copy").deepcopy(m)
+        get = kernels.get
+        if not use_kernel:
+            kernels.get = lambda: None
+        try:
+            with gradscope.watch(model) as scope:
+                for x in xs:
+                    model.zero_grad()
+                    out, (h, c) = model(x)
+                    (out.pow(2).sum() + c.sum()).backward()
+        finally:
+            kernels.get = get
+        return scope.recording, [p.grad for p in model.parameters()]
+
+    n_before = len(native_lstm)
+    rec_k, g_k = run(True)
+    assert len(native_lstm) > n_before
+    rec_p, g_p = run(False)
+    assert rec_k.sites == rec_p.sites
+    for site in rec_k.sites:
+        for state in ("h", "c"):
+            np.testing.assert_allclose(rec_k.grad_norms(site, state), rec_p.grad_norms(site, state), rtol=1e-12)
+    for a, b in zip(g_k, g_p):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
