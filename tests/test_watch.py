@@ -296,6 +296,66 @@ def test_two_forwards_one_backward_is_one_step(device):
     assert scope.recording.grad_norms("rnn.l0").shape == (1, 5)
 
 
+@pytest.mark.parametrize("every", [1, 3, 7])
+def test_steps_counted_alike_on_and_off_schedule(every):
+    # Off-schedule steps are counted lazily (from the backward call that reached each pass). The
+    # rule, simulated here: a forward pass is scheduled if the step count at its start is a
+    # multiple of `every`; each backward call reaching at least one pass is one step; a step is
+    # recorded (under the count before it) if a scheduled pass took part.
+    model = Seq(nn.LSTM(3, 4), 4)
+    xs = [torch.randn(5, 2, 3) for _ in range(3)]
+    count, recorded = 0, []
+
+    def fwd(x):
+        return model(x), count % every == 0
+
+    def bwd(*passes):
+        nonlocal count
+        sum(out.sum() for out, _ in passes).backward()
+        if any(sched for _, sched in passes):
+            recorded.append(count)
+        count += 1
+
+    with gradscope.watch(model, every=every) as scope:
+        for _ in range(4):
+            bwd(fwd(xs[0]))                                    # 1 step
+            a, b = fwd(xs[1]), fwd(xs[2])
+            bwd(a, b)                                          # 1 step: one backward, two passes
+            a, b = fwd(xs[1]), fwd(xs[2])
+            bwd(a)
+            bwd(b)                                             # 2 steps: two backward calls
+            model(xs[0])                                       # no backward: no step
+            out, sched = fwd(xs[0])
+            bwd((out * 0, sched))                              # a zero gradient still reaches it
+        mid = scope.step
+        bwd(fwd(xs[0]))
+    assert mid == 20 and count == 21
+    assert scope.step == 21
+    rec = scope.recording
+    assert rec.meta["total_steps"] == 21
+    assert list(rec.steps) == recorded
+    if every == 1:
+        assert recorded == list(range(21))
+
+
+def test_sparse_parameter_gradients_are_normed():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3, sparse=True)
+            self.rnn = nn.GRU(3, 4)
+
+        def forward(self, idx):
+            return self.rnn(self.emb(idx))[0]
+
+    model = Tagger()
+    idx = torch.tensor([[1, 2], [1, 1], [3, 2]])  # repeated indices: the sparse gradient has duplicates
+    with gradscope.watch(model) as scope:
+        model(idx).pow(2).sum().backward()
+    got = scope.recording.param_grad_norms()["emb.weight"][0]
+    assert got == pytest.approx(model.emb.weight.grad.to_dense().norm().item(), rel=1e-6)
+
+
 def test_no_grad_forwards_are_ignored():
     model = Seq(nn.LSTM(3, 4), 4)
     with gradscope.watch(model) as scope:

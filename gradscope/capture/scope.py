@@ -239,6 +239,7 @@ class Scope:
         self._cell_counter: Dict[str, int] = {}
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
+        self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
 
         names = dict(model.named_modules())
         self._module_names = {id(m): n for n, m in names.items()}
@@ -341,9 +342,16 @@ class Scope:
         if disable is not None:
             forward = disable(forward)
         forward.__gradscope__ = True  # type: ignore[attr-defined]
-        m.forward = forward  # instance attribute; removed by close()
-        self._patched.append(m)
+        self._patched.append(m)  # close() removes the instance attribute wherever it is installed
         self._claim(m)
+        if m is self.model or self.compiled is not None:
+            # The root's forward is looked up before its pre-hook runs, and Dynamo would guard on
+            # (and recompile for) a forward that changes between passes: installed for good.
+            m.forward = forward
+        else:
+            # Installed by _root_pre for scheduled passes only: off schedule the module runs with
+            # no wrapper at all.
+            self._pass_forwards[m] = forward
 
     def _lstm_cell_forward(self, m: nn.Module):
         """On an accelerator nn.LSTMCell is one fused kernel whose autograd node outputs c_t and
@@ -368,6 +376,12 @@ class Scope:
         return forward
 
     def _unpatch_cells(self) -> None:
+        """Remove the per-pass forwards (fused submodules, accelerator LSTMCells). One left behind
+        by a forward pass that raised falls back to the module's own forward off schedule."""
+        for m in self._pass_forwards:
+            fwd = m.__dict__.get("forward")
+            if getattr(fwd, "__gradscope__", False):
+                del m.__dict__["forward"]
         for m in self._lstm_cells:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
@@ -396,6 +410,8 @@ class Scope:
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
+            for m, fwd in self._pass_forwards.items():
+                m.forward = fwd
             for m, fwd in self._lstm_cells.items():
                 if _fused_cell_device(m.weight_ih.device):
                     m.forward = fwd
