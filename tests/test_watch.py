@@ -694,3 +694,95 @@ def test_state_gradients_are_normed_in_chunks_during_backward(monkeypatch):
     for state in ("h", "c"):
         np.testing.assert_allclose(scope.recording.grad_norms("cell", state),
                                    ref.recording.grad_norms("cell", state), rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------- per-pass cell wrappers
+def _cell_norms(model, x, **kw):
+    with gradscope.watch(model, **kw) as scope:
+        for _ in range(2):
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+    return scope.recording.grad_norms("cell")
+
+
+def test_cell_with_its_own_forward_hook_is_recorded_through_a_hook():
+    # A user hook may change the cell's output; the state recorded is then the one the loop uses.
+    torch.manual_seed(2)
+    model = CellLoop(nn.RNNCell(3, 4), 4)
+    x = torch.randn(6, 2, 3)
+    plain = _cell_norms(model, x)
+    model.cell.register_forward_hook(lambda m, a, out: out * 0.5)
+    halved = _cell_norms(model, x)
+    assert halved.shape == plain.shape == (2, 6)
+    assert not np.allclose(halved, plain)
+    # the reference: total gradient of the hooked output, by retain_grad
+    states = []
+    model.cell.register_forward_hook(lambda m, a, out: (out.retain_grad(), states.append(out))[0])
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    np.testing.assert_allclose(halved[-1], [s.grad.norm().item() for s in states], rtol=1e-6)
+
+
+def test_cell_wrapper_restores_a_user_instance_forward():
+    torch.manual_seed(2)
+    model = CellLoop(nn.RNNCell(3, 4), 4)
+    calls = []
+    own = model.cell.forward
+
+    def user_forward(*a, **k):
+        calls.append(1)
+        return own(*a, **k)
+
+    model.cell.forward = user_forward
+    x = torch.randn(5, 2, 3)
+    norms = _cell_norms(model, x)
+    assert norms.shape == (2, 5) and np.isfinite(norms).all()
+    assert model.cell.__dict__["forward"] is user_forward  # restored after every pass and on exit
+    assert len(calls) == 10
+
+
+def test_forward_that_raises_in_a_scheduled_pass_leaves_no_cell_wrapper_active():
+    torch.manual_seed(2)
+    model = CellLoop(nn.RNNCell(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=2) as scope:
+        model(x).sum().backward()                     # step 0: discovers the cell
+        model(x).sum().backward()                     # step 1: off schedule
+        with pytest.raises(RuntimeError, match="input_size"):
+            model(torch.randn(5, 2, 7))               # step 2 (scheduled) fails inside the cell
+        model(x).sum().backward()                     # still step 2, scheduled
+        model(x).sum().backward()                     # step 3: off schedule, records nothing
+    assert "forward" not in model.cell.__dict__
+    rec = scope.recording
+    assert list(rec.steps) == [0, 2]
+    g = rec.grad_norms("cell")
+    np.testing.assert_allclose(g[1], g[0], rtol=1e-6)  # same batch and weights: same norms, none doubled
+
+
+def test_cell_with_its_own_hook_after_a_failed_scheduled_pass_is_not_recorded_twice():
+    torch.manual_seed(2)
+    model = CellLoop(nn.RNNCell(3, 4), 4)
+    model.cell.register_forward_pre_hook(lambda m, a: None)  # takes the forward-hook path
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope:
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="input_size"):
+            model(torch.randn(5, 2, 7))
+        model(x).sum().backward()
+    g = scope.recording.grad_norms("cell")
+    np.testing.assert_allclose(g[1], g[0], rtol=1e-6)
+    assert not model.cell._forward_hooks
+
+
+def test_failed_discovery_pass_does_not_log_calls_twice():
+    torch.manual_seed(2)
+    model = CellLoop(nn.RNNCell(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope:
+        with pytest.raises(RuntimeError, match="input_size"):
+            model(torch.randn(5, 2, 7))
+        model(x).sum().backward()
+        model(x).sum().backward()
+    g = scope.recording.grad_norms("cell")
+    assert g.shape == (2, 5)
+    np.testing.assert_allclose(g[1], g[0], rtol=1e-6)

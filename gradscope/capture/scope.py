@@ -240,6 +240,7 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
+        self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
 
         names = dict(model.named_modules())
         self._module_names = {id(m): n for n, m in names.items()}
@@ -378,6 +379,13 @@ class Scope:
     def _unpatch_cells(self) -> None:
         """Remove the per-pass forwards (fused submodules, accelerator LSTMCells). One left behind
         by a forward pass that raised falls back to the module's own forward off schedule."""
+        for m, ours, prev in reversed(self._cell_forwards):
+            if m.__dict__.get("forward") is ours:
+                if prev is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = prev
+        self._cell_forwards = []
         for m in self._pass_forwards:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
@@ -410,19 +418,42 @@ class Scope:
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
+            self._unpatch_cells()  # anything a pass that raised left behind
+            for h in self._cell_handles:
+                h.remove()
+            self._cell_handles = []
             for m, fwd in self._pass_forwards.items():
                 m.forward = fwd
             for m, fwd in self._lstm_cells.items():
                 if _fused_cell_device(m.weight_ih.device):
                     m.forward = fwd
             for name, m in self._explicit_cells.items():
-                self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
-                                                                  with_kwargs=True))
+                self._watch_cell(name, m)
             for name, spec in self.sites.items():
                 if spec.kind == "cell" and name not in self._explicit_cells and self._wanted(name):
-                    m = self._module_by_name(spec.module_name)
-                    self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
-                                                                      with_kwargs=True))
+                    self._watch_cell(name, self._module_by_name(spec.module_name))
+
+    def _watch_cell(self, name: str, m: nn.Module) -> None:
+        """Record each call of cell ``m`` in this scheduled pass. Normally by wrapping its forward
+        for the pass (an instance attribute, removed by ``_root_post``): a forward hook would send
+        every one of the T calls down nn.Module's slower hooked call path. A forward hook is used
+        where the cell has hooks of its own (they may change its output) or the model is compiled."""
+        if self.compiled is not None or m._forward_hooks or m._forward_pre_hooks:
+            self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
+                                                              with_kwargs=True))
+            return
+        prev = m.__dict__.get("forward")
+        base = m.forward
+        on_call = self._on_cell_call
+
+        def forward(*args, **kwargs):
+            out = base(*args, **kwargs)
+            on_call(name, m, args, kwargs, out)
+            return out
+
+        forward.__gradscope__ = True  # type: ignore[attr-defined]
+        m.forward = forward
+        self._cell_forwards.append((m, forward, prev))
 
     def _root_post(self, module, args, output):
         p = self._current
@@ -602,7 +633,7 @@ class Scope:
 
     def _on_cell_call(self, name, module, args, kwargs, output):
         p = self._current
-        if p is None:
+        if p is None or not p.scheduled:  # a wrapper or hook left by a pass that raised
             return
         if p.probe:
             p.calls.setdefault(name, []).append(((args, kwargs), output))
@@ -627,6 +658,9 @@ class Scope:
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
+        for h in self._discovery_handles:  # left by a discovery pass that raised
+            h.remove()
+        self._discovery_handles = []
         self._discovery_log = defaultdict(list)
         for name, m in self.model.named_modules():
             if not name or isinstance(m, FUSED_TYPES) or name in self.sites:
