@@ -72,22 +72,28 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
     return interleaved_times(plain, watched, step, every=every, steps=steps, warmup=warmup, device=device)
 
 
-NOTES = """Where targets are missed, and why. A scheduled step of a fused `nn.LSTM` back-propagates
-with a hand-written BPTT loop (one `[B, 4H] @ [4H, H]` product and four elementwise ops per step)
-that yields the total ∂L/∂h_t and ∂L/∂c_t; its forward is, on the CPU from H 128, a loop of its own
-that keeps every gate (one product and six elementwise ops per step), below that the fused kernel
-plus one recomputation of all gates. The plain step uses oneDNN's fused forward and backward.
-Fresh memory is expensive here (a step's new buffers are zero-filled pages): the replay writes
-gates over pre-activations and gradients over the local derivatives they consume. For H 256,
-T 200 the watched step costs 1.33–1.46× with 2 threads in repeated runs of this code (1.7–1.9×
-before the own-loop forward and the buffer reuse). For H 64, T 50 each step's few µs of work is
-below the ~2–4 µs cost of dispatching an eager op, so the per-step loop (about 20 µs a step) and
-the bulk elementwise work dominate: 1.68–1.84×; every=50 then amortises to 1.014 plus ~1–1.5%
-off-schedule cost (one hook on the model's outputs and one end-of-backward callback per step,
-~40 µs): 1.025–1.044×. The user LSTMCell loop pays a forward hook and two tensor hooks per time
-step (~15–20 µs) plus multi-tensor norms: 1.06–1.09×. GRU and Elman RNN replays are at or below
-the plain step. Timings on this shared 2-core machine vary by ±5–10% between runs, more when
-neighbours are busy (the plain small-LSTM step took 2.4–4.7 ms in today's runs)."""
+NOTES = """How the rows are timed: each row runs two halves, the watched and the plain instance swapping
+roles halfway, and within a half the two alternate in ABBA order (two identical unwatched copies
+differed by up to ~0.4 ms of a 3 ms step, and the step that runs right after the other model's
+backward pays a penalty of its own). Timings on this shared 2-core machine still vary by ±5–10%
+between runs (the plain small-LSTM step took 2.4–4.6 ms in today's runs).
+
+The LSTM replay. A scheduled step of a fused `nn.LSTM` back-propagates with a hand-written BPTT
+loop (one `[B, 4H] @ [4H, H]` product and the cell arithmetic per step) that yields the total
+∂L/∂h_t and ∂L/∂c_t; weight gradients are then a few large products. On the CPU both loops run in a
+small C++ extension compiled on first use (`gradscope.capture.kernels`; per step one product, two
+sigmoids and two passes of cell arithmetic in the forward, one product and one pass in the
+backward), which took the small LSTM from 1.68–1.84× (pure-Python replay, last row) to 1.40–1.46×
+and the large one from 1.33–1.46× to 1.15–1.20×. Without a compiler the *Python replay* rows apply.
+
+Still missed. (1) Fused LSTM H 64, T 50, every=50: 1.025–1.044× (median 1.02): the amortised
+scheduled step adds ~0.8%, and each off-schedule step pays for the root module's forward hooks and
+one hook on its output (how a backward pass reaching the model is counted): ~40 µs measured in
+isolation, 60–110 µs inside this 2.5–4 ms step — each Python intervention between oneDNN calls
+costs 2–5× its own time here. (2) User `nn.LSTMCell` loop H 256, T 200, every=1: 1.06–1.09×: the
+loop is recorded by two tensor hooks per time step (400 per step) whose Python calls from the
+autograd engine cost ~4–5% with the recording turned into a no-op, and keeping and norming the
+gradients ~2–3% more. GRU and Elman RNN replays are at or below the plain step."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). The targets were set
