@@ -195,36 +195,26 @@ def own_lstm_loop(monkeypatch, device):
         assert calls, "the own forward loop never ran"
 
 
+@pytest.fixture(params=["own_loop", "compiled"])
+def lstm_path(request):
+    """Each of the LSTM fast replay's other paths in turn: the Python forward loop (CPU default from
+    H 128) and the compiled kernel (used once built); the tests above run the default small-H path."""
+    return request.getfixturevalue({"own_loop": "own_lstm_loop", "compiled": "native_lstm"}[request.param])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
 @pytest.mark.parametrize("cls,kw", [s for s in SETTINGS if s.values[0] is nn.LSTM])
-def test_fast_lstm_own_forward_loop_matches_fused(cls, kw, given_h, dtype, device, own_lstm_loop):
+def test_fast_lstm_path_matches_fused(cls, kw, given_h, dtype, device, lstm_path):
     test_fast_replay_matches_fused(cls, kw, given_h, dtype, device)
 
 
 @pytest.mark.parametrize("kw", [{}, {"proj_size": 2}])
-def test_fast_lstm_own_forward_loop_norms_equal_hooked_norms(kw, device, own_lstm_loop):
+def test_fast_lstm_path_norms_equal_hooked_norms(kw, device, lstm_path):
     test_fast_norms_equal_hooked_norms(nn.LSTM, kw, device)
 
 
-def test_fast_lstm_own_forward_loop_with_dropout_and_input_gradients(own_lstm_loop):
-    test_fast_replay_dropout_and_input_gradients(nn.LSTM)
-
-
-# ----------------------------------------------------------------------------- compiled kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
-@pytest.mark.parametrize("cls,kw", [s for s in SETTINGS if s.values[0] is nn.LSTM])
-def test_fast_lstm_compiled_kernel_matches_fused(cls, kw, given_h, dtype, device, native_lstm):
-    test_fast_replay_matches_fused(cls, kw, given_h, dtype, device)
-
-
-@pytest.mark.parametrize("kw", [{}, {"proj_size": 2}])
-def test_fast_lstm_compiled_kernel_norms_equal_hooked_norms(kw, device, native_lstm):
-    test_fast_norms_equal_hooked_norms(nn.LSTM, kw, device)
-
-
-def test_fast_lstm_compiled_kernel_with_dropout_and_input_gradients(native_lstm):
+def test_fast_lstm_path_with_dropout_and_input_gradients(lstm_path):
     test_fast_replay_dropout_and_input_gradients(nn.LSTM)
 
 
