@@ -104,6 +104,15 @@ def _recurrent_weight_grad(dA: Tensor, OUT: Tensor, h0: Tensor, reverse: bool) -
     return out.addmm_(first.t(), h0)
 
 
+def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+    """Every step's input part of the gate pre-activations, both biases included: ``[T, B, G·H]``
+    (a fresh buffer the callers overwrite in place)."""
+    T, B, _ = x.shape
+    flat = x.reshape(T * B, -1)
+    out = torch.addmm(b_ih + b_hh, flat, w_ih.t()) if b_ih is not None else flat @ w_ih.t()
+    return out.view(T, B, -1)
+
+
 def _tanh_from_sigmoid(s: Tensor) -> Tensor:
     """``2s − 1`` for ``s = σ(2x)``: tanh(x), within ~2 ulp of 1 absolute (a new tensor)."""
     return torch.add(torch.tensor(-1.0, dtype=s.dtype, device=s.device), s, alpha=2)
@@ -115,8 +124,7 @@ def _lstm_forward_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse: bool):
     H = w_hh.shape[0] // 4
     OUT_SIZE = w_hr.shape[0] if w_hr is not None else H
     kw = dict(dtype=x.dtype, device=x.device)
-    XW = (torch.addmm(b_ih + b_hh, x.reshape(T * B, -1), w_ih.t()) if b_ih is not None
-          else x.reshape(T * B, -1) @ w_ih.t()).view(T, B, 4 * H)
+    XW = _input_gates(x, w_ih, b_ih, b_hh)
     SIG = XW  # each step's pre-activations become its gates in place (fewer fresh pages per step)
     G = torch.empty(T, B, H, **kw)
     C = torch.empty(T, B, H, **kw)
@@ -153,8 +161,7 @@ class _LSTMLayer(torch.autograd.Function):
         if kernel is not None:
             # The compiled loop (see _native): per step one product, two sigmoids and two passes of
             # cell arithmetic in C++; the backward's cell arithmetic in one pass per step.
-            XW = (torch.addmm(b_ih + b_hh, x.reshape(T * B, -1), w_ih.t()) if b_ih is not None
-                  else x.reshape(T * B, -1) @ w_ih.t()).view(T, B, 4 * H)
+            XW = _input_gates(x, w_ih, b_ih, b_hh)
             XW[:, :, 2 * H:3 * H].mul_(2)  # the g block doubled (exact): tanh(g) = 2σ(2g) − 1
             w_hh2 = w_hh.clone(memory_format=torch.contiguous_format)
             w_hh2[2 * H:3 * H].mul_(2)
@@ -174,8 +181,7 @@ class _LSTMLayer(torch.autograd.Function):
                                     reverse)
         # Gates for all steps in one product (every h_{t-1} is known now); c_t by its linear
         # recurrence, one fused op per step.
-        bias = None if b_ih is None else b_ih + b_hh
-        gates = torch.addmm(bias, x.reshape(T * B, -1), w_ih.t()) if bias is not None else x.reshape(T * B, -1) @ w_ih.t()
+        gates = _input_gates(x, w_ih, b_ih, b_hh).view(T * B, 4 * H)
         gates.addmm_(_prev(OUT, h0, reverse).reshape(T * B, -1), w_hh.t())
         gates = gates.view(T, B, 4, H)
         # tanh(x) = 2σ(2x) − 1 over whole buffers: one sigmoid pass does all four gates (torch's
