@@ -133,3 +133,62 @@ def test_watch_uses_the_compiled_kernel_and_records_the_same_norms(native_lstm):
             np.testing.assert_allclose(rec_k.grad_norms(site, state), rec_p.grad_norms(site, state), rtol=1e-12)
     for a, b in zip(g_k, g_p):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- C++ state hooks
+@pytest.mark.parametrize("s", [0.5, 1.0, 1.1])
+def test_cpp_state_hooks_linear_cell_norms_are_exact(s, device, native_lstm):
+    import test_watch
+
+    test_watch.test_linear_cell_gradient_norms_are_exact(s, device)
+
+
+@pytest.mark.parametrize("cell_cls,lstm", [(nn.RNNCell, False), (nn.GRUCell, False), (nn.LSTMCell, True)])
+def test_cpp_state_hooks_equal_python_hooks(cell_cls, lstm, monkeypatch, native_kernel):
+    # The same cell loop recorded through C++ hooks (kernel built) and Python hooks (kernel off).
+    import test_watch
+
+    torch.manual_seed(4)
+    model = test_watch.CellLoop(cell_cls(3, 6), 6, lstm=lstm).double()
+    xs = [torch.randn(7, 2, 3, dtype=torch.float64) for _ in range(3)]
+
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        with gradscope.watch(model) as scope:
+            for x in xs:
+                model.zero_grad()
+                model(x).pow(2).sum().backward()
+        assert bool(scope._cpp) == (kernel is not None)
+        return scope.recording
+
+    a, b = run(native_kernel), run(None)
+    for state in a.site_info("cell")["states"]:
+        np.testing.assert_allclose(a.grad_norms("cell", state), b.grad_norms("cell", state), rtol=1e-12)
+
+
+def test_cpp_state_hooks_are_removed_with_the_pass(native_lstm):
+    # States kept alive by the user and a graph kept for a second backward: once the step is
+    # recorded (and after close) the C++ hooks are gone, so a later backward records nothing.
+    import test_watch
+
+    model = test_watch.CellLoop(nn.RNNCell(3, 4), 4)
+    kept = []
+    model.cell.register_forward_hook(lambda m, a, out: kept.append(out))
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope:
+        model(x).sum().backward()                 # discovery pass (Python hooks)
+        kept.clear()
+        out = model(x)                            # C++ hooks on every state
+        out.sum().backward(retain_graph=True)
+        assert scope._cpp is not None and len(scope.recording) == 2
+        out.sum().backward()                      # same graph again: no hook left to fire
+        assert scope._cpp.take(scope._cpp_sink) == ([], [])
+        assert not scope._cpp_keys
+    assert len(kept) == 5 and all(k.requires_grad for k in kept)
+
+
+def test_cpp_state_hooks_under_autocast_and_nonfinite(device, native_lstm):
+    import test_watch
+
+    test_watch.test_autocast_bfloat16(device)
+    test_watch.test_nonfinite_gradients_become_events_not_exceptions(device)

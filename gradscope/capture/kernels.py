@@ -33,6 +33,8 @@ __all__ = ["get", "build", "status", "mode"]
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 using at::Tensor;
@@ -175,9 +177,47 @@ std::vector<Tensor> lstm_backward(Tensor DH, Tensor SIG, Tensor G, Tensor C, Ten
   return {dG, DC, dh0};
 }
 
+// State-gradient norms without Python in the backward pass: a C++ tensor hook appends the norm of
+// the gradient reaching a state (float32 accumulation for half types) and the state's id to a sink
+// that Python empties at the end of the step. Used for user cells' states (two hooks per time step).
+struct NormSink {
+  std::mutex mu;
+  std::vector<Tensor> norms;
+  std::vector<int64_t> ids;
+};
+
+unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64_t id) {
+  return t.register_hook([sink, id](const at::TensorBase& gb) {
+    if (!gb.defined()) return;
+    Tensor g = Tensor(gb).detach();
+    auto st = g.scalar_type();
+    Tensor n = (st == at::kFloat || st == at::kDouble)
+                   ? at::linalg_vector_norm(g, 2)
+                   : at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kFloat);
+    std::lock_guard<std::mutex> lock(sink->mu);
+    sink->norms.push_back(n);
+    sink->ids.push_back(id);
+  });
+}
+
+void unhook(const Tensor& t, unsigned pos) { t.remove_hook(pos); }
+
+std::tuple<std::vector<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
+  std::lock_guard<std::mutex> lock(sink->mu);
+  std::vector<Tensor> norms;
+  std::vector<int64_t> ids;
+  norms.swap(sink->norms);
+  ids.swap(sink->ids);
+  return {norms, ids};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "gradscope LSTM layer forward (CPU)");
   m.def("lstm_backward", &lstm_backward, "gradscope LSTM layer BPTT (CPU)");
+  pybind11::class_<NormSink, std::shared_ptr<NormSink>>(m, "NormSink").def(pybind11::init<>());
+  m.def("hook_norm", &hook_norm, "register a C++ hook recording the norm of a state's gradient");
+  m.def("unhook", &unhook, "remove a hook registered by hook_norm");
+  m.def("take", &take, "(norms, ids) recorded since the last take");
 }
 """
 

@@ -151,7 +151,8 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "attn", "__weakref__")
+    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "attn",
+                 "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False):
         self.scheduled = scheduled
@@ -161,6 +162,7 @@ class _Pass:
         self.task = -1  # the autograd graph task (backward call) that first reached this pass
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
+        self.cpp_hooks: List[Tuple[Any, int, int, Any]] = []  # (weakref to state, hook position, id, kernel module)
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
 
 
@@ -240,6 +242,11 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
+        # State hooks in C++ (the compiled kernel's hook_norm), when it is built: id -> key
+        self._cpp: Any = None
+        self._cpp_sink: Any = None
+        self._cpp_keys: Dict[int, Tuple] = {}
+        self._cpp_next = 0
         self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
 
         names = dict(model.named_modules())
@@ -418,6 +425,7 @@ class Scope:
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
+            self._use_cpp_hooks()
             self._unpatch_cells()  # anything a pass that raised left behind
             for h in self._cell_handles:
                 h.remove()
@@ -519,6 +527,7 @@ class Scope:
         self._settle(current=self._bw_task)  # earlier backward calls came first
         fired = [p for p in self._pending if p.fired]
         self._pending = [p for p in self._pending if not p.fired]
+        self._take_cpp()  # before the passes (and their C++ hooks' ids) are dropped
         step = self._step
         self._step += 1
         scheduled = [p for p in fired if p.scheduled]
@@ -548,9 +557,44 @@ class Scope:
         return step % (self.every * self._stride) == 0
 
     # ----------------------------------------------------------- state hooks
+    def _use_cpp_hooks(self) -> None:
+        """Use C++ state hooks for this scheduled pass if the compiled kernel is built (see
+        capture/kernels.py): a Python hook per state and time step is most of a user cell loop's
+        overhead (two per step), a C++ one computes the norm without entering Python."""
+        from . import kernels
+
+        k = kernels.get()
+        self._cpp = k if k is not None and hasattr(k, "hook_norm") else None
+        if self._cpp is not None and self._cpp_sink is None:
+            self._cpp_sink = self._cpp.NormSink()
+
     def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
-        if tensor.requires_grad:
+        if not tensor.requires_grad:
+            return
+        cpp = self._cpp
+        if cpp is not None and tensor.device.type == "cpu":
+            i = self._cpp_next
+            self._cpp_next += 1
+            self._cpp_keys[i] = key
+            p.cpp_hooks.append((weakref.ref(tensor), cpp.hook_norm(self._cpp_sink, tensor, i), i, cpp))
+        else:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
+
+    def _take_cpp(self) -> None:
+        """The norms the C++ hooks recorded in this backward pass, as one multi-value entry."""
+        if self._cpp_sink is None:
+            return
+        norms, ids = self._cpp.take(self._cpp_sink) if self._cpp is not None else ([], [])
+        pairs = [(n, self._cpp_keys.pop(i, None)) for n, i in zip(norms, ids)]
+        pairs = [(n, k) for n, k in pairs if k is not None]
+        if not pairs:
+            return
+        by_dev: Dict[Any, List[int]] = defaultdict(list)
+        for j, (n, _) in enumerate(pairs):
+            by_dev[n.device].append(j)
+        for idx in by_dev.values():
+            self._vals.append(torch.stack([pairs[j][0].double() for j in idx]))
+            self._keys.append(("multi", [pairs[j][1] for j in idx]))
 
     def _on_state_grad(self, key, grad):
         # Keep the gradient itself; the norms of all of a step's states are taken at the end of the
@@ -650,11 +694,9 @@ class Scope:
         idx = spec.state_outputs or tuple(range(len(outs)))
         if spec.info.get("explicit") and not spec.state_outputs and len(spec.states) != len(idx):
             spec.states = state_names(len(idx))
-        hook = self._on_state_grad
-        handles = p.handles
         for sname, i in zip(spec.states, idx):
-            if i < len(outs) and outs[i].requires_grad:
-                handles.append(outs[i].register_hook(functools.partial(hook, ("site", name, sname, t))))
+            if i < len(outs):
+                self._track(p, outs[i], ("site", name, sname, t))
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
@@ -742,6 +784,7 @@ class Scope:
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
         self._norm_raw()
+        self._take_cpp()
         vals, keys = self._vals, self._keys
         self._vals, self._keys = [], []
         attn_items: List[Tuple[Tuple, Any]] = []
@@ -873,6 +916,12 @@ class Scope:
         for h in p.handles:
             h.remove()
         p.handles = []
+        for ref, pos, i, cpp in p.cpp_hooks:
+            t = ref()
+            if t is not None:
+                cpp.unhook(t, pos)
+            self._cpp_keys.pop(i, None)
+        p.cpp_hooks = []
 
     # ---------------------------------------------------------------- public
     @property
