@@ -192,3 +192,11 @@ def test_cpp_state_hooks_under_autocast_and_nonfinite(device, native_lstm):
 
     test_watch.test_autocast_bfloat16(device)
     test_watch.test_nonfinite_gradients_become_events_not_exceptions(device)
+
+
+
+@pytest.mark.parametrize("every", [3, 7])
+def test_steps_counted_alike_with_cpp_state_hooks(every, native_lstm):
+    import test_watch
+
+    test_watch.test_steps_counted_alike_on_and_off_schedule(every)
