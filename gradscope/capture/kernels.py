@@ -1,8 +1,10 @@
-"""Optional compiled CPU kernel for the LSTM fast replay (:mod:`.fastbptt`).
+"""Optional compiled CPU kernel: the LSTM fast replay's loops (:mod:`.fastbptt`) and C++ state hooks.
 
 At small sizes (H 64, T 50) a scheduled step of the Python fast replay spends most of its time
-dispatching tiny eager ops from Python, one time step at a time. This module holds a short C++
-extension — the LSTM forward and backward loops of one layer and direction — that torch compiles
+dispatching tiny eager ops from Python, one time step at a time, and a user cell loop spends it in
+two Python tensor hooks per time step. This module holds a short C++ extension — the LSTM forward
+and backward loops of one layer and direction, and a tensor hook that records the norm of a
+state's gradient without entering Python (used by ``watch`` for every tracked state) — that torch compiles
 on the user's machine (``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and
 ``ninja``) and caches under ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``), so only the
 first use on a machine pays the build (~25 s of one core).
@@ -313,7 +315,7 @@ def status() -> str:
         return f"unavailable: {_error}"
     if _thread is not None and _thread.is_alive():
         return "building in the background; the pure-Python replay runs meanwhile"
-    return f"not built yet ({m}: built on the first scheduled replay of a fused LSTM on the CPU)"
+    return f"not built yet ({m}: built at the first scheduled step of a watched model)"
 
 
 def usable(x: torch.Tensor) -> bool:
