@@ -187,11 +187,31 @@ def test_cpp_state_hooks_are_removed_with_the_pass(native_lstm):
     assert len(kept) == 5 and all(k.requires_grad for k in kept)
 
 
-def test_cpp_state_hooks_under_autocast_and_nonfinite(device, native_lstm):
+def test_cpp_state_hooks_under_autocast_and_nonfinite(monkeypatch, native_kernel):
     import test_watch
 
-    test_watch.test_autocast_bfloat16(device)
-    test_watch.test_nonfinite_gradients_become_events_not_exceptions(device)
+    torch.manual_seed(6)
+    model = test_watch.CellLoop(nn.LSTMCell(3, 5), 5, lstm=True)
+    x = torch.randn(6, 2, 3)
+
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        with gradscope.watch(model) as scope:
+            for scale in (1.0, 1.0, float("nan")):
+                model.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = model(x)
+                (y.float().pow(2).sum() * scale).backward()
+            assert bool(scope._cpp) == (kernel is not None)
+        return scope.recording
+
+    a, b = run(native_kernel), run(None)
+    for state in ("h", "c"):
+        np.testing.assert_allclose(a.grad_norms("cell", state)[:2], b.grad_norms("cell", state)[:2], rtol=1e-6)
+        assert np.isfinite(a.grad_norms("cell", state)[:2]).all()
+    kinds = {(e["kind"], e.get("site"), e["step"]) for e in a.events}
+    assert ("nonfinite", "cell", 2) in kinds
+    assert [e for e in a.events if e.get("site") == "cell"] == [e for e in b.events if e.get("site") == "cell"]
 
 
 
@@ -200,3 +220,16 @@ def test_steps_counted_alike_with_cpp_state_hooks(every, native_lstm):
     import test_watch
 
     test_watch.test_steps_counted_alike_on_and_off_schedule(every)
+
+
+def test_attention_only_model_never_starts_a_build(fresh):
+    fresh.setenv("GRADSCOPE_KERNELS", "auto")
+    started = []
+    fresh.setattr(kernels, "_compile", lambda: started.append(1))
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    x = torch.randn(5, 2, 8)
+    with gradscope.watch(layer) as scope:
+        for _ in range(3):
+            layer(x).sum().backward()
+    assert len(scope.recording) == 3
+    assert kernels._thread is None and not started

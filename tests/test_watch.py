@@ -77,14 +77,15 @@ def test_linear_cell_gradient_norms_are_exact(s, device):
     model = CellLoop(LinearCell(N, 3, s * orthogonal(N)).double(), N).to(device)
     x = torch.randn(T, 4, 3, dtype=torch.float64).to(device)
     with gradscope.watch(model) as scope:
-        hT = model(x)
-        (0.5 * hT.pow(2).sum()).backward()
+        for _ in range(2):  # the first pass also discovers the cell; the second is a plain one
+            hT = model(x)
+            (0.5 * hT.pow(2).sum()).backward()
     rec = scope.recording
     assert rec.sites == ("cell",)
-    got = rec.grad_norms("cell")[0]
     t = np.arange(1, T + 1)  # column t-1 holds h_t
     want = s ** (T - t) * hT.detach().norm().item()
-    np.testing.assert_allclose(got, want, rtol=1e-12)  # the issue asks 1e-6
+    for got in rec.grad_norms("cell"):
+        np.testing.assert_allclose(got, want, rtol=1e-12)  # the issue asks 1e-6
 
 
 def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):

@@ -563,6 +563,10 @@ class Scope:
         overhead (two per step), a C++ one computes the norm without entering Python."""
         from . import kernels
 
+        if not self._discovered or all(s.kind == "attention" for s in self.sites.values()):
+            # the discovery pass uses Python hooks; no recurrent state to hook: never start a build
+            self._cpp = None
+            return
         k = kernels.get()
         self._cpp = k if k is not None and hasattr(k, "hook_norm") else None
         if self._cpp is not None and self._cpp_sink is None:
