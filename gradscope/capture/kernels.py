@@ -188,7 +188,7 @@ struct NormSink {
   std::vector<int64_t> ids;
 };
 
-unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64_t id) {
+static unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64_t id) {
   return t.register_hook([sink, id](const at::TensorBase& gb) {
     if (!gb.defined()) return;
     Tensor g = Tensor(gb).detach();
@@ -202,7 +202,33 @@ unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64
   });
 }
 
-void unhook(const Tensor& t, unsigned pos) { t.remove_hook(pos); }
+// The hooks of one forward pass, held by weak reference (a state the user keeps is unhooked when
+// the pass ends; one already freed needs nothing).
+struct HookSet {
+  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>, unsigned>> hooks;
+};
+
+// Hooks on several states at once (ids first_id, first_id + 1, ...): one call per cell call.
+void hook_norms(const std::shared_ptr<HookSet>& hs, const std::shared_ptr<NormSink>& sink,
+                const std::vector<Tensor>& ts, int64_t first_id) {
+  for (size_t k = 0; k < ts.size(); ++k) {
+    const Tensor& t = ts[k];
+    if (!t.defined() || !t.requires_grad()) continue;
+    const unsigned pos = hook_norm(sink, t, first_id + static_cast<int64_t>(k));
+    hs->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), pos);
+  }
+}
+
+void unhook_all(const std::shared_ptr<HookSet>& hs) {
+  for (auto& entry : hs->hooks) {
+    auto impl = entry.first.lock();
+    if (impl) {
+      Tensor t(std::move(impl));
+      t.remove_hook(entry.second);
+    }
+  }
+  hs->hooks.clear();
+}
 
 std::tuple<std::vector<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
   std::lock_guard<std::mutex> lock(sink->mu);
@@ -217,8 +243,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "gradscope LSTM layer forward (CPU)");
   m.def("lstm_backward", &lstm_backward, "gradscope LSTM layer BPTT (CPU)");
   pybind11::class_<NormSink, std::shared_ptr<NormSink>>(m, "NormSink").def(pybind11::init<>());
-  m.def("hook_norm", &hook_norm, "register a C++ hook recording the norm of a state's gradient");
-  m.def("unhook", &unhook, "remove a hook registered by hook_norm");
+  pybind11::class_<HookSet, std::shared_ptr<HookSet>>(m, "HookSet").def(pybind11::init<>());
+  m.def("hook_norms", &hook_norms, "hook_norm on several states, kept in a HookSet");
+  m.def("unhook_all", &unhook_all, "remove every hook of a HookSet");
   m.def("take", &take, "(norms, ids) recorded since the last take");
 }
 """

@@ -151,7 +151,7 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "attn",
+    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "cpp_ids", "attn",
                  "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False):
@@ -162,7 +162,8 @@ class _Pass:
         self.task = -1  # the autograd graph task (backward call) that first reached this pass
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
-        self.cpp_hooks: List[Tuple[Any, int, int, Any]] = []  # (weakref to state, hook position, id, kernel module)
+        self.cpp_hooks: Any = None  # (kernel module, HookSet) of the pass's C++ state hooks
+        self.cpp_ids: List[Tuple[int, int]] = []  # (first id, count) of the states they record
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
 
 
@@ -242,7 +243,7 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
-        # State hooks in C++ (the compiled kernel's hook_norm), when it is built: id -> key
+        # State hooks in C++ (the compiled kernel's hook_norms), when it is built: id -> key
         self._cpp: Any = None
         self._cpp_sink: Any = None
         self._cpp_keys: Dict[int, Tuple] = {}
@@ -568,21 +569,29 @@ class Scope:
             self._cpp = None
             return
         k = kernels.get()
-        self._cpp = k if k is not None and hasattr(k, "hook_norm") else None
+        self._cpp = k if k is not None and hasattr(k, "hook_norms") else None
         if self._cpp is not None and self._cpp_sink is None:
             self._cpp_sink = self._cpp.NormSink()
 
     def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
         if not tensor.requires_grad:
             return
-        cpp = self._cpp
-        if cpp is not None and tensor.device.type == "cpu":
-            i = self._cpp_next
-            self._cpp_next += 1
-            self._cpp_keys[i] = key
-            p.cpp_hooks.append((weakref.ref(tensor), cpp.hook_norm(self._cpp_sink, tensor, i), i, cpp))
+        if self._cpp is not None and tensor.is_cpu:
+            self._track_cpp(p, [tensor], [key])
         else:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
+
+    def _track_cpp(self, p: _Pass, tensors: List[Tensor], keys: List[Tuple]) -> None:
+        """C++ hooks on CPU states (one call for all of them); ids map to ``keys``."""
+        cpp = self._cpp
+        if p.cpp_hooks is None:
+            p.cpp_hooks = (cpp, cpp.HookSet())
+        i0 = self._cpp_next
+        self._cpp_next += len(keys)
+        for k, key in enumerate(keys):
+            self._cpp_keys[i0 + k] = key
+        p.cpp_ids.append((i0, len(keys)))
+        cpp.hook_norms(p.cpp_hooks[1], self._cpp_sink, tensors, i0)
 
     def _take_cpp(self) -> None:
         """The norms the C++ hooks recorded in this backward pass, as one multi-value entry."""
@@ -698,9 +707,12 @@ class Scope:
         idx = spec.state_outputs or tuple(range(len(outs)))
         if spec.info.get("explicit") and not spec.state_outputs and len(spec.states) != len(idx):
             spec.states = state_names(len(idx))
-        for sname, i in zip(spec.states, idx):
-            if i < len(outs):
-                self._track(p, outs[i], ("site", name, sname, t))
+        pairs = [(outs[i], sname) for sname, i in zip(spec.states, idx) if i < len(outs)]
+        if self._cpp is not None and all(o.is_cpu for o, _ in pairs):
+            self._track_cpp(p, [o for o, _ in pairs], [("site", name, sname, t) for _, sname in pairs])
+            return
+        for o, sname in pairs:
+            self._track(p, o, ("site", name, sname, t))
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
@@ -920,12 +932,15 @@ class Scope:
         for h in p.handles:
             h.remove()
         p.handles = []
-        for ref, pos, i, cpp in p.cpp_hooks:
-            t = ref()
-            if t is not None:
-                cpp.unhook(t, pos)
-            self._cpp_keys.pop(i, None)
-        p.cpp_hooks = []
+        if p.cpp_hooks is not None:
+            cpp, hooks = p.cpp_hooks
+            cpp.unhook_all(hooks)
+            p.cpp_hooks = None
+            keys = self._cpp_keys
+            for i0, n in p.cpp_ids:
+                for i in range(i0, i0 + n):
+                    keys.pop(i, None)
+            p.cpp_ids = []
 
     # ---------------------------------------------------------------- public
     @property
