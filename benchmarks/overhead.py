@@ -84,17 +84,19 @@ loop (one `[B, 4H] @ [4H, H]` product and the cell arithmetic per step) that yie
 small C++ extension compiled on first use (`gradscope.capture.kernels`; per step one product, two
 sigmoids and two passes of cell arithmetic in the forward, one product and one pass in the
 backward), which took the small LSTM from 1.68–1.84× (pure-Python replay, last row) to 1.40–1.46×
-and the large one from 1.33–1.46× to 1.15–1.20×. Without a compiler the *Python replay* rows apply.
+and the large one from 1.33–1.46× to 1.09–1.20×. Without a compiler the *Python replay* rows apply.
 
-Still missed. (1) Fused LSTM H 64, T 50, every=50: 1.025–1.044× (median 1.02–1.03): the amortised
+Still missed. (1) Fused LSTM H 64, T 50, every=50: 1.025–1.044× (median 1.019–1.03): the amortised
 scheduled step adds ~0.8%, and each off-schedule step pays for the root module's forward hooks and
 one hook on its output (how a backward pass reaching the model is counted): ~40 µs measured in
 isolation, 60–110 µs inside this 2.5–4 ms step — each Python intervention between oneDNN calls
 costs 2–5× its own time here (a C++ output hook instead of the Python one measured no better).
-(2) User `nn.LSTMCell` loop H 256, T 200, every=1: 1.044–1.058× in today's runs (1.06–1.09 before):
-each time step's h and c are now recorded by C++ tensor hooks when the kernel is built (Python
-hooks cost ~4–5% here), the cell's calls by a per-pass forward wrapper; what remains is that
-wrapper's Python work per time step. GRU and Elman RNN replays are at or below the plain step."""
+(2) User `nn.LSTMCell` loop H 256, T 200, every=1: 1.02–1.07× across today's runs (1.06–1.09
+before): 1.017–1.019 when the plain step took ~193 ms, 1.05–1.07 when it took ~140 ms (the machine
+switches between the two). Each time step's h and c are recorded by C++ tensor hooks registered in
+one call per cell call when the kernel is built (Python hooks had cost ~4–5% here), the cell's
+calls by a per-pass forward wrapper; what remains is that wrapper's Python work per time step.
+GRU and Elman RNN replays are at or below the plain step."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). The targets were set
