@@ -180,7 +180,7 @@ std::vector<Tensor> lstm_backward(Tensor DH, Tensor SIG, Tensor G, Tensor C, Ten
 }
 
 // State-gradient norms without Python in the backward pass: a C++ tensor hook appends the norm of
-// the gradient reaching a state (float32 accumulation for half types) and the state's id to a sink
+// the gradient reaching a state (float64) and the state's id to a sink
 // that Python empties at the end of the step. Used for user cells' states (two hooks per time step).
 struct NormSink {
   std::mutex mu;
@@ -191,11 +191,8 @@ struct NormSink {
 static unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64_t id) {
   return t.register_hook([sink, id](const at::TensorBase& gb) {
     if (!gb.defined()) return;
-    Tensor g = Tensor(gb).detach();
-    auto st = g.scalar_type();
-    Tensor n = (st == at::kFloat || st == at::kDouble)
-                   ? at::linalg_vector_norm(g, 2)
-                   : at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kFloat);
+    // accumulated in float64 (the precision the recording keeps), so take() can stack them as is
+    Tensor n = at::linalg_vector_norm(Tensor(gb).detach(), 2, c10::nullopt, false, at::kDouble);
     std::lock_guard<std::mutex> lock(sink->mu);
     sink->norms.push_back(n);
     sink->ids.push_back(id);
@@ -230,13 +227,15 @@ void unhook_all(const std::shared_ptr<HookSet>& hs) {
   hs->hooks.clear();
 }
 
-std::tuple<std::vector<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
+// (norms [n] float64, ids) recorded since the last take; None for no norms.
+std::tuple<c10::optional<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
   std::lock_guard<std::mutex> lock(sink->mu);
-  std::vector<Tensor> norms;
   std::vector<int64_t> ids;
-  norms.swap(sink->norms);
   ids.swap(sink->ids);
-  return {norms, ids};
+  if (sink->norms.empty()) return {c10::nullopt, ids};
+  Tensor stacked = at::stack(sink->norms);
+  sink->norms.clear();
+  return {stacked, ids};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

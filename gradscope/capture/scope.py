@@ -571,7 +571,7 @@ class Scope:
         k = kernels.get()
         self._cpp = k if k is not None and hasattr(k, "hook_norms") else None
         if self._cpp is not None and self._cpp_sink is None:
-            self._cpp_sink = self._cpp.NormSink()
+            self._cpp_sink = (self._cpp, self._cpp.NormSink())  # drained by _take_cpp even if _cpp goes
 
     def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
         if not tensor.requires_grad:
@@ -591,23 +591,23 @@ class Scope:
         for k, key in enumerate(keys):
             self._cpp_keys[i0 + k] = key
         p.cpp_ids.append((i0, len(keys)))
-        cpp.hook_norms(p.cpp_hooks[1], self._cpp_sink, tensors, i0)
+        cpp.hook_norms(p.cpp_hooks[1], self._cpp_sink[1], tensors, i0)
 
     def _take_cpp(self) -> None:
         """The norms the C++ hooks recorded in this backward pass, as one multi-value entry."""
         if self._cpp_sink is None:
             return
-        norms, ids = self._cpp.take(self._cpp_sink) if self._cpp is not None else ([], [])
-        pairs = [(n, self._cpp_keys.pop(i, None)) for n, i in zip(norms, ids)]
-        pairs = [(n, k) for n, k in pairs if k is not None]
-        if not pairs:
+        cpp, sink = self._cpp_sink
+        norms, ids = cpp.take(sink)  # norms: one float64 CPU tensor (C++ hooks are CPU-only)
+        if norms is None:
             return
-        by_dev: Dict[Any, List[int]] = defaultdict(list)
-        for j, (n, _) in enumerate(pairs):
-            by_dev[n.device].append(j)
-        for idx in by_dev.values():
-            self._vals.append(torch.stack([pairs[j][0].double() for j in idx]))
-            self._keys.append(("multi", [pairs[j][1] for j in idx]))
+        keys = [self._cpp_keys.pop(i, None) for i in ids]
+        if None in keys:  # a hook of a pass already dropped (a second backward through its graph)
+            keep = [j for j, k in enumerate(keys) if k is not None]
+            norms, keys = norms[keep], [keys[j] for j in keep]
+        if keys:
+            self._vals.append(norms)
+            self._keys.append(("multi", keys))
 
     def _on_state_grad(self, key, grad):
         # Keep the gradient itself; the norms of all of a step's states are taken at the end of the
@@ -800,7 +800,6 @@ class Scope:
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
         self._norm_raw()
-        self._take_cpp()
         vals, keys = self._vals, self._keys
         self._vals, self._keys = [], []
         attn_items: List[Tuple[Tuple, Any]] = []
