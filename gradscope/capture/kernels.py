@@ -35,6 +35,8 @@ __all__ = ["get", "build", "status", "mode"]
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -184,15 +186,40 @@ std::vector<Tensor> lstm_backward(Tensor DH, Tensor SIG, Tensor G, Tensor C, Ten
 // that Python empties at the end of the step. Used for user cells' states (two hooks per time step).
 struct NormSink {
   std::mutex mu;
-  std::vector<Tensor> norms;
+  std::vector<double> norms;
   std::vector<int64_t> ids;
 };
+
+// Sum of squares in float64 with eight independent partial sums (the compiler vectorises them).
+template <typename T>
+static double sum_squares(const T* p, int64_t n) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      const double v = static_cast<double>(p[i + j]);
+      a[j] += v * v;
+    }
+  double s = 0;
+  for (; i < n; ++i) s += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+  return s + ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// Frobenius norm of a gradient, accumulated in float64 (the precision the recording keeps):
+// a plain loop over contiguous float32/float64 CPU memory (no tensor allocated in the backward
+// pass), ATen's norm for anything else (strided, expanded, half precisions).
+static double grad_norm(const Tensor& g) {
+  if (g.device().is_cpu() && g.layout() == at::kStrided && g.is_contiguous()) {
+    if (g.scalar_type() == at::kFloat) return std::sqrt(sum_squares(g.data_ptr<float>(), g.numel()));
+    if (g.scalar_type() == at::kDouble) return std::sqrt(sum_squares(g.data_ptr<double>(), g.numel()));
+  }
+  return at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kDouble).item<double>();
+}
 
 static unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t, int64_t id) {
   return t.register_hook([sink, id](const at::TensorBase& gb) {
     if (!gb.defined()) return;
-    // accumulated in float64 (the precision the recording keeps), so take() can stack them as is
-    Tensor n = at::linalg_vector_norm(Tensor(gb).detach(), 2, c10::nullopt, false, at::kDouble);
+    const double n = grad_norm(Tensor(gb).detach());
     std::lock_guard<std::mutex> lock(sink->mu);
     sink->norms.push_back(n);
     sink->ids.push_back(id);
@@ -233,9 +260,10 @@ std::tuple<c10::optional<Tensor>, std::vector<int64_t>> take(const std::shared_p
   std::vector<int64_t> ids;
   ids.swap(sink->ids);
   if (sink->norms.empty()) return {c10::nullopt, ids};
-  Tensor stacked = at::stack(sink->norms);
+  Tensor out = at::empty({static_cast<int64_t>(sink->norms.size())}, at::kDouble);
+  std::copy(sink->norms.begin(), sink->norms.end(), out.data_ptr<double>());
   sink->norms.clear();
-  return {stacked, ids};
+  return {out, ids};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
