@@ -215,6 +215,139 @@ def test_cpp_state_hooks_under_autocast_and_nonfinite(monkeypatch, native_kernel
 
 
 
+# ----------------------------------------------------------------------------- C++ cell taps
+def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, native_kernel):
+    # After the discovery pass a user cell's forward is the kernel's CellTap for each scheduled
+    # pass: it hooks the states itself, Scope._record_call (Python) never runs, and the norms equal
+    # the Python hooks' and the retain_grad oracle's.
+    import test_watch
+    from gradscope.capture.scope import Scope
+
+    torch.manual_seed(8)
+    model = test_watch.CellLoop(nn.LSTMCell(3, 5), 5, lstm=True).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    python_calls, forwards = [], []
+    record = Scope._record_call
+    monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (python_calls.append(a[1]), record(self, *a))[1])
+    model.readout = None
+    model.register_forward_hook(lambda m, a, out: forwards.append(m.cell.__dict__.get("forward")))
+
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        forwards.clear()
+        with gradscope.watch(model) as scope:
+            for _ in range(3):
+                model.zero_grad()
+                model(x).pow(2).sum().backward()
+            assert not scope._cpp_blocks and not scope._cpp_keys  # dropped with their passes
+        return scope.recording
+
+    a = run(native_kernel)
+    assert [type(f).__name__ for f in forwards] == ["NoneType", "CellTap", "CellTap"]
+    assert python_calls == []
+    assert "forward" not in model.cell.__dict__
+    b = run(None)
+    assert python_calls == list(range(6)) * 2  # the Python wrapper, two passes after discovery
+    for state in ("h", "c"):
+        np.testing.assert_allclose(a.grad_norms("cell", state), b.grad_norms("cell", state), rtol=1e-12)
+    # oracle: the unrolled loop with retain_grad
+    states = {"h": [], "c": []}
+    h = c = torch.zeros(2, 5, dtype=torch.float64)
+    for t in range(6):
+        h, c = model.cell(x[t], (h, c))
+        for k, v in (("h", h), ("c", c)):
+            v.retain_grad()
+            states[k].append(v)
+    h.pow(2).sum().backward()
+    for k in ("h", "c"):
+        want = [v.grad.norm().item() if v.grad is not None else 0.0 for v in states[k]]
+        np.testing.assert_allclose(a.grad_norms("cell", k)[-1], want, rtol=1e-12)
+
+
+def test_cpp_tap_kept_after_its_pass_records_nothing(native_lstm):
+    import test_watch
+
+    model = test_watch.CellLoop(nn.RNNCell(3, 4), 4)
+    taps = []
+    model.register_forward_hook(lambda m, a, out: taps.append(m.cell.__dict__.get("forward")))
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope:
+        for _ in range(2):
+            model(x).sum().backward()
+        tap = taps[-1]
+        assert type(tap).__name__ == "CellTap" and tap.calls == 5
+        h = tap(x[0], torch.zeros(2, 4))                       # the user calls it again later
+        h.sum().backward()
+        assert scope._cpp.take(scope._cpp_sink[1]) == (None, [])
+        assert len(scope.recording) == 2
+
+
+class ListCell(nn.Module):
+    """A user cell whose output is a list: the C++ tap hands such calls to Python."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.lin = nn.Linear(3 + n, n)
+
+    def forward(self, x, state):
+        return [torch.tanh(self.lin(torch.cat([x, state[0]], -1)))]
+
+
+class ListLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = ListCell()
+
+    def forward(self, x):
+        state = [x.new_zeros(x.shape[1], 4)]
+        for t in range(x.shape[0]):
+            state = self.cell(x[t], state)
+        return state[0]
+
+
+def test_cpp_tap_hands_unusual_outputs_to_python_with_the_right_time_step(monkeypatch, native_kernel):
+    from gradscope.capture.scope import Scope
+
+    torch.manual_seed(9)
+    model = ListLoop().double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    ts = []
+    record = Scope._record_call
+    monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (ts.append(a[1]), record(self, *a))[1])
+
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        ts.clear()
+        with gradscope.watch(model) as scope:
+            for _ in range(3):
+                model.zero_grad()
+                model(x).pow(2).sum().backward()
+        return scope.recording, list(ts)
+
+    (a, ts_a), (b, ts_b) = run(native_kernel), run(None)
+    assert ts_a == ts_b == list(range(6)) * 2  # via the tap's slow path / the Python wrapper
+    assert a.grad_norms("cell").shape == (3, 6)
+    np.testing.assert_allclose(a.grad_norms("cell"), b.grad_norms("cell"), rtol=1e-12)
+    states = []
+    s = [torch.zeros(2, 4, dtype=torch.float64)]
+    for t in range(6):
+        s = model.cell(x[t], s)
+        s[0].retain_grad()
+        states.append(s[0])
+    s[0].pow(2).sum().backward()
+    np.testing.assert_allclose(a.grad_norms("cell")[-1], [v.grad.norm().item() for v in states], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["test_forward_that_raises_in_a_scheduled_pass_leaves_no_cell_wrapper_active",
+                                  "test_cell_wrapper_restores_a_user_instance_forward",
+                                  "test_cell_with_its_own_forward_hook_is_recorded_through_a_hook",
+                                  "test_failed_discovery_pass_does_not_log_calls_twice"])
+def test_cell_wrapper_cases_hold_with_cpp_taps(name, native_lstm):
+    import test_watch
+
+    getattr(test_watch, name)()
+
+
 @pytest.mark.parametrize("every", [3, 7])
 def test_steps_counted_alike_with_cpp_state_hooks(every, native_lstm):
     import test_watch

@@ -254,6 +254,56 @@ void unhook_all(const std::shared_ptr<HookSet>& hs) {
   hs->hooks.clear();
 }
 
+// A user cell's forward for one scheduled pass (installed as the cell's instance ``forward``):
+// calls the cell's own forward, then hooks the states among its outputs with C++ norm hooks, with
+// no Python in between. State k of call t gets id first_id + t * 64 + k (Python decodes it).
+// Outputs it does not handle (not a tensor or a tuple of tensors, not on the CPU, more than 64
+// states) go to ``slow(t, args, kwargs, output)`` in Python.
+struct CellTap {
+  pybind11::object base;
+  pybind11::object slow;
+  std::vector<int64_t> idx;  // positions of the states among the outputs
+  std::shared_ptr<NormSink> sink;
+  std::shared_ptr<HookSet> hooks;
+  int64_t first_id = 0;
+  int64_t calls = 0;
+};
+
+static pybind11::object tap_call(CellTap& tap, pybind11::args args, pybind11::kwargs kwargs) {
+  pybind11::object out = tap.base(*args, **kwargs);
+  const int64_t t = tap.calls++;
+  PyObject* o = out.ptr();
+  std::vector<Tensor> outs;
+  bool ok = tap.idx.size() <= 64 && tap.hooks && tap.sink;
+  if (ok && THPVariable_Check(o)) {
+    outs.push_back(THPVariable_Unpack(o));
+  } else if (ok && PyTuple_Check(o)) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(o);
+    for (Py_ssize_t i = 0; i < n && ok; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(o, i);
+      if (THPVariable_Check(item)) outs.push_back(THPVariable_Unpack(item));
+      else ok = false;
+    }
+  } else {
+    ok = false;
+  }
+  for (size_t k = 0; ok && k < tap.idx.size(); ++k)
+    if (tap.idx[k] < static_cast<int64_t>(outs.size()) && !outs[tap.idx[k]].device().is_cpu()) ok = false;
+  if (!ok) {
+    tap.slow(t, args, kwargs, out);
+    return out;
+  }
+  for (size_t k = 0; k < tap.idx.size(); ++k) {
+    const int64_t i = tap.idx[k];
+    if (i >= static_cast<int64_t>(outs.size())) continue;
+    const Tensor& s = outs[i];
+    if (!s.defined() || !s.requires_grad()) continue;
+    const unsigned pos = hook_norm(tap.sink, s, tap.first_id + t * 64 + static_cast<int64_t>(k));
+    tap.hooks->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(s.getIntrusivePtr()), pos);
+  }
+  return out;
+}
+
 // (norms [n] float64, ids) recorded since the last take; None for no norms.
 std::tuple<c10::optional<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
   std::lock_guard<std::mutex> lock(sink->mu);
@@ -274,6 +324,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hook_norms", &hook_norms, "hook_norm on several states, kept in a HookSet");
   m.def("unhook_all", &unhook_all, "remove every hook of a HookSet");
   m.def("take", &take, "(norms, ids) recorded since the last take");
+  pybind11::class_<CellTap, std::shared_ptr<CellTap>>(m, "CellTap")
+      .def(pybind11::init([](pybind11::object base, pybind11::object slow, std::vector<int64_t> idx,
+                             std::shared_ptr<NormSink> sink) {
+        auto tap = std::make_shared<CellTap>();
+        tap->base = std::move(base);
+        tap->slow = std::move(slow);
+        tap->idx = std::move(idx);
+        tap->sink = std::move(sink);
+        return tap;
+      }))
+      .def("start", [](CellTap& tap, std::shared_ptr<HookSet> hooks, int64_t first_id) {
+        tap.hooks = std::move(hooks);
+        tap.first_id = first_id;
+        tap.calls = 0;
+      }, "begin a pass: hooks go to this HookSet, ids from first_id, calls from 0")
+      .def("stop", [](CellTap& tap) { tap.hooks.reset(); }, "end the pass (later calls: slow path)")
+      .def_readonly("calls", &CellTap::calls)
+      .def_readonly("base", &CellTap::base)
+      .def("__call__", &tap_call);
 }
 """
 

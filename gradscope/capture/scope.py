@@ -49,6 +49,7 @@ _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 # torch._foreach_norm: the multi-tensor norm clip_grad_norm_ uses (private, present since torch 1.13)
 _FOREACH_NORM = getattr(torch, "_foreach_norm", None)
 _NORM_CHUNK = 128  # state gradients normed together during the backward pass
+_BLOCK_MASK = ~0xFFFFFFFF  # the block of a C++ cell tap's state id (Scope._cell_tap)
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
@@ -151,8 +152,8 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "cpp_ids", "attn",
-                 "__weakref__")
+    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "cpp_ids",
+                 "cpp_blocks", "attn", "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False):
         self.scheduled = scheduled
@@ -164,6 +165,7 @@ class _Pass:
         self.handles: List[Any] = []
         self.cpp_hooks: Any = None  # (kernel module, HookSet) of the pass's C++ state hooks
         self.cpp_ids: List[Tuple[int, int]] = []  # (first id, count) of the states they record
+        self.cpp_blocks: List[int] = []  # id blocks of the pass's C++ cell taps (Scope._cell_tap)
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
 
 
@@ -248,6 +250,10 @@ class Scope:
         self._cpp_sink: Any = None
         self._cpp_keys: Dict[int, Tuple] = {}
         self._cpp_next = 0
+        # C++ cell taps of the current scheduled pass: (site, tap, block start); ids of a tap's states lie in
+        # a block [start, start + 2**32) (start -> (site, state names), until the pass is dropped)
+        self._taps: List[Tuple[str, Any, int]] = []
+        self._cpp_blocks: Dict[int, Tuple[str, Tuple[str, ...]]] = {}
         self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
 
         names = dict(model.named_modules())
@@ -394,6 +400,9 @@ class Scope:
                 else:
                     m.__dict__["forward"] = prev
         self._cell_forwards = []
+        for _, tap, _ in self._taps:
+            tap.stop()  # a call through a tap someone still holds records nothing
+        self._taps = []
         for m in self._pass_forwards:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
@@ -409,6 +418,10 @@ class Scope:
 
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
+        if self._cell_forwards:  # left by a scheduled pass whose forward raised
+            for _, _, start in self._taps:
+                self._cpp_blocks.pop(start, None)
+            self._unpatch_cells()
         if self.closed or self._probing or not torch.is_grad_enabled():
             self._current = None
             return
@@ -453,6 +466,11 @@ class Scope:
             return
         prev = m.__dict__.get("forward")
         base = m.forward
+        tap = self._cell_tap(name, m, base)
+        if tap is not None:
+            m.forward = tap
+            self._cell_forwards.append((m, tap, prev))
+            return
         on_call = self._on_cell_call
 
         def forward(*args, **kwargs):
@@ -464,12 +482,34 @@ class Scope:
         m.forward = forward
         self._cell_forwards.append((m, forward, prev))
 
+    def _cell_tap(self, name: str, m: nn.Module, base):
+        """The compiled kernel's ``CellTap`` for cell ``m`` in this scheduled pass, or None where the
+        Python wrapper applies (no kernel, a probe pass, a site without known state outputs). The
+        tap calls the cell and hooks its states in C++: no Python per time step."""
+        p, spec, cpp = self._current, self.sites.get(name), self._cpp
+        if (cpp is None or not hasattr(cpp, "CellTap") or p is None or p.probe or spec is None
+                or not spec.state_outputs or len(spec.state_outputs) > 64):
+            return None
+        if p.cpp_hooks is None:
+            p.cpp_hooks = (cpp, cpp.HookSet())
+        start = ((self._cpp_next >> 32) + 1) << 32  # a fresh block, beyond every id given so far
+        self._cpp_next = start + (1 << 32)
+        self._cpp_blocks[start] = (name, spec.states)
+        p.cpp_blocks.append(start)
+        tap = cpp.CellTap(base, functools.partial(self._record_call, name), list(spec.state_outputs),
+                          self._cpp_sink[1])
+        tap.start(p.cpp_hooks[1], start)
+        self._taps.append((name, tap, start))
+        return tap
+
     def _root_post(self, module, args, output):
         p = self._current
         self._current = None
         if p is None or self.closed:
             return
         if p.scheduled:
+            for name, tap, _ in self._taps:
+                self._cell_counter[name] = max(self._cell_counter.get(name, 0), tap.calls)
             self._unpatch_cells()
             for h in self._cell_handles:
                 h.remove()
@@ -602,6 +642,14 @@ class Scope:
         if norms is None:
             return
         keys = [self._cpp_keys.pop(i, None) for i in ids]
+        if self._cpp_blocks:  # ids of cell taps: block start + 64 t + k (kernels.CellTap)
+            blocks = self._cpp_blocks
+            for j, i in enumerate(ids):
+                if keys[j] is None:
+                    b = blocks.get(i & _BLOCK_MASK)
+                    if b is not None:
+                        off = i & 0xFFFFFFFF
+                        keys[j] = ("site", b[0], b[1][off & 63], off >> 6)
         if None in keys:  # a hook of a pass already dropped (a second backward through its graph)
             keep = [j for j, k in enumerate(keys) if k is not None]
             norms, keys = norms[keep], [keys[j] for j in keep]
@@ -692,10 +740,18 @@ class Scope:
         p = self._current
         if p is None or not p.scheduled:  # a wrapper or hook left by a pass that raised
             return
-        if p.probe:
-            p.calls.setdefault(name, []).append(((args, kwargs), output))
         t = self._cell_counter.get(name, 0)
         self._cell_counter[name] = t + 1
+        self._record_call(name, t, args, kwargs, output)
+
+    def _record_call(self, name, t, args, kwargs, output):
+        """Track the states among ``output``, call ``t`` of cell site ``name`` in this pass (also
+        the C++ tap's path for outputs it leaves to Python)."""
+        p = self._current
+        if p is None or not p.scheduled:
+            return
+        if p.probe:
+            p.calls.setdefault(name, []).append(((args, kwargs), output))
         spec = self.sites[name]
         # the common outputs (a tensor, or a tuple of tensors) without the general flattening
         if isinstance(output, Tensor):
@@ -940,6 +996,9 @@ class Scope:
                 for i in range(i0, i0 + n):
                     keys.pop(i, None)
             p.cpp_ids = []
+            for start in p.cpp_blocks:
+                self._cpp_blocks.pop(start, None)
+            p.cpp_blocks = []
 
     # ---------------------------------------------------------------- public
     @property
