@@ -224,13 +224,19 @@ def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, 
     from gradscope.capture.scope import Scope
 
     torch.manual_seed(8)
-    model = test_watch.CellLoop(nn.LSTMCell(3, 5), 5, lstm=True).double()
+    forwards = []
+
+    class Loop(test_watch.CellLoop):
+        def forward(self, x):
+            forwards.append(self.cell.__dict__.get("forward"))  # the cell's forward in this pass
+            return super().forward(x)
+
+    model = Loop(nn.LSTMCell(3, 5), 5, lstm=True).double()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    python_calls, forwards = [], []
+    python_calls = []
     record = Scope._record_call
     monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (python_calls.append(a[1]), record(self, *a))[1])
     model.readout = None
-    model.register_forward_hook(lambda m, a, out: forwards.append(m.cell.__dict__.get("forward")))
 
     def run(kernel):
         monkeypatch.setattr(kernels, "get", lambda: kernel)
@@ -267,9 +273,14 @@ def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, 
 def test_cpp_tap_kept_after_its_pass_records_nothing(native_lstm):
     import test_watch
 
-    model = test_watch.CellLoop(nn.RNNCell(3, 4), 4)
     taps = []
-    model.register_forward_hook(lambda m, a, out: taps.append(m.cell.__dict__.get("forward")))
+
+    class Loop(test_watch.CellLoop):
+        def forward(self, x):
+            taps.append(self.cell.__dict__.get("forward"))
+            return super().forward(x)
+
+    model = Loop(nn.RNNCell(3, 4), 4)
     x = torch.randn(5, 2, 3)
     with gradscope.watch(model) as scope:
         for _ in range(2):
@@ -366,3 +377,174 @@ def test_attention_only_model_never_starts_a_build(fresh):
             layer(x).sum().backward()
     assert len(scope.recording) == 3
     assert kernels._thread is None and not started
+
+
+# ----------------------------------------------------------------------------- C++ root tap
+@pytest.fixture
+def root_tap(monkeypatch, native_lstm):
+    """Watches use the compiled kernel, hence the C++ root tap once a scheduled step has run;
+    yields the list of scopes that installed it and checks that one did."""
+    from gradscope.capture.scope import Scope
+
+    installed = []
+    install = Scope._install_root_tap
+
+    def spy(self):
+        install(self)
+        if self._root_tap is not None:
+            installed.append(self)
+
+    monkeypatch.setattr(Scope, "_install_root_tap", spy)
+    yield installed
+    assert installed, "the root tap was never installed"
+
+
+@pytest.mark.parametrize("name,args", [
+    ("test_steps_counted_alike_on_and_off_schedule", (1,)),
+    ("test_steps_counted_alike_on_and_off_schedule", (3,)),
+    ("test_steps_counted_alike_on_and_off_schedule", (7,)),
+    ("test_every_schedule_and_step_count", (torch.device("cpu"),)),
+    ("test_gradient_accumulation_counts_each_backward", (torch.device("cpu"),)),
+    ("test_history_bounded_by_max_steps_keeps_whole_span", ()),
+    ("test_history_thinning_keeps_rows_exact_with_varying_lengths", (torch.device("cpu"),)),
+    ("test_probe_every_measures_on_scheduled_training_batches", (torch.device("cpu"),)),
+])
+def test_step_counting_holds_with_the_root_tap(name, args, root_tap):
+    import test_watch
+
+    getattr(test_watch, name)(*args)
+
+
+def test_root_tap_replaces_the_root_hooks_and_goes_on_close(root_tap):
+    import test_watch
+
+    model = test_watch.Seq(nn.LSTM(3, 4), 4)
+    calls = []
+    own = model.forward
+
+    def user_forward(*a, **k):  # an instance forward of the user's: kept under the tap, restored
+        calls.append(1)
+        return own(*a, **k)
+
+    model.forward = user_forward
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=4) as scope:
+        assert model._forward_pre_hooks and model._forward_hooks  # before the kernel is used
+        model(x).sum().backward()                              # step 0 (scheduled): tap installed
+        assert scope._root_tap is not None
+        assert not model._forward_pre_hooks and not model._forward_hooks
+        assert model.__dict__["forward"] is not user_forward
+        for _ in range(5):
+            model(x).sum().backward()
+        kept = model(x)                                        # a pass still waiting for its backward
+        assert scope._root_tap.n_pending == 1
+        tap = scope._root_tap
+    assert model.__dict__["forward"] is user_forward and len(calls) == 7
+    del model.__dict__["forward"]
+    conftest_assert_no_hooks(model)
+    assert tap.n_pending == 0 and tap.closed                   # its C++ hook was removed with it
+    kept.sum().backward()                                      # nothing left to count it
+    assert scope.step == 6 and list(scope.recording.steps) == [0, 4]
+
+
+def conftest_assert_no_hooks(model):
+    from conftest import assert_no_hooks
+
+    assert_no_hooks(model)
+
+
+class _Ckpt(nn.Module):
+    """An LSTM under reentrant activation checkpointing: its backward runs a nested backward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        out = checkpoint(lambda t: self.rnn(t)[0], x, use_reentrant=True)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_reentrant_checkpointing_counts_one_step_per_backward(every, monkeypatch, native_kernel):
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        torch.manual_seed(3)
+        model = _Ckpt()
+        x = torch.randn(6, 2, 3, requires_grad=True)
+        with gradscope.watch(model, every=every) as scope:
+            for _ in range(5):
+                model(x).pow(2).sum().backward()
+            assert (scope._root_tap is not None) == (kernel is not None)
+        return scope
+
+    a, b = run(native_kernel), run(None)
+    assert a.step == b.step == 5
+    assert list(a.recording.steps) == list(b.recording.steps) == list(range(0, 5, every))
+
+
+def test_root_tap_outputs_of_any_structure_and_no_grad_passes(root_tap):
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4)
+
+        def forward(self, x, kind="dict"):
+            out, h = self.rnn(x)
+            if kind == "dict":
+                return {"out": out, "meta": [h, "text", None]}
+            if kind == "nested":
+                return ((out, None), [h])
+            return out.detach()  # nothing requires grad
+
+    model = DictOut()
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=3) as scope:
+        for kind in ["dict", "nested", "dict", "nested", "dict", "nested", "dict"]:
+            y = model(x, kind=kind)
+            out = y["out"] if kind == "dict" else y[0][0]
+            out.sum().backward()
+        model(x, kind="none")                 # no output requires grad: no pass, no step
+        with torch.no_grad():
+            model(x)
+        assert scope._root_tap is not None and scope._root_tap.n_pending == 0
+    assert scope.step == 7 and list(scope.recording.steps) == [0, 3, 6]
+
+
+def test_root_tap_forward_that_raises_off_schedule_counts_nothing(root_tap):
+    import test_watch
+
+    model = test_watch.Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=2) as scope:
+        model(x).sum().backward()                     # step 0, tap installed
+        with pytest.raises(RuntimeError, match="input_size"):
+            model(torch.randn(5, 2, 7))               # off schedule (step 1) through the tap
+        model(x).sum().backward()                     # step 1
+        model(x).sum().backward()                     # step 2 (scheduled)
+    assert scope.step == 3 and list(scope.recording.steps) == [0, 2]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_one_backward_over_an_off_schedule_and_a_scheduled_pass_is_one_step(use_kernel, monkeypatch, native_kernel):
+    # A pass kept from an off-schedule step and a scheduled pass consumed by one backward call:
+    # one step (recorded), and the older pass is not counted again later.
+    import test_watch
+
+    monkeypatch.setattr(kernels, "get", lambda: native_kernel if use_kernel else None)
+    model = test_watch.Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=2) as scope:
+        model(x).sum().backward()          # step 0 (scheduled; the tap goes in after it)
+        a = model(x)                       # step 1, off schedule, kept
+        model(x).sum().backward()          # step 1
+        c = model(x)                       # step 2, scheduled
+        (a.sum() + c.sum()).backward()     # step 2: reaches both passes
+        assert scope.step == 3
+        model(x).sum().backward()          # step 3
+        model(x).sum().backward()          # step 4
+        assert (scope._root_tap is not None) == use_kernel
+    assert scope.step == 5 and list(scope.recording.steps) == [0, 2, 4]

@@ -35,8 +35,10 @@ __all__ = ["get", "build", "status", "mode"]
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -304,6 +306,127 @@ static pybind11::object tap_call(CellTap& tap, pybind11::args args, pybind11::kw
   return out;
 }
 
+// The watched model's forward off schedule, with no Python hook (installed by Scope as the root
+// module's forward, through a one-line Python function that passes it the previous forward and the
+// Python path). A step is one backward call (autograd graph task) that reaches the output of a
+// forward pass: each pass with gradients hooks its output tensors with a C++ hook that notes the
+// graph task that first reaches it; the next forward counts the distinct tasks noted so far as
+// steps, and runs the Python path (``slow(args, kwargs)``, the root hooks' work) when the step is
+// scheduled. Scope keeps the same count in Python for passes taken there (Scope._settle).
+struct RootRec {
+  bool fired = false;
+  int64_t task = -1;
+  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>, unsigned>> hooks;
+};
+
+struct RootTap {
+  int64_t step = 0;          // steps counted so far (Scope reads and writes it)
+  int64_t period = 1;        // every * stride: step % period == 0 is scheduled
+  int64_t probe_period = 0;  // probe_every (0: none)
+  int64_t max_pending = 16;  // forward passes kept waiting for a backward
+  bool quiet = false;        // Scope is probing: no pass of its own
+  bool closed = false;
+  pybind11::object flatten;  // Python: tensors in an output that is not a tensor, tuple or list
+  std::mutex mu;
+  std::deque<std::shared_ptr<RootRec>> pending;
+};
+
+static void unhook_rec(RootRec& r) {
+  for (auto& entry : r.hooks) {
+    auto impl = entry.first.lock();
+    if (impl) {
+      Tensor t(std::move(impl));
+      t.remove_hook(entry.second);
+    }
+  }
+  r.hooks.clear();
+}
+
+// Distinct tasks of the fired passes (other than ``current`` when given), which are dropped.
+static std::vector<int64_t> take_fired(RootTap& tap, bool has_current, int64_t current) {
+  std::lock_guard<std::mutex> lock(tap.mu);
+  std::vector<int64_t> tasks;
+  std::deque<std::shared_ptr<RootRec>> keep;
+  for (auto& r : tap.pending) {
+    if (r->fired && !(has_current && r->task == current)) {
+      if (std::find(tasks.begin(), tasks.end(), r->task) == tasks.end()) tasks.push_back(r->task);
+      unhook_rec(*r);
+    } else {
+      keep.push_back(r);
+    }
+  }
+  tap.pending.swap(keep);
+  return tasks;
+}
+
+static void drop_task(RootTap& tap, int64_t task) {
+  std::lock_guard<std::mutex> lock(tap.mu);
+  std::deque<std::shared_ptr<RootRec>> keep;
+  for (auto& r : tap.pending) {
+    if (r->fired && r->task == task) unhook_rec(*r);
+    else keep.push_back(r);
+  }
+  tap.pending.swap(keep);
+}
+
+static void drop_all(RootTap& tap) {
+  std::lock_guard<std::mutex> lock(tap.mu);
+  for (auto& r : tap.pending) unhook_rec(*r);
+  tap.pending.clear();
+}
+
+// Tensors of an output: a tensor, or tuples / lists of them (two levels); false for anything else.
+static bool collect(PyObject* o, std::vector<Tensor>& out, int depth) {
+  if (THPVariable_Check(o)) {
+    out.push_back(THPVariable_Unpack(o));
+    return true;
+  }
+  if (depth < 2 && (PyTuple_Check(o) || PyList_Check(o))) {
+    PyObject* seq = o;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+      if (item == Py_None) continue;
+      if (!collect(item, out, depth + 1)) return false;
+    }
+    return true;
+  }
+  return o == Py_None;
+}
+
+static pybind11::object root_call(RootTap& tap, pybind11::object base, pybind11::object slow,
+                                  pybind11::tuple args, pybind11::dict kwargs) {
+  if (tap.closed || tap.quiet || !at::GradMode::is_enabled()) return base(*args, **kwargs);
+  tap.step += static_cast<int64_t>(take_fired(tap, false, 0).size());
+  if (tap.step % tap.period == 0 || (tap.probe_period > 0 && tap.step % tap.probe_period == 0))
+    return slow(args, kwargs);
+  pybind11::object out = base(*args, **kwargs);
+  std::vector<Tensor> outs;
+  if (!collect(out.ptr(), outs, 0)) {
+    outs.clear();
+    for (pybind11::handle t : tap.flatten(out)) outs.push_back(THPVariable_Unpack(t.ptr()));
+  }
+  auto rec = std::make_shared<RootRec>();
+  for (const Tensor& t : outs) {
+    if (!t.defined() || !t.requires_grad()) continue;
+    const unsigned pos = t.register_hook([rec](const at::TensorBase&) {
+      if (!rec->fired) {
+        rec->task = torch::autograd::get_current_graph_task_id();
+        rec->fired = true;
+      }
+    });
+    rec->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), pos);
+  }
+  if (rec->hooks.empty()) return out;
+  std::lock_guard<std::mutex> lock(tap.mu);
+  tap.pending.push_back(rec);
+  while (static_cast<int64_t>(tap.pending.size()) > tap.max_pending) {
+    unhook_rec(*tap.pending.front());
+    tap.pending.pop_front();
+  }
+  return out;
+}
+
 // (norms [n] float64, ids) recorded since the last take; None for no norms.
 std::tuple<c10::optional<Tensor>, std::vector<int64_t>> take(const std::shared_ptr<NormSink>& sink) {
   std::lock_guard<std::mutex> lock(sink->mu);
@@ -343,6 +466,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("calls", &CellTap::calls)
       .def_readonly("base", &CellTap::base)
       .def("__call__", &tap_call);
+  pybind11::class_<RootTap, std::shared_ptr<RootTap>>(m, "RootTap")
+      .def(pybind11::init([](pybind11::object flatten) {
+        auto tap = std::make_shared<RootTap>();
+        tap->flatten = std::move(flatten);
+        return tap;
+      }))
+      .def_readwrite("step", &RootTap::step)
+      .def_readwrite("period", &RootTap::period)
+      .def_readwrite("probe_period", &RootTap::probe_period)
+      .def_readwrite("max_pending", &RootTap::max_pending)
+      .def_readwrite("quiet", &RootTap::quiet)
+      .def_readwrite("closed", &RootTap::closed)
+      .def_property_readonly("n_pending", [](RootTap& tap) {
+        std::lock_guard<std::mutex> lock(tap.mu);
+        return tap.pending.size();
+      })
+      .def("take_fired", [](RootTap& tap, c10::optional<int64_t> current) {
+        return take_fired(tap, current.has_value(), current.value_or(0));
+      }, "distinct graph tasks of the fired passes (except current), dropping those passes")
+      .def("drop_task", &drop_task, "drop the passes a graph task reached (counted by Scope)")
+      .def("drop_all", &drop_all, "unhook and drop every waiting pass")
+      .def("__call__", &root_call);
 }
 """
 

@@ -149,6 +149,15 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
     return out
 
 
+class _StepCount:
+    """Where the step count lives until the C++ root tap (which keeps it itself) takes over."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
@@ -219,7 +228,10 @@ class Scope:
         self._probe_history: List[Tuple[int, Dict[str, Dict[str, float]]]] = []
         self.closed = False
         self._stride = 1  # grows ×2 whenever the history is thinned to stay within max_steps
-        self._step = 0
+        self._count: Any = _StepCount()  # .step: the step count (see the _step property)
+        self._root_tap: Any = None  # the compiled kernel's RootTap once installed (_install_root_tap)
+        self._root_forward: Any = None  # (our root forward, the instance forward it replaced)
+        self._root_handles: List[Any] = []
         self._handles: List[Any] = []
         self._patched: List[nn.Module] = []
         self._pending: List[_Pass] = []
@@ -290,8 +302,8 @@ class Scope:
         self._claimed = [model]
         _ACTIVE[model] = weakref.ref(self)
         try:
-            self._handles.append(model.register_forward_pre_hook(self._root_pre))
-            self._handles.append(model.register_forward_hook(self._root_post))
+            self._root_handles = [model.register_forward_pre_hook(self._root_pre),
+                                  model.register_forward_hook(self._root_post)]
             for name, m in self._fused.items():
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
@@ -559,6 +571,8 @@ class Scope:
             else:
                 keep.append(p)
         self._pending = keep
+        if self._root_tap is not None:
+            tasks.update(self._root_tap.take_fired(current))
         self._step += len(tasks)
 
     def _on_backward_end(self):
@@ -566,6 +580,8 @@ class Scope:
         if self.closed:
             return
         self._settle(current=self._bw_task)  # earlier backward calls came first
+        if self._root_tap is not None:
+            self._root_tap.drop_task(self._bw_task)  # passes of the tap this backward reached too
         fired = [p for p in self._pending if p.fired]
         self._pending = [p for p in self._pending if not p.fired]
         self._take_cpp()  # before the passes (and their C++ hooks' ids) are dropped
@@ -583,6 +599,77 @@ class Scope:
                     functools.partial(self._finalize_ddp, step, scheduled))
             else:
                 self._finalize(step, scheduled)
+        if self._root_tap is None and self._discovered and not self._pending:
+            self._install_root_tap()
+
+    # ------------------------------------------------------------- root tap
+    @property
+    def _step(self) -> int:
+        return self._count.step
+
+    @_step.setter
+    def _step(self, value: int) -> None:
+        self._count.step = value
+
+    def _install_root_tap(self) -> None:
+        """Replace the root hooks by the compiled kernel's ``RootTap`` as the model's forward, so
+        that steps off the schedule run no Python hook at all (each Python forward hook costs
+        ~20 µs and more inside a small model's step). Installed at the end of a scheduled backward
+        once the kernel is built for a model with a recurrent site and no pass waits; never for
+        compiled models (Dynamo would guard on the forward). The tap counts steps exactly as ``_settle`` does and runs
+        ``_root_slow`` — the root hooks' work — on scheduled passes."""
+        if self.compiled is not None or self.closed:
+            return
+        cpp, model = self._kernel(), self.model
+        if not hasattr(cpp, "RootTap"):
+            return
+        tap = cpp.RootTap(flatten_tensors)
+        tap.step = self._step
+        tap.max_pending = _MAX_PENDING
+        tap.quiet = self._probing
+        prev = model.__dict__.get("forward")
+        base = model.forward
+        slow = functools.partial(self._root_slow, base)
+
+        def forward(*args, **kwargs):
+            return tap(base, slow, args, kwargs)
+
+        model.forward = forward
+        self._root_forward = (forward, prev)
+        self._root_tap = tap
+        self._count = tap
+        self._sync_tap()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
+
+    def _remove_root_tap(self) -> None:
+        tap = self._root_tap
+        if tap is None:
+            return
+        ours, prev = self._root_forward
+        if self.model.__dict__.get("forward") is ours:
+            if prev is None:
+                del self.model.__dict__["forward"]
+            else:
+                self.model.__dict__["forward"] = prev
+        tap.closed = True  # a reference someone kept calls the model's forward, nothing else
+        tap.drop_all()
+        self._count = _StepCount(tap.step)
+        self._root_tap = None
+        self._root_forward = None
+
+    def _sync_tap(self) -> None:
+        if self._root_tap is not None:
+            self._root_tap.period = self.every * self._stride
+            self._root_tap.probe_period = self.probe_every or 0
+
+    def _root_slow(self, base, args, kwargs):
+        """A forward pass through the root tap that Python takes (scheduled or probing steps)."""
+        self._root_pre(self.model, args)
+        out = base(*args, **kwargs)
+        self._root_post(self.model, args, out)
+        return out
 
     def _finalize_ddp(self, step: int, passes: List[_Pass]) -> None:
         if self.closed:
@@ -602,16 +689,19 @@ class Scope:
         """Use C++ state hooks for this scheduled pass if the compiled kernel is built (see
         capture/kernels.py): a Python hook per state and time step is most of a user cell loop's
         overhead (two per step), a C++ one computes the norm without entering Python."""
-        from . import kernels
-
-        if not self._discovered or all(s.kind == "attention" for s in self.sites.values()):
-            # the discovery pass uses Python hooks; no recurrent state to hook: never start a build
-            self._cpp = None
-            return
-        k = kernels.get()
+        k = self._kernel() if self._discovered else None  # the discovery pass uses Python hooks
         self._cpp = k if k is not None and hasattr(k, "hook_norms") else None
         if self._cpp is not None and self._cpp_sink is None:
             self._cpp_sink = (self._cpp, self._cpp.NormSink())  # drained by _take_cpp even if _cpp goes
+
+    def _kernel(self):
+        """The compiled kernel (capture/kernels.py) where the model has a recurrent site, else None:
+        a model with no recurrent state to hook (attention-only, no site) never starts a build."""
+        from . import kernels
+
+        if all(s.kind == "attention" for s in self.sites.values()):
+            return None
+        return kernels.get()
 
     def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
         if not tensor.requires_grad:
@@ -836,11 +926,15 @@ class Scope:
         p.calls = {}
         if self._attn is not None:
             self._probing = True  # the depth Jacobians call blocks, maybe the model itself: no new pass
+            if self._root_tap is not None:
+                self._root_tap.quiet = True
             try:
                 with torch.no_grad():
                     notes = list(notes) + self._attn.run_probe(p, self._step, **self.probe_options)
             finally:
                 self._probing = False
+                if self._root_tap is not None:
+                    self._root_tap.quiet = False
         for n in notes:
             self._note(("probe", n), n)
         self._probe_latest = (self._step, measures, meta)
@@ -957,6 +1051,7 @@ class Scope:
         if self._history.n >= self.max_steps:
             self._history.thin()
             self._stride *= 2
+            self._sync_tap()
 
     def _check_finite(self, step, grads, params, got_param) -> None:
         """Record the first non-finite value per site state and per parameter as an event."""
@@ -1004,7 +1099,7 @@ class Scope:
     @property
     def step(self) -> int:
         """Number of backward passes that reached the model so far."""
-        if self._pending and not self.closed:
+        if (self._pending or self._root_tap is not None) and not self.closed:
             self._settle()
         return self._step
 
@@ -1106,10 +1201,13 @@ class Scope:
         if self.closed:
             return
         self._settle()
+        self._remove_root_tap()
         self.closed = True
-        for h in self._handles + self._param_handles + self._discovery_handles + self._cell_handles:
+        for h in (self._root_handles + self._handles + self._param_handles + self._discovery_handles
+                  + self._cell_handles):
             h.remove()
-        self._handles, self._param_handles, self._discovery_handles, self._cell_handles = [], [], [], []
+        self._root_handles, self._handles, self._param_handles = [], [], []
+        self._discovery_handles, self._cell_handles = [], []
         for p in self._pending:
             self._drop_pass(p)
         self._pending = []
