@@ -548,3 +548,32 @@ def test_one_backward_over_an_off_schedule_and_a_scheduled_pass_is_one_step(use_
         model(x).sum().backward()          # step 4
         assert (scope._root_tap is not None) == use_kernel
     assert scope.step == 5 and list(scope.recording.steps) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_scheduled_pass_that_raises_leaves_nothing_for_later_steps(use_kernel, monkeypatch, native_kernel):
+    # A scheduled forward raises; an older pass's backward then moves the count on, so the next
+    # forward runs off schedule: nothing of the failed pass (per-pass forwards, parameter hooks)
+    # may record into a later step. Same batch and weights throughout: step 4 equals step 0.
+    import test_watch
+
+    monkeypatch.setattr(kernels, "get", lambda: native_kernel if use_kernel else None)
+    torch.manual_seed(4)
+    model = test_watch.Seq(nn.LSTM(3, 4), 4).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with gradscope.watch(model, every=2) as scope:
+        model(x).sum().backward()                           # step 0 (scheduled)
+        a = model(x)                                        # a step-1 pass, kept
+        model(x).sum().backward()                           # step 1
+        with pytest.raises(RuntimeError, match="input_size"):
+            model(torch.randn(5, 2, 7, dtype=torch.float64))  # step 2 (scheduled) fails
+        a.sum().backward()                                  # step 2 (off-schedule pass)
+        model(x).sum().backward()                           # step 3
+        model(x).sum().backward()                           # step 4 (scheduled)
+        assert (scope._root_tap is not None) == use_kernel
+    rec = scope.recording
+    assert list(rec.steps) == [0, 4]
+    for state in ("h", "c"):
+        np.testing.assert_allclose(rec.grad_norms("rnn.l0", state)[1], rec.grad_norms("rnn.l0", state)[0], rtol=1e-10)
+    for name, v in rec.param_grad_norms().items():
+        assert v[1] == pytest.approx(v[0], rel=1e-10), name

@@ -1,17 +1,24 @@
-"""Optional compiled CPU kernel: the LSTM fast replay's loops (:mod:`.fastbptt`) and C++ state hooks.
+"""Optional compiled CPU kernel: the LSTM fast replay's loops (:mod:`.fastbptt`) and watch()'s taps.
 
 At small sizes (H 64, T 50) a scheduled step of the Python fast replay spends most of its time
-dispatching tiny eager ops from Python, one time step at a time, and a user cell loop spends it in
-two Python tensor hooks per time step. This module holds a short C++ extension — the LSTM forward
-and backward loops of one layer and direction, and a tensor hook that records the norm of a
-state's gradient without entering Python (used by ``watch`` for every tracked state) — that torch compiles
-on the user's machine (``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and
-``ninja``) and caches under ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``), so only the
-first use on a machine pays the build (~25 s of one core).
+dispatching tiny eager ops from Python, one time step at a time; a user cell loop spends it in
+Python work per time step; and every step off the schedule pays the root module's Python forward
+hooks. This module holds a short C++ extension that torch compiles on the user's machine
+(``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and ``ninja``) and caches under
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``), so only the first use on a machine pays
+the build (~25 s of one core). It contains:
 
-The build starts in a background thread the first time a watched fused LSTM replays on the CPU;
-until it is ready — or when it cannot be built — the pure-Python path runs, and results are the
-same to rounding (both are tested against the fused kernel). ``GRADSCOPE_KERNELS`` chooses:
+- ``lstm_forward`` / ``lstm_backward``: the LSTM forward and BPTT loops of one layer and direction;
+- ``hook_norms`` / ``NormSink`` / ``HookSet``: tensor hooks that record the norm of a state's
+  gradient (float64) without entering Python;
+- ``CellTap``: a user cell's forward for one scheduled pass — calls the cell, hooks its states;
+- ``RootTap``: the watched model's forward once the kernel is in use — counts steps (backward calls
+  reaching a pass's output) in C++ and hands scheduled passes to Python, so steps off the schedule
+  run no Python hook at all.
+
+The build starts in a background thread the first time a watched model with a recurrent site has a
+scheduled step; until it is ready — or when it cannot be built — the pure-Python paths run, and
+results are the same (both are tested). ``GRADSCOPE_KERNELS`` chooses:
 
 - ``auto`` (default): build in the background on first use, use once ready;
 - ``sync``: build on first use and wait for it;

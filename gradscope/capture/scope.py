@@ -232,7 +232,6 @@ class Scope:
         self._root_tap: Any = None  # the compiled kernel's RootTap once installed (_install_root_tap)
         self._root_forward: Any = None  # (our root forward, the instance forward it replaced)
         self._root_handles: List[Any] = []
-        self._handles: List[Any] = []
         self._patched: List[nn.Module] = []
         self._pending: List[_Pass] = []
         self._current: Optional[_Pass] = None
@@ -431,9 +430,7 @@ class Scope:
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
         if self._cell_forwards:  # left by a scheduled pass whose forward raised
-            for _, _, start in self._taps:
-                self._cpp_blocks.pop(start, None)
-            self._unpatch_cells()
+            self._abandon_pass()
         if self.closed or self._probing or not torch.is_grad_enabled():
             self._current = None
             return
@@ -616,8 +613,10 @@ class Scope:
         that steps off the schedule run no Python hook at all (each Python forward hook costs
         ~20 µs and more inside a small model's step). Installed at the end of a scheduled backward
         once the kernel is built for a model with a recurrent site and no pass waits; never for
-        compiled models (Dynamo would guard on the forward). The tap counts steps exactly as ``_settle`` does and runs
-        ``_root_slow`` — the root hooks' work — on scheduled passes."""
+        compiled models (Dynamo would guard on the forward). The tap counts steps exactly as
+        ``_settle`` does and runs ``_root_slow`` — the root hooks' work — on scheduled passes.
+        User forward hooks on the root module then run around the tap, i.e. after gradscope's
+        end-of-forward work rather than in registration order with it."""
         if self.compiled is not None or self.closed:
             return
         cpp, model = self._kernel(), self.model
@@ -667,9 +666,28 @@ class Scope:
     def _root_slow(self, base, args, kwargs):
         """A forward pass through the root tap that Python takes (scheduled or probing steps)."""
         self._root_pre(self.model, args)
-        out = base(*args, **kwargs)
+        try:
+            out = base(*args, **kwargs)
+        except BaseException:
+            self._abandon_pass()  # the tap's next passes may run off schedule: leave nothing behind
+            raise
         self._root_post(self.model, args, out)
         return out
+
+    def _abandon_pass(self) -> None:
+        """Forget the current pass of a forward that raised: its per-pass forwards, hooks and ids."""
+        self._current = None
+        for _, _, start in self._taps:
+            self._cpp_blocks.pop(start, None)
+        self._unpatch_cells()
+        for h in self._cell_handles:
+            h.remove()
+        self._cell_handles = []
+        if not any(p.scheduled for p in self._pending):
+            # else an off-schedule backward would feed the next scheduled step's parameter norms
+            for h in self._param_handles:
+                h.remove()
+            self._param_handles = []
 
     def _finalize_ddp(self, step: int, passes: List[_Pass]) -> None:
         if self.closed:
@@ -778,7 +796,9 @@ class Scope:
             self._keys.append(("multi", [raw_keys[i] for i in idx]))
 
     def _on_param_grad(self, i, grad):
-        if grad is None or self.closed:
+        if grad is None or self.closed or not self._bw_queued:
+            # not_bw_queued: no scheduled pass in this backward (e.g. one through an older,
+            # off-schedule pass while the hooks of a scheduled pass that raised are still on)
             return
         if grad.is_sparse:  # e.g. nn.Embedding(sparse=True): duplicate indices summed first
             self._vals.append(_norm(grad.detach().coalesce()._values()))
@@ -1203,11 +1223,9 @@ class Scope:
         self._settle()
         self._remove_root_tap()
         self.closed = True
-        for h in (self._root_handles + self._handles + self._param_handles + self._discovery_handles
-                  + self._cell_handles):
+        for h in self._root_handles + self._param_handles + self._discovery_handles + self._cell_handles:
             h.remove()
-        self._root_handles, self._handles, self._param_handles = [], [], []
-        self._discovery_handles, self._cell_handles = [], []
+        self._root_handles, self._param_handles, self._discovery_handles, self._cell_handles = [], [], [], []
         for p in self._pending:
             self._drop_pass(p)
         self._pending = []
