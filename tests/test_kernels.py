@@ -216,12 +216,33 @@ def test_cpp_state_hooks_under_autocast_and_nonfinite(monkeypatch, native_kernel
 
 
 # ----------------------------------------------------------------------------- C++ cell taps
-def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, native_kernel):
+@pytest.fixture
+def python_calls(monkeypatch):
+    """The time steps of the cell calls that reach Scope._record_call (the Python path)."""
+    from gradscope.capture.scope import Scope
+
+    ts = []
+    record = Scope._record_call
+    monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (ts.append(a[1]), record(self, *a))[1])
+    return ts
+
+
+def _watched_steps(monkeypatch, kernel, model, x, n=3):
+    """The recording of ``n`` steps of ``model`` on ``x`` under watch, with ``kernel`` (or None)."""
+    monkeypatch.setattr(kernels, "get", lambda: kernel)
+    with gradscope.watch(model) as scope:
+        for _ in range(n):
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+        assert not scope._cpp_blocks and not scope._cpp_keys  # dropped with their passes
+    return scope.recording
+
+
+def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, native_kernel, python_calls):
     # After the discovery pass a user cell's forward is the kernel's CellTap for each scheduled
     # pass: it hooks the states itself, Scope._record_call (Python) never runs, and the norms equal
     # the Python hooks' and the retain_grad oracle's.
     import test_watch
-    from gradscope.capture.scope import Scope
 
     torch.manual_seed(8)
     forwards = []
@@ -233,20 +254,11 @@ def test_cell_calls_go_through_the_cpp_tap_with_no_python_per_call(monkeypatch, 
 
     model = Loop(nn.LSTMCell(3, 5), 5, lstm=True).double()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    python_calls = []
-    record = Scope._record_call
-    monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (python_calls.append(a[1]), record(self, *a))[1])
     model.readout = None
 
     def run(kernel):
-        monkeypatch.setattr(kernels, "get", lambda: kernel)
         forwards.clear()
-        with gradscope.watch(model) as scope:
-            for _ in range(3):
-                model.zero_grad()
-                model(x).pow(2).sum().backward()
-            assert not scope._cpp_blocks and not scope._cpp_keys  # dropped with their passes
-        return scope.recording
+        return _watched_steps(monkeypatch, kernel, model, x)
 
     a = run(native_kernel)
     assert [type(f).__name__ for f in forwards] == ["NoneType", "CellTap", "CellTap"]
@@ -316,24 +328,15 @@ class ListLoop(nn.Module):
         return state[0]
 
 
-def test_cpp_tap_hands_unusual_outputs_to_python_with_the_right_time_step(monkeypatch, native_kernel):
-    from gradscope.capture.scope import Scope
-
+def test_cpp_tap_hands_unusual_outputs_to_python_with_the_right_time_step(monkeypatch, native_kernel, python_calls):
     torch.manual_seed(9)
     model = ListLoop().double()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    ts = []
-    record = Scope._record_call
-    monkeypatch.setattr(Scope, "_record_call", lambda self, *a: (ts.append(a[1]), record(self, *a))[1])
+    ts = python_calls
 
     def run(kernel):
-        monkeypatch.setattr(kernels, "get", lambda: kernel)
         ts.clear()
-        with gradscope.watch(model) as scope:
-            for _ in range(3):
-                model.zero_grad()
-                model(x).pow(2).sum().backward()
-        return scope.recording, list(ts)
+        return _watched_steps(monkeypatch, kernel, model, x), list(ts)
 
     (a, ts_a), (b, ts_b) = run(native_kernel), run(None)
     assert ts_a == ts_b == list(range(6)) * 2  # via the tap's slow path / the Python wrapper
