@@ -75,27 +75,35 @@ def timed_steps(make, size, every, steps, warmup=3, device="cpu"):
 NOTES = """How the rows are timed: each row runs two halves, the watched and the plain instance swapping
 roles halfway, and within a half the two alternate in ABBA order (two identical unwatched copies
 differed by up to ~0.4 ms of a 3 ms step, and the step that runs right after the other model's
-backward pays a penalty of its own). Timings on this shared 2-core machine still vary by ±5–10%
-between runs (the plain small-LSTM step took 2.4–4.6 ms in today's runs).
+backward pays a penalty of its own). The every=50 rows of the small models time 1000 steps (20
+scheduled ones), so their mean does not hang on a few scheduled steps. Timings on this shared
+2-core machine still vary by ±5–10% between runs (the plain small-LSTM step took 2.8–5.1 ms and
+the plain LSTMCell loop 137–204 ms in today's runs).
 
 The LSTM replay. A scheduled step of a fused `nn.LSTM` back-propagates with a hand-written BPTT
 loop (one `[B, 4H] @ [4H, H]` product and the cell arithmetic per step) that yields the total
 ∂L/∂h_t and ∂L/∂c_t; weight gradients are then a few large products. On the CPU both loops run in a
 small C++ extension compiled on first use (`gradscope.capture.kernels`; per step one product, two
 sigmoids and two passes of cell arithmetic in the forward, one product and one pass in the
-backward), which took the small LSTM from 1.68–1.84× (pure-Python replay, last row) to 1.40–1.46×
-and the large one from 1.33–1.46× to 1.09–1.20×. Without a compiler the *Python replay* rows apply.
+backward); without a compiler the *Python replay* rows apply.
 
-Still missed. (1) Fused LSTM H 64, T 50, every=50: 1.025–1.044× (median 1.019–1.03): the amortised
-scheduled step adds ~0.8%, and each off-schedule step pays for the root module's forward hooks and
-one hook on its output (how a backward pass reaching the model is counted): ~40 µs measured in
-isolation, 60–110 µs inside this 2.5–4 ms step — each Python intervention between oneDNN calls
-costs 2–5× its own time here (a C++ output hook instead of the Python one measured no better).
-(2) User `nn.LSTMCell` loop H 256, T 200, every=1: 1.02–1.07× across today's runs (1.06–1.09
-before): 1.017–1.019 when the plain step took ~193 ms, 1.05–1.07 when it took ~140 ms (the machine
-switches between the two). Each time step's h and c are recorded by C++ tensor hooks registered in
-one call per cell call when the kernel is built (Python hooks had cost ~4–5% here), the cell's
-calls by a per-pass forward wrapper; what remains is that wrapper's Python work per time step.
+Steps off the schedule. Once the extension is in use, the watched model's forward is its C++
+`RootTap`: it counts steps (the autograd graph task of the first backward call that reaches each
+forward pass's output, noted by a C++ tensor hook) and hands only scheduled passes to Python, so a
+step off the schedule runs no Python hook. The root module's two Python forward hooks and the
+Python hook on its output had cost 60–110 µs of a 2.5–4 ms small-LSTM step (1.03–1.04× at
+every=50 in earlier runs); the tap measures ~2 µs a call in isolation. What every=50 still pays is
+mostly its scheduled step, amortised: split by step, the small LSTM's steps off the schedule had a
+median ratio of 0.99–1.02 and each scheduled one took 1.4–3.9 ms more than the plain step (~1% of
+the mean).
+
+User cells. On a scheduled pass a user cell's forward is the extension's `CellTap`: it calls the
+cell and hooks the states among its outputs itself (no Python per time step; outputs other than a
+tensor or a tuple of tensors go to Python), and each hook computes the gradient's norm by a
+float64 loop over its memory (no tensor allocated in the backward pass). This took the LSTMCell
+loop (H 256, T 200) from 1.02–1.07× (a Python wrapper per call, an ATen norm per hook) to
+1.00–1.04× in today's runs; the small loop from 1.18× to 1.08–1.12×.
+
 GRU and Elman RNN replays are at or below the plain step."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights

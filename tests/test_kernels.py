@@ -580,3 +580,35 @@ def test_scheduled_pass_that_raises_leaves_nothing_for_later_steps(use_kernel, m
         np.testing.assert_allclose(rec.grad_norms("rnn.l0", state)[1], rec.grad_norms("rnn.l0", state)[0], rtol=1e-10)
     for name, v in rec.param_grad_norms().items():
         assert v[1] == pytest.approx(v[0], rel=1e-10), name
+
+
+def test_user_forward_hook_on_the_watched_model_still_applies_under_the_root_tap(monkeypatch, native_kernel):
+    import test_watch
+
+    def run(kernel):
+        monkeypatch.setattr(kernels, "get", lambda: kernel)
+        torch.manual_seed(5)
+        model = test_watch.Seq(nn.LSTM(3, 4), 4).double()
+        model.register_forward_hook(lambda m, a, out: out * 2)  # changes what the loss sees
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        outs = []
+        with gradscope.watch(model, every=2) as scope:
+            for _ in range(5):
+                y = model(x)
+                outs.append(y.detach())
+                y.pow(2).sum().backward()
+            assert (scope._root_tap is not None) == (kernel is not None)
+        return scope, outs, model
+
+    (a, ya, _), (b, yb, _) = run(native_kernel), run(None)
+    torch.manual_seed(5)
+    plain = test_watch.Seq(nn.LSTM(3, 4), 4).double()  # same weights and batch, unwatched, no hook
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    assert a.step == b.step == 5 and list(a.recording.steps) == list(b.recording.steps) == [0, 2, 4]
+    for u, v in zip(ya, yb):  # the two replays agree to rounding on scheduled steps
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-15)
+    for y in ya:  # no optimizer step: every output is the plain one, doubled by the hook
+        torch.testing.assert_close(y, plain(x).detach() * 2, rtol=1e-12, atol=1e-15)
+    for state in ("h", "c"):
+        np.testing.assert_allclose(a.recording.grad_norms("rnn.l0", state), b.recording.grad_norms("rnn.l0", state),
+                                   rtol=1e-12)
