@@ -77,7 +77,7 @@ roles halfway, and within a half the two alternate in ABBA order (two identical 
 differed by up to ~0.4 ms of a 3 ms step, and the step that runs right after the other model's
 backward pays a penalty of its own). The every=50 rows of the small models time 1000 steps (20
 scheduled ones), so their mean does not hang on a few scheduled steps. Timings on this shared
-2-core machine still vary by ±5–10% between runs (the plain small-LSTM step took 2.8–5.1 ms and
+2-core machine still vary by ±5–10% between runs (the plain small-LSTM step took 2.6–5.1 ms and
 the plain LSTMCell loop 137–204 ms in today's runs).
 
 The LSTM replay. A scheduled step of a fused `nn.LSTM` back-propagates with a hand-written BPTT
@@ -94,15 +94,19 @@ step off the schedule runs no Python hook. The root module's two Python forward 
 Python hook on its output had cost 60–110 µs of a 2.5–4 ms small-LSTM step (1.03–1.04× at
 every=50 in earlier runs); the tap measures ~2 µs a call in isolation. What every=50 still pays is
 mostly its scheduled step, amortised: split by step, the small LSTM's steps off the schedule had a
-median ratio of 0.99–1.02 and each scheduled one took 1.4–3.9 ms more than the plain step (~1% of
-the mean).
+median ratio of 0.99–1.02 and each scheduled one took 1.4–3.9 ms more than the plain step (~1–1.5%
+of the mean; a warm scheduled step, every=1, costs ~1.2 ms more). Still at the edge: this row
+(H 64, T 50, every=50) read 1.009, 1.013 and 1.023 in today's three full runs and 1.012–1.036 in
+single-row runs — the target of 1.02 lies within the run-to-run spread, and ~1–1.5 points of it are
+the scheduled step's own BPTT (its compute, not Python: ~0.25 ms of it is Python).
 
 User cells. On a scheduled pass a user cell's forward is the extension's `CellTap`: it calls the
 cell and hooks the states among its outputs itself (no Python per time step; outputs other than a
 tensor or a tuple of tensors go to Python), and each hook computes the gradient's norm by a
 float64 loop over its memory (no tensor allocated in the backward pass). This took the LSTMCell
 loop (H 256, T 200) from 1.02–1.07× (a Python wrapper per call, an ATen norm per hook) to
-1.00–1.04× in today's runs; the small loop from 1.18× to 1.08–1.12×.
+0.97–1.04× in today's runs (1.026, 1.038 and 1.034 in the three full runs); the small loop from
+1.18× to 1.08–1.12×.
 
 GRU and Elman RNN replays are at or below the plain step."""
 
