@@ -612,3 +612,41 @@ def test_user_forward_hook_on_the_watched_model_still_applies_under_the_root_tap
     for state in ("h", "c"):
         np.testing.assert_allclose(a.recording.grad_norms("rnn.l0", state), b.recording.grad_norms("rnn.l0", state),
                                    rtol=1e-12)
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_copies_of_a_model_under_the_root_tap_run_unwatched_with_their_own_weights(bare, root_tap):
+    # e.g. `best = copy.deepcopy(model)` or torch.save(model) in the middle of a watched run
+    import copy
+    import pickle
+
+    import test_watch
+
+    torch.manual_seed(6)
+    model = nn.LSTM(3, 4) if bare else test_watch.Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+
+    def y(m):
+        out = m(x)
+        return out[0] if bare else out
+
+    with gradscope.watch(model, every=2) as scope:
+        y(model).sum().backward()
+        assert scope._root_tap is not None
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.mul_(0.5)
+            want = y(twin)  # through the copy
+            with torch.no_grad():
+                for p, q in zip(twin.parameters(), model.parameters()):
+                    torch.testing.assert_close(p, q * 0.5)
+            # the copy computes with its own (halved) weights, like a fresh unwatched module
+            ref = copy.deepcopy(twin)
+            ref.__dict__.pop("forward", None)
+            torch.testing.assert_close(want, y(ref))
+            want.sum().backward()
+            assert all(p.grad is not None for p in twin.parameters())
+        assert scope.step == 1                          # the copies' backward calls are not steps
+        y(model).sum().backward()
+    assert scope.step == 2 and "forward" not in model.__dict__

@@ -22,8 +22,10 @@ How it works (the only code in gradscope that touches a live model):
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import types
 import weakref
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -156,6 +158,58 @@ class _StepCount:
 
     def __init__(self, step: int = 0):
         self.step = step
+
+
+def _unwatched_forward(module: nn.Module, prev=None):
+    """The forward a copy of a watched model gets: the instance forward the user had, or the
+    class's own (bound, so it behaves as if no instance forward were set)."""
+    if prev is not None and not getattr(prev, "__gradscope__", False):
+        return prev
+    return types.MethodType(type(module).forward, module)
+
+
+class _OwnForward:
+    """A forward gradscope installs on the watched model itself for the whole watch. A deep copy
+    or a pickle of the model (a checkpoint of the best model, an EMA copy) must not call back into
+    the original: it gets the model's own forward instead (``_unwatched_forward``), unwatched."""
+
+    __slots__ = ("module", "prev", "__weakref__")
+    __gradscope__ = True
+
+    def _user_prev(self):
+        return None if self.prev is None or getattr(self.prev, "__gradscope__", False) else self.prev
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.module), self.module)  # the module's copy, made before its __dict__
+        prev = self._user_prev()
+        return _unwatched_forward(twin, copy.deepcopy(prev, memo) if prev is not None else None)
+
+    def __reduce__(self):
+        return (_unwatched_forward, (self.module, self._user_prev()))
+
+
+class _RootForward(_OwnForward):
+    """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap)."""
+
+    __slots__ = ("tap", "base", "slow")
+
+    def __init__(self, tap, base, slow, module: nn.Module, prev):
+        self.tap, self.base, self.slow, self.module, self.prev = tap, base, slow, module, prev
+
+    def __call__(self, *args, **kwargs):
+        return self.tap(self.base, self.slow, args, kwargs)
+
+
+class _PatchedRoot(_OwnForward):
+    """The replaying forward of a watched model that is itself a fused module (Scope._patch)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn, module: nn.Module):
+        self.fn, self.module, self.prev = fn, module, None
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 class _Pass:
@@ -370,9 +424,12 @@ class Scope:
         forward.__gradscope__ = True  # type: ignore[attr-defined]
         self._patched.append(m)  # close() removes the instance attribute wherever it is installed
         self._claim(m)
-        if m is self.model or self.compiled is not None:
-            # The root's forward is looked up before its pre-hook runs, and Dynamo would guard on
-            # (and recompile for) a forward that changes between passes: installed for good.
+        if m is self.model and self.compiled is None:
+            # The root's forward is looked up before its pre-hook runs: installed for good (as an
+            # object whose copies run unwatched)
+            m.forward = _PatchedRoot(forward, m)
+        elif self.compiled is not None:
+            # Dynamo would guard on (and recompile for) a forward that changes between passes
             m.forward = forward
         else:
             # Installed by _root_pre for scheduled passes only: off schedule the module runs with
@@ -628,11 +685,7 @@ class Scope:
         tap.quiet = self._probing
         prev = model.__dict__.get("forward")
         base = model.forward
-        slow = functools.partial(self._root_slow, base)
-
-        def forward(*args, **kwargs):
-            return tap(base, slow, args, kwargs)
-
+        forward = _RootForward(tap, base, functools.partial(self._root_slow, base), model, prev)
         model.forward = forward
         self._root_forward = (forward, prev)
         self._root_tap = tap
