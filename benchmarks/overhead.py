@@ -96,8 +96,8 @@ every=50 in earlier runs); the tap measures ~2 µs a call in isolation. What eve
 mostly its scheduled step, amortised: split by step, the small LSTM's steps off the schedule had a
 median ratio of 0.99–1.02 and each scheduled one took 1.4–3.9 ms more than the plain step (~1–1.5%
 of the mean; a warm scheduled step, every=1, costs ~1.2 ms more). Still missed: this row
-(H 64, T 50, every=50) read 1.009, 1.013 and 1.023 in today's three full runs but 1.016–1.043 in
-fifteen single-row runs (ten of them above 1.02), with median ratios (the steps off the schedule)
+(H 64, T 50, every=50) read 1.009, 1.013 and 1.023 in today's three full runs but 1.011–1.043 in
+twenty single-row runs (fourteen above 1.02), with median ratios (the steps off the schedule)
 of 1.00–1.03. ~1–1.5 points are the scheduled step's own BPTT (its compute, not Python: ~0.25 ms
 of it is Python); the rest is not explained: on one instance, switching the tap on and off step by
 step measured +12 µs (0.3%), yet the watched copy's steps off the schedule run 30–70 µs slower
