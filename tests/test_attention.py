@@ -555,3 +555,36 @@ def test_accessors_refuse_recurrent_sites_and_unmeasured_recordings(device):
     rec = gradscope.probe(rnn, torch.randn(5, 2, 3).to(device), lyapunov=False)
     with pytest.raises(GradscopeError, match="not an attention block"):
         rec.attention_entropy("l0")
+
+
+def test_copies_of_a_watched_attention_model_run_unwatched_with_their_own_weights():
+    # e.g. an EMA copy or `best = copy.deepcopy(model)` during a watched run: the patched block
+    # forwards must not call back into the original blocks and their weights.
+    import copy
+    import inspect
+    import pickle
+
+    from gradscope.capture._forwards import noop_hook
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0), 2,
+                                enable_nested_tensor=False)
+    x = torch.randn(5, 2, 8)
+    sig = inspect.signature(enc.layers[0].forward)
+    with gradscope.watch(enc) as scope:
+        enc(x).sum().backward()
+        assert inspect.signature(enc.layers[0].forward) == sig  # the patched block keeps it
+        for twin in (copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))):
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.mul_(0.5)
+            ref = copy.deepcopy(twin)
+            for m in ref.modules():
+                m.__dict__.pop("forward", None)
+            torch.testing.assert_close(twin(x), ref(x))
+            assert not torch.allclose(twin(x), enc(x))
+            assert all(h is noop_hook for h in (*twin._forward_hooks.values(), *twin._forward_pre_hooks.values()))
+            twin(x).sum().backward()
+        assert scope.step == 1                  # the copies' backward calls are not the model's
+    assert len(scope.recording) == 1
+    assert_no_hooks(enc)

@@ -650,3 +650,25 @@ def test_copies_of_a_model_under_the_root_tap_run_unwatched_with_their_own_weigh
         assert scope.step == 1                          # the copies' backward calls are not steps
         y(model).sum().backward()
     assert scope.step == 2 and "forward" not in model.__dict__
+
+
+def test_forwards_gradscope_installs_keep_the_module_signature(root_tap):
+    # Libraries read inspect.signature(model.forward) to route arguments (e.g. Hugging Face).
+    import inspect
+
+    import test_watch
+
+    class Named(test_watch.Seq):
+        def forward(self, x, scale: float = 1.0, *, extra=None):
+            return super().forward(x) * scale
+
+    model = Named(nn.LSTM(3, 4), 4)
+    bare = nn.LSTM(3, 4)
+    want_model, want_bare = inspect.signature(model.forward), inspect.signature(bare.forward)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model) as scope, gradscope.watch(bare) as scope_bare:
+        model(x, scale=2.0).sum().backward()
+        bare(x)[0].sum().backward()
+        assert scope._root_tap is not None and scope_bare._root_tap is not None
+        assert inspect.signature(model.forward) == want_model
+        assert inspect.signature(bare.forward) == want_bare

@@ -788,3 +788,30 @@ def test_failed_discovery_pass_does_not_log_calls_twice():
     g = scope.recording.grad_norms("cell")
     assert g.shape == (2, 5)
     np.testing.assert_allclose(g[1], g[0], rtol=1e-6)
+
+
+def test_copies_of_a_watched_model_run_unwatched_with_their_own_weights():
+    # Python-hook path (the compiled kernel is off in tests by default; tests/test_kernels.py
+    # covers the root tap): `best = copy.deepcopy(model)` mid-run must not copy the watch.
+    import copy
+    import pickle
+
+    from gradscope.capture._forwards import noop_hook
+
+    torch.manual_seed(3)
+    model = Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=2) as scope:
+        model(x).sum().backward()
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert all(h is noop_hook for h in (*twin._forward_hooks.values(), *twin._forward_pre_hooks.values()))
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.mul_(0.5)
+            ref = Seq(nn.LSTM(3, 4), 4)
+            ref.load_state_dict(twin.state_dict())
+            torch.testing.assert_close(twin(x), ref(x))
+            twin(x).sum().backward()
+        assert scope.step == 1
+    assert list(scope.recording.steps) == [0]
+    assert_no_hooks(model)

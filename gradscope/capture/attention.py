@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import _hf
+from ._forwards import PatchedForward
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
 __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_norms",
@@ -822,12 +823,8 @@ class AttentionCapture:
                 return fwd(*args, **kwargs)
             return cap._call(m, name, fwd, p, args, kwargs)
 
-        forward.__gradscope__ = True  # type: ignore[attr-defined]
-        try:
-            forward.__signature__ = inspect.signature(fwd)  # type: ignore[attr-defined]
-        except (TypeError, ValueError):
-            pass
-        m.forward = forward
+        # an object: copies of the model run unwatched; the signature is the module's own
+        m.forward = PatchedForward(forward, m, prev, like=fwd)
         self._patched.append((m, prev))
         self.scope._claim(m)
 

@@ -22,10 +22,8 @@ How it works (the only code in gradscope that touches a live model):
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
-import types
 import weakref
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
+from ._forwards import OwnForward, PatchedForward, ScopeHook
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
@@ -160,56 +159,17 @@ class _StepCount:
         self.step = step
 
 
-def _unwatched_forward(module: nn.Module, prev=None):
-    """The forward a copy of a watched model gets: the instance forward the user had, or the
-    class's own (bound, so it behaves as if no instance forward were set)."""
-    if prev is not None and not getattr(prev, "__gradscope__", False):
-        return prev
-    return types.MethodType(type(module).forward, module)
-
-
-class _OwnForward:
-    """A forward gradscope installs on the watched model itself for the whole watch. A deep copy
-    or a pickle of the model (a checkpoint of the best model, an EMA copy) must not call back into
-    the original: it gets the model's own forward instead (``_unwatched_forward``), unwatched."""
-
-    __slots__ = ("module", "prev", "__weakref__")
-    __gradscope__ = True
-
-    def _user_prev(self):
-        return None if self.prev is None or getattr(self.prev, "__gradscope__", False) else self.prev
-
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self.module), self.module)  # the module's copy, made before its __dict__
-        prev = self._user_prev()
-        return _unwatched_forward(twin, copy.deepcopy(prev, memo) if prev is not None else None)
-
-    def __reduce__(self):
-        return (_unwatched_forward, (self.module, self._user_prev()))
-
-
-class _RootForward(_OwnForward):
+class _RootForward(OwnForward):
     """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap)."""
 
     __slots__ = ("tap", "base", "slow")
 
     def __init__(self, tap, base, slow, module: nn.Module, prev):
-        self.tap, self.base, self.slow, self.module, self.prev = tap, base, slow, module, prev
+        self.tap, self.base, self.slow = tap, base, slow
+        self._init(module, prev, base)
 
     def __call__(self, *args, **kwargs):
         return self.tap(self.base, self.slow, args, kwargs)
-
-
-class _PatchedRoot(_OwnForward):
-    """The replaying forward of a watched model that is itself a fused module (Scope._patch)."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn, module: nn.Module):
-        self.fn, self.module, self.prev = fn, module, None
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
 
 
 class _Pass:
@@ -355,8 +315,9 @@ class Scope:
         self._claimed = [model]
         _ACTIVE[model] = weakref.ref(self)
         try:
-            self._root_handles = [model.register_forward_pre_hook(self._root_pre),
-                                  model.register_forward_hook(self._root_post)]
+            # ScopeHook: a copy of the model (deepcopy, pickle) gets no-op hooks, not a copy of this watch
+            self._root_handles = [model.register_forward_pre_hook(ScopeHook(self._root_pre)),
+                                  model.register_forward_hook(ScopeHook(self._root_post))]
             for name, m in self._fused.items():
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
@@ -427,7 +388,7 @@ class Scope:
         if m is self.model and self.compiled is None:
             # The root's forward is looked up before its pre-hook runs: installed for good (as an
             # object whose copies run unwatched)
-            m.forward = _PatchedRoot(forward, m)
+            m.forward = PatchedForward(forward, m, like=functools.partial(cls_forward, m))
         elif self.compiled is not None:
             # Dynamo would guard on (and recompile for) a forward that changes between passes
             m.forward = forward
