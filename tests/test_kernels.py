@@ -672,3 +672,37 @@ def test_forwards_gradscope_installs_keep_the_module_signature(root_tap):
         assert scope._root_tap is not None and scope_bare._root_tap is not None
         assert inspect.signature(model.forward) == want_model
         assert inspect.signature(bare.forward) == want_bare
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    # torch's build lock stays behind when a process dies mid-build; later loads would wait forever
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setattr(cpp_ext, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernels._clear_stale_lock()
+    assert lock.exists()                                   # a build may be running right now
+    old = time.time() - kernels._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock()
+    assert not lock.exists()
+
+
+def test_exit_waits_for_a_build_under_way(fresh):
+    # a daemon build thread cut off at interpreter exit can abort the process: exit joins it
+    import atexit
+
+    registered = []
+    fresh.setattr(atexit, "register", registered.append)
+    fresh.setattr(kernels, "_exit_hook", False)
+    release = threading.Event()
+    fresh.setattr(kernels, "_compile", lambda: release.wait(0.3))
+    kernels.build(wait=False)
+    kernels.build(wait=False)
+    assert len(registered) == 1 and kernels._thread.is_alive()
+    registered[0]()                                        # what atexit runs
+    assert not kernels._thread.is_alive()

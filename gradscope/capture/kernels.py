@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -520,11 +521,51 @@ def mode() -> str:
                          "sync or off. Set it to off to use the pure-Python replay only.")
 
 
+# torch's build lock (a file in the build directory) stays behind when a process dies while it
+# builds, and every later load would wait on it forever: one older than this is removed.
+_STALE_LOCK_S = 600.0
+_EXIT_WAIT_S = 120.0  # longest wait at interpreter exit for a build or load under way
+_exit_hook = False
+
+
+def _clear_stale_lock() -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(NAME, False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+            os.remove(lock)
+    except Exception:  # private torch helper moved, a race with another process: nothing to do
+        pass
+
+
+def _join_at_exit() -> None:
+    """At interpreter exit, wait (bounded) for a background build or load still under way. A
+    daemon thread that is inside torch's extension loader when the interpreter finalizes is torn
+    down mid-call — the process can abort ("terminate called without an active exception", seen
+    in one of eight two-rank torchrun runs that exited seconds after starting a build) — and a
+    build cut short leaves torch's lock behind. A load from the cache takes well under a second;
+    only a first build (~25 s) makes a script that ends early wait for it."""
+    global _exit_hook
+    if _exit_hook:
+        return
+    _exit_hook = True
+    import atexit
+
+    def join() -> None:
+        th = _thread
+        if th is not None and th.is_alive():
+            th.join(_EXIT_WAIT_S)
+
+    atexit.register(join)
+
+
 def _compile():
     global _module, _error
     try:
         from torch.utils.cpp_extension import load_inline
 
+        _clear_stale_lock()
         mod = load_inline(NAME, cpp_sources=[_SOURCE], extra_cflags=["-O3"], verbose=False)
     except Exception as e:  # any failure (no compiler, no ninja, ABI): the Python path stays
         msg = str(e).strip().splitlines()
@@ -546,6 +587,7 @@ def build(wait: bool = True):
         if _thread is None:  # one attempt per process; a failure is remembered (see status())
             _thread = threading.Thread(target=_compile, name="gradscope-kernel-build", daemon=True)
             _thread.start()
+            _join_at_exit()
         th = _thread
     if not wait:
         return None
