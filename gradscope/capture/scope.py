@@ -244,7 +244,7 @@ class Scope:
         self._stride = 1  # grows ×2 whenever the history is thinned to stay within max_steps
         self._count: Any = _StepCount()  # .step: the step count (see the _step property)
         self._root_tap: Any = None  # the compiled kernel's RootTap once installed (_install_root_tap)
-        self._root_forward: Any = None  # (our root forward, the instance forward it replaced)
+        self._root_forward: Any = None  # our _RootForward on the model (its .prev: what it replaced)
         self._root_handles: List[Any] = []
         self._patched: List[nn.Module] = []
         self._pending: List[_Pass] = []
@@ -648,7 +648,7 @@ class Scope:
         base = model.forward
         forward = _RootForward(tap, base, functools.partial(self._root_slow, base), model, prev)
         model.forward = forward
-        self._root_forward = (forward, prev)
+        self._root_forward = forward
         self._root_tap = tap
         self._count = tap
         self._sync_tap()
@@ -660,7 +660,8 @@ class Scope:
         tap = self._root_tap
         if tap is None:
             return
-        ours, prev = self._root_forward
+        ours = self._root_forward
+        prev = ours.prev
         if self.model.__dict__.get("forward") is ours:
             if prev is None:
                 del self.model.__dict__["forward"]
