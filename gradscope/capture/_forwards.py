@@ -55,9 +55,9 @@ class PatchedForward(OwnForward):
 
     __slots__ = ("fn",)
 
-    def __init__(self, fn, module: nn.Module, prev=None, like=None):
+    def __init__(self, fn, module: nn.Module, prev, like):
         self.fn = fn
-        self._init(module, prev, like if like is not None else (prev or getattr(module, "forward")))
+        self._init(module, prev, like)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

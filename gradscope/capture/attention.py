@@ -824,7 +824,7 @@ class AttentionCapture:
             return cap._call(m, name, fwd, p, args, kwargs)
 
         # an object: copies of the model run unwatched; the signature is the module's own
-        m.forward = PatchedForward(forward, m, prev, like=fwd)
+        m.forward = PatchedForward(forward, m, prev, fwd)
         self._patched.append((m, prev))
         self.scope._claim(m)
 

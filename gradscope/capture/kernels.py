@@ -236,10 +236,25 @@ static unsigned hook_norm(const std::shared_ptr<NormSink>& sink, const Tensor& t
   });
 }
 
-// The hooks of one forward pass, held by weak reference (a state the user keeps is unhooked when
-// the pass ends; one already freed needs nothing).
+// Hooks kept by weak reference to their tensors, removed together (a tensor the user keeps is
+// unhooked; one already freed needs nothing). Python holds one per forward pass for its state hooks.
 struct HookSet {
   std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>, unsigned>> hooks;
+
+  void keep(const Tensor& t, unsigned pos) {
+    hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), pos);
+  }
+
+  void remove_all() {
+    for (auto& entry : hooks) {
+      auto impl = entry.first.lock();
+      if (impl) {
+        Tensor t(std::move(impl));
+        t.remove_hook(entry.second);
+      }
+    }
+    hooks.clear();
+  }
 };
 
 // Hooks on several states at once (ids first_id, first_id + 1, ...): one call per cell call.
@@ -248,21 +263,11 @@ void hook_norms(const std::shared_ptr<HookSet>& hs, const std::shared_ptr<NormSi
   for (size_t k = 0; k < ts.size(); ++k) {
     const Tensor& t = ts[k];
     if (!t.defined() || !t.requires_grad()) continue;
-    const unsigned pos = hook_norm(sink, t, first_id + static_cast<int64_t>(k));
-    hs->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), pos);
+    hs->keep(t, hook_norm(sink, t, first_id + static_cast<int64_t>(k)));
   }
 }
 
-void unhook_all(const std::shared_ptr<HookSet>& hs) {
-  for (auto& entry : hs->hooks) {
-    auto impl = entry.first.lock();
-    if (impl) {
-      Tensor t(std::move(impl));
-      t.remove_hook(entry.second);
-    }
-  }
-  hs->hooks.clear();
-}
+void unhook_all(const std::shared_ptr<HookSet>& hs) { hs->remove_all(); }
 
 // A user cell's forward for one scheduled pass (installed as the cell's instance ``forward``):
 // calls the cell's own forward, then hooks the states among its outputs with C++ norm hooks, with
@@ -308,8 +313,7 @@ static pybind11::object tap_call(CellTap& tap, pybind11::args args, pybind11::kw
     if (i >= static_cast<int64_t>(outs.size())) continue;
     const Tensor& s = outs[i];
     if (!s.defined() || !s.requires_grad()) continue;
-    const unsigned pos = hook_norm(tap.sink, s, tap.first_id + t * 64 + static_cast<int64_t>(k));
-    tap.hooks->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(s.getIntrusivePtr()), pos);
+    tap.hooks->keep(s, hook_norm(tap.sink, s, tap.first_id + t * 64 + static_cast<int64_t>(k)));
   }
   return out;
 }
@@ -324,7 +328,7 @@ static pybind11::object tap_call(CellTap& tap, pybind11::args args, pybind11::kw
 struct RootRec {
   bool fired = false;
   int64_t task = -1;
-  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>, unsigned>> hooks;
+  HookSet hooks;
 };
 
 struct RootTap {
@@ -339,16 +343,7 @@ struct RootTap {
   std::deque<std::shared_ptr<RootRec>> pending;
 };
 
-static void unhook_rec(RootRec& r) {
-  for (auto& entry : r.hooks) {
-    auto impl = entry.first.lock();
-    if (impl) {
-      Tensor t(std::move(impl));
-      t.remove_hook(entry.second);
-    }
-  }
-  r.hooks.clear();
-}
+static void unhook_rec(RootRec& r) { r.hooks.remove_all(); }
 
 // Distinct tasks of the fired passes (other than ``current`` when given), which are dropped.
 static std::vector<int64_t> take_fired(RootTap& tap, bool has_current, int64_t current) {
@@ -423,9 +418,9 @@ static pybind11::object root_call(RootTap& tap, pybind11::object base, pybind11:
         rec->fired = true;
       }
     });
-    rec->hooks.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), pos);
+    rec->hooks.keep(t, pos);
   }
-  if (rec->hooks.empty()) return out;
+  if (rec->hooks.hooks.empty()) return out;
   std::lock_guard<std::mutex> lock(tap.mu);
   tap.pending.push_back(rec);
   while (static_cast<int64_t>(tap.pending.size()) > tap.max_pending) {

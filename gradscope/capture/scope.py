@@ -388,7 +388,7 @@ class Scope:
         if m is self.model and self.compiled is None:
             # The root's forward is looked up before its pre-hook runs: installed for good (as an
             # object whose copies run unwatched)
-            m.forward = PatchedForward(forward, m, like=functools.partial(cls_forward, m))
+            m.forward = PatchedForward(forward, m, None, functools.partial(cls_forward, m))
         elif self.compiled is not None:
             # Dynamo would guard on (and recompile for) a forward that changes between passes
             m.forward = forward
