@@ -443,6 +443,34 @@ def test_hooks_removed_after_normal_exit_and_close_twice(device):
             pass
 
 
+def test_steps_off_schedule_leave_no_python_hook_on_parameters(device):
+    # Parameter hooks live for a scheduled backward only. Removing a handle only empties a
+    # parameter's _backward_hooks dict, and torch's wrapper around the dict would still enter
+    # Python for every parameter in every later backward: the dict must be gone between steps.
+    model = Seq(nn.LSTM(3, 4), 4).to(device)
+    x = torch.randn(5, 2, 3).to(device)
+    with gradscope.watch(model, every=2) as scope:
+        train_steps(model, x, n=3)  # steps 0 and 2 scheduled
+        assert all(p._backward_hooks is None for p in model.parameters())
+        model(x).pow(2).mean().backward()  # step 3, off schedule: no parameter hook fires
+        assert all(p._backward_hooks is None for p in model.parameters())
+    assert len(scope.recording) == 2
+
+
+def test_a_users_parameter_hook_survives_the_watch(device):
+    model = Seq(nn.GRU(3, 4), 4).to(device)
+    seen = []
+    handle = model.head.weight.register_hook(lambda g: seen.append(g.norm().item()))
+    x = torch.randn(5, 2, 3).to(device)
+    with gradscope.watch(model, every=1) as scope:
+        train_steps(model, x, n=2)
+    train_steps(model, x, n=1)
+    assert len(seen) == 3 and len(model.head.weight._backward_hooks) == 1
+    rec = scope.recording.param_grad_norms()["head.weight"]
+    np.testing.assert_allclose(rec, seen[:2], rtol=1e-6)
+    handle.remove()
+
+
 def test_hooks_removed_after_exception_in_block(device):
     model = Seq(nn.LSTM(3, 4), 4).to(device)
     x = torch.randn(5, 2, 3).to(device)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import _hf
-from ._forwards import PatchedForward
+from ._forwards import PatchedForward, remove_leaf_hooks
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
 __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_norms",
@@ -793,6 +793,7 @@ class AttentionCapture:
         self.wanted_attn: Dict[str, AttnModule] = {}
         self._patched: List[Tuple[nn.Module, Any]] = []
         self._param_handles: List[Any] = []
+        self._hooked_params: List[torch.Tensor] = []
         self._qk_v: Dict[str, Tensor] = {}
         self.latest_probe: Optional[Tuple[int, Dict, Dict]] = None
         self._vjp_root: Optional[Tensor] = None
@@ -847,6 +848,7 @@ class AttentionCapture:
                 if not prm.requires_grad or (pid, a.name) in seen:
                     continue
                 seen.add((pid, a.name))
+                self._hooked_params.append(prm)
                 self._param_handles.append(prm.register_hook(
                     functools.partial(self._on_qkv_grad, blk.site, a.rel if a.name != blk.primary else "",
                                       tuple(slices))))
@@ -863,9 +865,8 @@ class AttentionCapture:
             scope._keys.append(("attn", site, rel, f"grad_w{which}", "avg"))
 
     def end_step(self) -> None:
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles = []
+        remove_leaf_hooks(self._param_handles, self._hooked_params)
+        self._param_handles, self._hooked_params = [], []
 
     def close(self) -> None:
         self.end_step()

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
-from ._forwards import OwnForward, PatchedForward, ScopeHook
+from ._forwards import OwnForward, PatchedForward, ScopeHook, remove_leaf_hooks
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
@@ -162,14 +162,15 @@ class _StepCount:
 class _RootForward(OwnForward):
     """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap)."""
 
-    __slots__ = ("tap", "base", "slow")
+    __slots__ = ("tap", "base", "slow", "call")
 
-    def __init__(self, tap, base, slow, module: nn.Module, prev):
-        self.tap, self.base, self.slow = tap, base, slow
+    def __init__(self, tap, base, slow, module: nn.Module, prev, call):
+        self.tap, self.base, self.slow, self.call = tap, base, slow, call
         self._init(module, prev, base)
 
     def __call__(self, *args, **kwargs):
-        return self.tap(self.base, self.slow, args, kwargs)
+        # the extension's root_call: the tap's forward with CPython's fast call (no pybind11 dispatch)
+        return self.call(self.tap, self.base, self.slow, args, kwargs)
 
 
 class _Pass:
@@ -646,7 +647,7 @@ class Scope:
         tap.quiet = self._probing
         prev = model.__dict__.get("forward")
         base = model.forward
-        forward = _RootForward(tap, base, functools.partial(self._root_slow, base), model, prev)
+        forward = _RootForward(tap, base, functools.partial(self._root_slow, base), model, prev, cpp.root_call)
         model.forward = forward
         self._root_forward = forward
         self._root_tap = tap
@@ -700,8 +701,11 @@ class Scope:
         self._cell_handles = []
         if not any(p.scheduled for p in self._pending):
             # else an off-schedule backward would feed the next scheduled step's parameter norms
-            for h in self._param_handles:
-                h.remove()
+            self._remove_param_hooks()
+
+    def _remove_param_hooks(self) -> None:
+        if self._param_handles:
+            remove_leaf_hooks(self._param_handles, [prm for _, prm in self._params])
             self._param_handles = []
 
     def _finalize_ddp(self, step: int, passes: List[_Pass]) -> None:
@@ -992,9 +996,7 @@ class Scope:
             av, ak = self._attn.pass_values(passes)
             vals, keys = vals + av, keys + ak
             self._attn.end_step()
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles = []
+        self._remove_param_hooks()
         # One host copy per device and step: every value (scalars: one state at one position, one
         # parameter; vectors: a whole site state from the fast replay, a batch of norms) goes into
         # one float64 buffer on its device, then a single copy to the host. No .item() per value;
@@ -1238,9 +1240,10 @@ class Scope:
         self._settle()
         self._remove_root_tap()
         self.closed = True
-        for h in self._root_handles + self._param_handles + self._discovery_handles + self._cell_handles:
+        self._remove_param_hooks()
+        for h in self._root_handles + self._discovery_handles + self._cell_handles:
             h.remove()
-        self._root_handles, self._param_handles, self._discovery_handles, self._cell_handles = [], [], [], []
+        self._root_handles, self._discovery_handles, self._cell_handles = [], [], []
         for p in self._pending:
             self._drop_pass(p)
         self._pending = []
