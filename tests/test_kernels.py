@@ -450,6 +450,43 @@ def test_root_tap_replaces_the_root_hooks_and_goes_on_close(root_tap):
     assert scope.step == 6 and list(scope.recording.steps) == [0, 4]
 
 
+def test_steps_off_schedule_run_no_python_of_gradscope(root_tap):
+    # Under the root tap the model's forward is a C type and nothing of gradscope's is hooked
+    # between scheduled steps: no Python function of the package runs in a step off the schedule.
+    import os
+    import sys
+
+    import test_watch
+
+    pkg = os.path.dirname(gradscope.__file__)
+    model = test_watch.Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    with gradscope.watch(model, every=10) as scope:
+        step()  # step 0: scheduled, the tap goes in at its end
+        seen = []
+
+        def profile(frame, event, arg):
+            if event == "call" and frame.f_code.co_filename.startswith(pkg):
+                seen.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            sys.setprofile(None)
+        assert seen == []
+        assert scope.step == 4
+    assert list(scope.recording.steps) == [0]
+
+
 def conftest_assert_no_hooks(model):
     from conftest import assert_no_hooks
 

@@ -14,7 +14,7 @@ import types
 
 from torch import nn
 
-__all__ = ["unwatched_forward", "OwnForward", "PatchedForward", "ScopeHook", "noop_hook", "remove_leaf_hooks"]
+__all__ = ["unwatched_forward", "OwnForward", "OWN_SLOTS", "PatchedForward", "ScopeHook", "noop_hook", "remove_leaf_hooks"]
 
 
 def unwatched_forward(module: nn.Module, prev=None):
@@ -26,9 +26,12 @@ def unwatched_forward(module: nn.Module, prev=None):
 
 
 class OwnForward:
-    """Base: remembers the module and the instance forward it replaced (``prev``, or None)."""
+    """Base: remembers the module and the instance forward it replaced (``prev``, or None).
 
-    __slots__ = ("module", "prev", "__signature__", "__weakref__")
+    Declares no slots itself (so it can sit beside a compiled base class, see
+    ``Scope._install_root_tap``); subclasses declare ``OWN_SLOTS``."""
+
+    __slots__ = ()
     __gradscope__ = True
 
     def _init(self, module: nn.Module, prev, like) -> None:
@@ -50,10 +53,13 @@ class OwnForward:
         return (unwatched_forward, (self.module, self._user_prev()))
 
 
+OWN_SLOTS = ("module", "prev", "__signature__", "__weakref__")
+
+
 class PatchedForward(OwnForward):
     """Calls ``fn`` (a replaying or capturing forward) in place of the module's forward."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn",) + OWN_SLOTS
 
     def __init__(self, fn, module: nn.Module, prev, like):
         self.fn = fn

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
-from ._forwards import OwnForward, PatchedForward, ScopeHook, remove_leaf_hooks
+from ._forwards import OWN_SLOTS, OwnForward, PatchedForward, ScopeHook, remove_leaf_hooks
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
@@ -159,18 +159,24 @@ class _StepCount:
         self.step = step
 
 
-class _RootForward(OwnForward):
-    """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap)."""
+_ROOT_FORWARD_CLASSES: Dict[Any, type] = {}
 
-    __slots__ = ("tap", "base", "slow", "call")
 
-    def __init__(self, tap, base, slow, module: nn.Module, prev, call):
-        self.tap, self.base, self.slow, self.call = tap, base, slow, call
-        self._init(module, prev, base)
+def _root_forward_class(cpp) -> type:
+    """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap):
+    the extension's ``RootForward`` (a C type whose call goes straight to the tap, no Python
+    frame) plus what copies, pickles and ``inspect.signature`` need (:class:`OwnForward`)."""
+    cls = _ROOT_FORWARD_CLASSES.get(cpp)
+    if cls is None:
+        class _RootForward(cpp.RootForward, OwnForward):
+            __slots__ = OWN_SLOTS
 
-    def __call__(self, *args, **kwargs):
-        # the extension's root_call: the tap's forward with CPython's fast call (no pybind11 dispatch)
-        return self.call(self.tap, self.base, self.slow, args, kwargs)
+            def __init__(self, tap, base, slow, module: nn.Module, prev):
+                super().__init__(tap, base, slow)
+                self._init(module, prev, base)
+
+        cls = _ROOT_FORWARD_CLASSES[cpp] = _RootForward
+    return cls
 
 
 class _Pass:
@@ -647,7 +653,7 @@ class Scope:
         tap.quiet = self._probing
         prev = model.__dict__.get("forward")
         base = model.forward
-        forward = _RootForward(tap, base, functools.partial(self._root_slow, base), model, prev, cpp.root_call)
+        forward = _root_forward_class(cpp)(tap, base, functools.partial(self._root_slow, base), model, prev)
         model.forward = forward
         self._root_forward = forward
         self._root_tap = tap
