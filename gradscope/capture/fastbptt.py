@@ -105,11 +105,13 @@ def _recurrent_weight_grad(dA: Tensor, OUT: Tensor, h0: Tensor, reverse: bool) -
 
 
 def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
-    """Every step's input part of the gate pre-activations, both biases included: ``[T, B, G·H]``
-    (a fresh buffer the callers overwrite in place)."""
+    """Every step's input part of the gate pre-activations, both biases included (``b_hh`` may be
+    None): ``[T, B, G·H]`` (a fresh buffer the callers overwrite in place)."""
     T, B, _ = x.shape
     flat = x.reshape(T * B, -1)
-    out = torch.addmm(b_ih + b_hh, flat, w_ih.t()) if b_ih is not None else flat @ w_ih.t()
+    if b_ih is None:
+        return (flat @ w_ih.t()).view(T, B, -1)
+    out = torch.addmm(b_ih + b_hh if b_hh is not None else b_ih, flat, w_ih.t())
     return out.view(T, B, -1)
 
 
@@ -161,8 +163,15 @@ class _LSTMLayer(torch.autograd.Function):
         if kernel is not None:
             # The compiled loop (see _native): per step one product, two sigmoids and two passes of
             # cell arithmetic in C++; the backward's cell arithmetic in one pass per step.
-            XW = _input_gates(x, w_ih, b_ih, b_hh)
-            XW[:, :, 2 * H:3 * H].mul_(2)  # the g block doubled (exact): tanh(g) = 2σ(2g) − 1
+            # The g block doubled (exact: scaling by 2 commutes with every rounding), so that
+            # tanh(g) = 2σ(2g) − 1; doubled in the small weights, not in the [T, B, 4H] product.
+            w_ih2 = w_ih.clone(memory_format=torch.contiguous_format)
+            w_ih2[2 * H:3 * H].mul_(2)
+            b2 = None
+            if b_ih is not None:
+                b2 = b_ih + b_hh
+                b2[2 * H:3 * H].mul_(2)
+            XW = _input_gates(x, w_ih2, b2, None)
             w_hh2 = w_hh.clone(memory_format=torch.contiguous_format)
             w_hh2[2 * H:3 * H].mul_(2)
             OUT, hT, cT, G, C, TC, HH = kernel.lstm_forward(
