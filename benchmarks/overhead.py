@@ -77,41 +77,45 @@ roles halfway, and within a half the two alternate in ABBA order (two identical 
 differed by up to ~0.4 ms of a 3 ms step, and the step that runs right after the other model's
 backward pays a penalty of its own). The every=50 rows of the small models time 1000 steps (20
 scheduled ones), so their mean does not hang on a few scheduled steps. Timings on this shared
-2-core machine still vary by ±5–10% between runs (the plain small-LSTM step took 2.6–5.1 ms and
-the plain LSTMCell loop 137–204 ms in today's runs).
+2-core machine still vary by ±5–10% between runs, and the machine switches between states (the
+plain small-LSTM step took 2.4–4.6 ms in this session's runs, the plain LSTMCell loop 137–204 ms
+in the previous session's).
 
 The LSTM replay. A scheduled step of a fused `nn.LSTM` back-propagates with a hand-written BPTT
 loop (one `[B, 4H] @ [4H, H]` product and the cell arithmetic per step) that yields the total
 ∂L/∂h_t and ∂L/∂c_t; weight gradients are then a few large products. On the CPU both loops run in a
-small C++ extension compiled on first use (`gradscope.capture.kernels`; per step one product, two
-sigmoids and two passes of cell arithmetic in the forward, one product and one pass in the
-backward); without a compiler the *Python replay* rows apply.
+small C++ extension compiled on first use (`gradscope.capture.kernels`): per step one ATen product
+and one pass of cell arithmetic that computes the five sigmoids itself (a Cephes-style expf that
+the compiler vectorises; built for AVX-512, AVX2 and the baseline, picked at load time), so a
+step no longer pays two ATen sigmoid calls and three passes. For H 64, T 50 this took the
+forward loop from 1.09 to 0.72–0.75 ms and the BPTT loop from 0.86 to 0.63–0.64 ms (the small
+LSTM's every=1 row from 1.41× to 1.21×). Without a compiler the *Python replay* rows apply.
 
-Steps off the schedule. Once the extension is in use, the watched model's forward is its C++
-`RootTap`: it counts steps (the autograd graph task of the first backward call that reaches each
-forward pass's output, noted by a C++ tensor hook) and hands only scheduled passes to Python, so a
-step off the schedule runs no Python hook. The root module's two Python forward hooks and the
-Python hook on its output had cost 60–110 µs of a 2.5–4 ms small-LSTM step (1.03–1.04× at
-every=50 in earlier runs); the tap measures ~2 µs a call in isolation. What every=50 still pays is
-mostly its scheduled step, amortised: split by step, the small LSTM's steps off the schedule had a
-median ratio of 0.99–1.02 and each scheduled one took 1.4–3.9 ms more than the plain step (~1–1.5%
-of the mean; a warm scheduled step, every=1, costs ~1.2 ms more). Still missed: this row
-(H 64, T 50, every=50) read 1.009, 1.013 and 1.023 in today's three full runs but 1.011–1.043 in
-twenty single-row runs (fourteen above 1.02), with median ratios (the steps off the schedule)
-of 1.00–1.03. ~1–1.5 points are the scheduled step's own BPTT (its compute, not Python: ~0.25 ms
-of it is Python); the rest is not explained: on one instance, switching the tap on and off step by
-step measured +12 µs (0.3%), yet the watched copy's steps off the schedule run 30–70 µs slower
-than the plain copy's in this benchmark.
+Steps off the schedule. Once the extension is in use, the watched model's forward is its
+`RootForward`, a C type: nn.Module's call reaches the compiled `RootTap` with no Python frame. The
+tap counts steps (the autograd graph task of the first backward call that reaches each forward
+pass's output, noted by a C++ tensor hook) and hands only scheduled passes to Python. Measured on a
+tiny RNN step (260 µs) it costs 6.3 µs over no forward of ours at all (12.5 µs with the earlier
+Python wrapper and pybind11 call; the root module's Python hooks had cost 60–110 µs of a small-LSTM
+step). A second, older cost is gone too: removing gradscope's parameter hooks after a scheduled
+step left torch's Python hook wrapper on every parameter (an emptied `_backward_hooks` dict), which
+entered Python for each parameter in every later backward (~0.75 µs each) — now dropped with the
+hooks. What every=50 still pays is mostly its scheduled step, amortised (0.7–1.1 ms over the plain
+step for the small LSTM, ~0.4 of a plain step; ~0.8–0.9% of the mean), and ~0.1–0.7% on the steps
+off the schedule (the tap, and the step right after a scheduled one runs ~0.1 ms slower).
+The small LSTM at every=50 read 1.009–1.021 in 17 single-row runs (16 at or under 1.02; the
+median ratio, i.e. the steps off the schedule, 1.001–1.016), 1.011–1.043 before these changes.
 
 User cells. On a scheduled pass a user cell's forward is the extension's `CellTap`: it calls the
 cell and hooks the states among its outputs itself (no Python per time step; outputs other than a
 tensor or a tuple of tensors go to Python), and each hook computes the gradient's norm by a
 float64 loop over its memory (no tensor allocated in the backward pass). This took the LSTMCell
 loop (H 256, T 200) from 1.02–1.07× (a Python wrapper per call, an ATen norm per hook) to
-0.97–1.04× in today's runs (1.026, 1.038 and 1.034 in the three full runs); the small loop from
-1.18× to 1.08–1.12×.
+0.97–1.04× (1.026, 1.038 and 1.034 in three full runs of the previous session, 1.030 in this
+table); the small loop from 1.18× to 1.08–1.12×.
 
-GRU and Elman RNN replays are at or below the plain step."""
+GRU replays cost 1.1–1.3× at H 256 and run below the plain step at H 64 (torch's own CPU GRU is
+the slower one there); Elman RNN replays are at or below the plain step."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). The targets were set
