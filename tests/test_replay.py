@@ -235,6 +235,25 @@ def test_fast_lstm_compiled_kernel_larger_sizes_match_fused(native_lstm):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("scale", [1.0, 200.0], ids=["normal", "saturated"])
+def test_fast_lstm_compiled_kernel_float32_vector_paths_match_fused(scale, native_lstm):
+    # float32 runs the kernel's own vectorised sigmoid: odd hidden sizes (vector remainders), a
+    # batch large enough to split over threads, and inputs so large that pre-activations pass the
+    # exp clamp (|x| > 87): outputs, final states and every gradient within 1e-5 of the fused LSTM.
+    torch.set_num_threads(2)
+    try:
+        for H, B in ((67, 130), (13, 3)):
+            torch.manual_seed(H)
+            m = nn.LSTM(6, H, num_layers=2, bidirectional=True)
+            x = torch.randn(5, B, 6) * scale
+            hx = (torch.randn(4, B, H), torch.randn(4, B, H))
+            fused = _run(m, x, hx, lambda m, i, h: type(m).forward(m, i, h), False)
+            fast = _run(m, x, hx, _fast, False)
+            assert _max_rel(fast, fused) <= 1e-5, (H, B, scale)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("path", ["python", "own_loop", "compiled"])
 def test_fast_lstm_backward_twice_with_retain_graph(path, request):
     # Saved forward values must survive a backward pass: a second backward through the same graph
