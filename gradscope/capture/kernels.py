@@ -12,9 +12,9 @@ the build (~25 s of one core). It contains:
 - ``hook_norms`` / ``NormSink`` / ``HookSet``: tensor hooks that record the norm of a state's
   gradient (float64) without entering Python;
 - ``CellTap``: a user cell's forward for one scheduled pass — calls the cell, hooks its states;
-- ``RootTap``: the watched model's forward once the kernel is in use — counts steps (backward calls
-  reaching a pass's output) in C++ and hands scheduled passes to Python, so steps off the schedule
-  run no Python hook at all.
+- ``RootTap`` / ``RootForward``: the watched model's forward once the kernel is in use (a C type,
+  no Python frame) — counts steps (backward calls reaching a pass's output) in C++ and hands
+  scheduled passes to Python, so steps off the schedule run no Python of gradscope's at all.
 
 The build starts in a background thread the first time a watched model with a recurrent site has a
 scheduled step; until it is ready — or when it cannot be built — the pure-Python paths run, and
@@ -397,8 +397,8 @@ static pybind11::object tap_call(CellTap& tap, pybind11::args args, pybind11::kw
   return out;
 }
 
-// The watched model's forward off schedule, with no Python hook (installed by Scope as the root
-// module's forward, through a one-line Python function that passes it the previous forward and the
+// The watched model's forward off schedule, with no Python hook (called by RootForward below,
+// which Scope installs as the root module's forward, with the module's previous forward and the
 // Python path). A step is one backward call (autograd graph task) that reaches the output of a
 // forward pass: each pass with gradients hooks its output tensors with a C++ hook that notes the
 // graph task that first reaches it; the next forward counts the distinct tasks noted so far as
@@ -674,9 +674,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return take_fired(tap, current.has_value(), current.value_or(0));
       }, "distinct graph tasks of the fired passes (except current), dropping those passes")
       .def("drop_task", &drop_task, "drop the passes a graph task reached (counted by Scope)")
-      .def("drop_all", &drop_all, "unhook and drop every waiting pass")
-      .def("__call__", [](RootTap& tap, pybind11::object base, pybind11::object slow, pybind11::tuple args,
-                          pybind11::dict kwargs) { return root_call(tap, base.ptr(), slow.ptr(), args.ptr(), kwargs.ptr()); });
+      .def("drop_all", &drop_all, "unhook and drop every waiting pass");
   PyObject* rf_type = PyType_FromSpec(&rf_spec);
   if (rf_type == nullptr) throw pybind11::error_already_set();
   m.add_object("RootForward", pybind11::reinterpret_steal<pybind11::object>(rf_type));
