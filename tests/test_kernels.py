@@ -487,6 +487,20 @@ def test_steps_off_schedule_run_no_python_of_gradscope(root_tap):
     assert list(scope.recording.steps) == [0]
 
 
+def test_recording_counts_the_steps_the_root_tap_saw(root_tap):
+    # The recording's total_steps is read before anything else settles the tap's count.
+    import test_watch
+
+    model = test_watch.Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=10) as scope:
+        for _ in range(5):
+            model(x).sum().backward()
+        assert scope._root_tap is not None
+        assert scope.recording.meta["total_steps"] == 5
+        assert scope.step == 5
+
+
 def conftest_assert_no_hooks(model):
     from conftest import assert_no_hooks
 

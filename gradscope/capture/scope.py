@@ -521,7 +521,7 @@ class Scope:
         Python wrapper applies (no kernel, a probe pass, a site without known state outputs). The
         tap calls the cell and hooks its states in C++: no Python per time step."""
         p, spec, cpp = self._current, self.sites.get(name), self._cpp
-        if (cpp is None or not hasattr(cpp, "CellTap") or p is None or p.probe or spec is None
+        if (cpp is None or p is None or p.probe or spec is None
                 or not spec.state_outputs or len(spec.state_outputs) > 64):
             return None
         if p.cpp_hooks is None:
@@ -645,7 +645,7 @@ class Scope:
         if self.compiled is not None or self.closed:
             return
         cpp, model = self._kernel(), self.model
-        if not hasattr(cpp, "RootTap"):
+        if cpp is None:  # the build is named by its source: a loaded kernel has every piece
             return
         tap = cpp.RootTap(flatten_tensors)
         tap.step = self._step
@@ -732,8 +732,7 @@ class Scope:
         """Use C++ state hooks for this scheduled pass if the compiled kernel is built (see
         capture/kernels.py): a Python hook per state and time step is most of a user cell loop's
         overhead (two per step), a C++ one computes the norm without entering Python."""
-        k = self._kernel() if self._discovered else None  # the discovery pass uses Python hooks
-        self._cpp = k if k is not None and hasattr(k, "hook_norms") else None
+        self._cpp = self._kernel() if self._discovered else None  # discovery uses Python hooks
         if self._cpp is not None and self._cpp_sink is None:
             self._cpp_sink = (self._cpp, self._cpp.NormSink())  # drained by _take_cpp even if _cpp goes
 
@@ -1138,19 +1137,23 @@ class Scope:
                 self._cpp_blocks.pop(start, None)
             p.cpp_blocks = []
 
+    def _settle_open(self) -> None:
+        """Count the steps taken since the last count while the watch is open (the passes Python
+        saw and those the root tap saw), before the count is read."""
+        if (self._pending or self._root_tap is not None) and not self.closed:
+            self._settle()
+
     # ---------------------------------------------------------------- public
     @property
     def step(self) -> int:
         """Number of backward passes that reached the model so far."""
-        if (self._pending or self._root_tap is not None) and not self.closed:
-            self._settle()
+        self._settle_open()
         return self._step
 
     @property
     def recording(self) -> Recording:
         """A frozen :class:`~gradscope.Recording` of everything recorded so far."""
-        if self._pending and not self.closed:
-            self._settle()
+        self._settle_open()
         h = self._history
         S = h.n
         sites = {n: s.to_dict() for n, s in self.sites.items() if self._wanted(n)}
