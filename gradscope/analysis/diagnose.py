@@ -34,10 +34,16 @@ import numpy as np
 
 from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
+from .trainability import assess
 
 SCHEMA_VERSION = 1
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SEVERITIES = ("info", "warning", "critical")
+REGIMES = ("vanishing", "exploding", "stable", "inconclusive")
+INCONCLUSIVE_PROFILE = (
+    "the watched gradient-norm profile does not fall below the threshold, but a profile cannot show "
+    "stability: a flat one comes both from a long reach and from gradient injected along the way (a "
+    "loss at every position, the layer above); Jacobian evidence from a probe decides")
 
 __all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
 
@@ -224,11 +230,17 @@ def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module
         return []
 
 
-def _explain_vanishing(site, ev) -> str:
+def _explain_vanishing(site, ev, kind: str = "", threshold: float = 1e-3) -> str:
+    """What the horizon measured, and no more: the reach of the gradient at these weights, now."""
     T, h, rate = ev.get("seq_len"), ev.get("horizon"), ev.get("rate", math.nan)
     per = f"by a factor {math.exp(rate):.3g} per step (rate {rate:.3g}/step), " if math.isfinite(rate) else ""
-    return (f"The gradient reaching {site} shrinks {per}falling below the threshold after {fmt(h)} of "
-            f"{fmt(T)} steps, so inputs more than {fmt(h)} steps back barely influence learning.")
+    text = (f"The gradient reaching {site} shrinks {per}falling below {threshold:.2g} of its size after "
+            f"{fmt(h)} of {fmt(T)} steps: at the current weights, on the inputs measured, states more "
+            f"than {fmt(h)} steps back receive under {threshold:.2g} of the gradient the nearest ones do.")
+    if kind in ("lstm", "gru"):
+        text += (" This is what the gradient reaches now: gates can open during training and lengthen it "
+                 "(see the trainability prediction).")
+    return text
 
 
 def _explain_exploding(site, ev, reason) -> str:
@@ -258,7 +270,7 @@ def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: 
     if regime == "vanishing":
         h = ev.get("horizon", math.inf)
         sev = "critical" if h < 0.1 * T else "warning"
-        add("vanishing", sev, _explain_vanishing(site, ev), base)
+        add("vanishing", sev, _explain_vanishing(site, ev, kind, rules.threshold), base)
     elif regime == "exploding":
         sev = "critical" if ev.get("explosion_lag", math.inf) <= T else "warning"
         add("exploding", sev, _explain_exploding(site, ev, reason), base)
@@ -304,8 +316,12 @@ class Diagnosis:
     """
 
     def __init__(self, sites: Dict[str, Dict[str, Any]], findings: List[Finding], modules: List[Dict[str, Any]],
-                 notes: List[str], meta: Dict[str, Any], rules: Rules, recording=None):
+                 notes: List[str], meta: Dict[str, Any], rules: Rules, recording=None, trainability=None):
         self.recording = recording  # the Recording diagnosed (for figures); plain data
+        #: :class:`~gradscope.analysis.trainability.Trainability`: will the model learn a dependency
+        #: across the probed length (a calibrated prediction, not a measurement); None without
+        #: recurrent sites.
+        self.trainability = trainability
         self._sites = sites
         self.findings = findings
         self.modules = modules
@@ -324,7 +340,8 @@ class Diagnosis:
         return site
 
     def regime(self, site: str) -> str:
-        """``"vanishing"``, ``"exploding"`` or ``"stable"``."""
+        """``"vanishing"``, ``"exploding"``, ``"stable"`` or ``"inconclusive"`` (watch-only evidence
+        that cannot show stability: see ``site_summary(site)["reason"]``)."""
         return self._sites[self._check(site)]["regime"]
 
     def site_summary(self, site: str) -> Dict[str, Any]:
@@ -354,6 +371,7 @@ class Diagnosis:
                        "caveats": s["caveats"]} for n, s in self._sites.items()],
             "modules": self.modules,
             "findings": [f.to_dict() for f in self.findings],
+            "trainability": self.trainability.to_dict() if self.trainability is not None else None,
             "notes": self.notes,
         })
 
@@ -376,6 +394,9 @@ class Diagnosis:
                  f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]", ""]
         if self._sites:
             lines += text_table(*self._site_rows())
+            lines.append("")
+        if self.trainability is not None:
+            lines += str(self.trainability).splitlines()
             lines.append("")
         for m in self.modules:
             lines.append(f"module {m['line']}")
@@ -418,6 +439,12 @@ class Diagnosis:
             out.append("|" + "---|" * len(head))
             for r in rows:
                 out.append("| " + " | ".join(str(c) for c in r) + " |")
+            out.append("")
+        if self.trainability is not None:
+            t = self.trainability
+            out += ["## Trainability", "", f"**{t.verdict}** (confidence {t.confidence:.2f}) — a prediction "
+                    "calibrated on labelled training runs, not a measurement.", ""]
+            out += [f"- {r}" for r in t.reasons]
             out.append("")
         if self.modules:
             out.append("## Modules")
@@ -478,7 +505,7 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
     for mod, names in groups.items():
         info = rec.site_info(names[0])
         regs = [sites[n]["regime"] for n in names]
-        counts = {r: regs.count(r) for r in ("vanishing", "exploding", "stable") if regs.count(r)}
+        counts = {r: regs.count(r) for r in REGIMES if regs.count(r)}
         hs = [sites[n]["evidence"].get("horizon") for n in names]
         hs = [h for h in hs if h is not None and math.isfinite(h)]
         T = sites[names[0]]["evidence"].get("seq_len")
@@ -489,7 +516,7 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
         detail = ", ".join(f"{r} in {c}/{len(names)} site(s)" for r, c in counts.items())
         if hs:
             detail += f"; horizons {fmt(min(hs))}–{fmt(max(hs))} of {fmt(T)} steps"
-        worst = "exploding" if "exploding" in counts else ("vanishing" if "vanishing" in counts else "stable")
+        worst = next((r for r in ("exploding", "vanishing", "inconclusive") if r in counts), "stable")
         out.append({"module": mod or "(model)", "regime": worst, "counts": counts,
                     "line": f"{mod or '(model)'}{shape}: {detail}"})
     return out
@@ -560,6 +587,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
             caveats.append("no gradient reached this site's states in the recorded steps")
         else:
             regime, reason = _regime(ev, rules)
+            if regime == "stable" and used == ["grad_norm_profile"]:
+                regime, reason = "inconclusive", INCONCLUSIVE_PROFILE
         sites[site] = {"kind": info.get("kind"), "module": info.get("module", site), "regime": regime,
                        "reason": reason, "evidence": ev, "evidence_used": used, "caveats": caveats}
         findings += _site_findings(site, info, ev, used, regime, reason, rules)
@@ -590,4 +619,7 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
     findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), list(sites).index(f.site) if f.site in sites else -1))
     meta = {"gradscope_version": rec.meta.get("gradscope_version"), "source": rec.meta.get("source", "watch"),
             "steps": len(rec.steps)}
-    return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules, recording=rec)
+    recurrent = any(s.get("kind") != "attention" for s in sites.values())
+    verdict = assess(rec, sites) if recurrent else None
+    return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules, recording=rec,
+                     trainability=verdict)

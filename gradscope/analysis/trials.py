@@ -574,7 +574,7 @@ def _rename(site: str, renames: Dict[str, str]) -> str:
     return site
 
 
-_REGIME_RANK = {"stable": 0, "vanishing": 1, "exploding": 1, "unknown": 1}
+_REGIME_RANK = {"stable": 0, "vanishing": 1, "exploding": 1, "unknown": 1, "inconclusive": 1}
 
 
 def _score(changes: Sequence[SiteChange]) -> Tuple[float, float, bool]:

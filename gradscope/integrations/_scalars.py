@@ -25,7 +25,7 @@ __all__ = ["profile_scalars", "probe_series", "param_grad_total", "summary_scala
            "REGIME_CODES", "SEVERITY_CODES"]
 
 PROBE_KEYS = ("horizon", "rate", "lambda1", "memory_time")
-REGIME_CODES = {"vanishing": -1.0, "stable": 0.0, "exploding": 1.0}
+REGIME_CODES = {"vanishing": -1.0, "stable": 0.0, "exploding": 1.0}  # "inconclusive" is not logged
 SEVERITY_CODES = {None: 0.0, "info": 1.0, "warning": 2.0, "critical": 3.0}
 
 

@@ -24,7 +24,7 @@ BAD_LABELS = {
     "nonfinite": "NaN or inf",
     "notrun": "not run (shorter sequence)",
 }
-REGIME_COLORS = {"vanishing": "#1f77b4", "exploding": "#d62728", "stable": "#2ca02c"}
+REGIME_COLORS = {"vanishing": "#1f77b4", "exploding": "#d62728", "stable": "#2ca02c", "inconclusive": "#7f7f7f"}
 
 PROBE_HINT = ("Record it with gradscope.probe(model, batch), or during training with "
               "gradscope.watch(model, probe_every=N).")

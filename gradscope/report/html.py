@@ -20,8 +20,8 @@ from ..errors import GradscopeError
 __all__ = ["diagnosis_to_html", "diagnosis_repr_html", "recording_repr_html", "trials_repr_html",
            "figure_to_data_uri"]
 
-_REGIME_BG = {"vanishing": "#dbe9f6", "exploding": "#f9d9d9", "stable": "#dcefdc"}
-_REGIME_FG = {"vanishing": "#174a7c", "exploding": "#8a1414", "stable": "#1d5e1d"}
+_REGIME_BG = {"vanishing": "#dbe9f6", "exploding": "#f9d9d9", "stable": "#dcefdc", "inconclusive": "#eeeeee"}
+_REGIME_FG = {"vanishing": "#174a7c", "exploding": "#8a1414", "stable": "#1d5e1d", "inconclusive": "#555555"}
 _SEV_FG = {"critical": "#b00020", "warning": "#a35200", "info": "#555555"}
 
 _CSS = """
@@ -170,6 +170,17 @@ def _notes(notes: Iterable[str]) -> str:
     return '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
 
 
+def _trainability(diag) -> str:
+    """The trainability prediction: verdict, confidence and its reasons (a prediction, labelled so)."""
+    t = getattr(diag, "trainability", None)
+    if t is None:
+        return ""
+    cls = {"likely": "stable", "unlikely": "vanishing"}.get(t.verdict, "")
+    return (f'<p><b>Trainability</b>: <span class="regime {cls}">{_e(t.verdict)}</span> '
+            f"(confidence {t.confidence:.2f}) — a prediction calibrated on labelled training runs, "
+            f"not a measurement.</p><ul>" + "".join(f"<li>{_e(r)}</li>" for r in t.reasons) + "</ul>")
+
+
 def _site_figures(rec, site: str) -> List[str]:
     from .. import plot as gp
 
@@ -256,6 +267,7 @@ def diagnosis_to_html(diag, path=None) -> str:
         parts.append(_site_table(diag, links=True))
     else:
         parts.append("<p>No recurrent or attention site to diagnose.</p>")
+    parts.append(_trainability(diag))
     if diag.modules:
         parts.append("<ul>" + "".join(f"<li>{_regime(m.get('regime', 'stable'))} <code>{_e(m['line'])}</code></li>"
                                       for m in diag.modules) + "</ul>")
@@ -380,6 +392,7 @@ def diagnosis_repr_html(diag) -> str:
              f"<b>gradscope diagnosis</b> <span class=\"sub\">{_e(_meta_line(diag, rec))}</span>"]
     if diag.sites:
         parts.append(_site_table(diag, links=False))
+    parts.append(_trainability(diag))
     for m in diag.modules:
         parts.append(f"<div>{_regime(m.get('regime', 'stable'))} <code>{_e(m['line'])}</code></div>")
     if diag.findings:
