@@ -154,7 +154,7 @@ def cmd_report():
     lines = ["## trainability — `python benchmarks/trainability.py run`, `trainability_features.py`, "
              "`trainability_calibrate.py fit|report`", "",
              f"{len(runs)} labelled runs: tasks adding and recall, {len(tb.CONFIGS)} model configs, T ∈ "
-             f"{set(tb.LENGTHS)}, seeds {tb.SEEDS} (seed {tb.SEEDS[0]}: calibration half, seed {tb.SEEDS[1]}: "
+             f"{{{', '.join(map(str, tb.LENGTHS))}}}, seeds {tb.SEEDS} (seed {tb.SEEDS[0]}: calibration half, seed {tb.SEEDS[1]}: "
              f"held-out half); H {tb.H}, Adam lr 1e-3, batch 64, clipping 1.0, at most "
              f"{tb.PROTOCOL['max_steps']} steps, success = adding MSE < 0.05 / recall accuracy ≥ 0.9 on "
              f"2 000 held-out sequences (protocol in the script's docstring). {learned} of {len(runs)} "
