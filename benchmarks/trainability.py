@@ -274,11 +274,12 @@ def run_key(task, config, T, seed) -> str:
     return f"{task}|{config}|T{T}|s{seed}"
 
 
-def train_one(task: str, config: str, T: int, seed: int, device: str = "cpu") -> dict:
-    """Train one run under the protocol; returns its JSON record."""
+def train_one(task: str, config: str, T: int, seed: int, device: str = "cpu", model=None) -> dict:
+    """Train one run under the protocol (``model``: instead of the config's untrained model, e.g. a
+    remedied copy); returns its JSON record."""
     p = PROTOCOL
     dev = torch.device(device)
-    model = build(config, task, seed).to(dev)
+    model = (build(config, task, seed) if model is None else model).to(dev)
     gen, (xe, ye) = data_generators(task, T, seed)
     xe, ye = xe.to(dev), ye.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])

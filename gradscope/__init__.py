@@ -6,7 +6,8 @@ Public API::
         ...
     print(scope.diagnose())                 # regimes, findings, remedies
     rec = gradscope.probe(model, batch)     # one-shot: Jacobians by lag, Lyapunov exponents, spectra
-    gradscope.try_remedies(model, batch)    # apply remedies to copies and measure them
+    gradscope.try_remedies(model, data, train_steps=200)  # remedies on copies, ranked by training
+    gradscope.apply_remedy(model, "forget_bias", batch)   # the remedied copy
 
 Attributes are loaded on first use, so ``import gradscope.analysis.remedies`` (plain data) works
 without torch installed, and ``import gradscope`` stays cheap.
@@ -24,12 +25,12 @@ _LAZY = {
     "watch": ".capture.scope", "Scope": ".capture.scope",
     "probe": ".capture.probe",
     "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
-    "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials",
+    "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",
     "Recording": ".recording", "load": ".recording",
 }
 _SUBMODULES = {"estimators", "analysis", "capture", "checkpoint", "zoo", "plot", "report", "cli"}
 
-__all__ = ["watch", "probe", "diagnose", "try_remedies", "load", "Scope", "Recording", "Diagnosis",
+__all__ = ["watch", "probe", "diagnose", "try_remedies", "apply_remedy", "load", "Scope", "Recording", "Diagnosis",
            "Finding", "RemedyTrials", "GradscopeError", "RecordingFormatError", "MissingMeasureError",
            "estimators", "checkpoint", "zoo", "plot", "__version__"]
 

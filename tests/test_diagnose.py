@@ -152,3 +152,53 @@ def test_bad_input():
         pass
     with pytest.raises(GradscopeError, match="empty recording.*at least one forward and backward"):
         scope.diagnose()
+
+
+class CharLM(nn.Module):
+    """A character LSTM language model: embedding → 2-layer LSTM → logits at every position."""
+
+    def __init__(self, vocab=32, H=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.lstm = nn.LSTM(16, H, num_layers=2, batch_first=True)
+        self.out = nn.Linear(H, vocab)
+
+    def forward(self, x):
+        return self.out(self.lstm(self.emb(x))[0])
+
+
+def test_watch_and_probe_tell_one_story_on_a_char_language_model():
+    """Loss at every position: the watched profile cannot show decay. By default watch probes a live
+    batch on its first step, so scope.diagnose() names the same regime as diagnose(probe(...))."""
+    torch.manual_seed(0)
+    model = CharLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randint(0, 32, (8, 16, 65))
+    with gradscope.watch(model) as scope:
+        for x in data:
+            logits = model(x[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 32), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    watched = scope.diagnose()
+    probed = gradscope.diagnose(gradscope.probe(model, data[0][:, :-1]))
+    for site in ("lstm.l0", "lstm.l1"):
+        assert watched.regime(site) == probed.regime(site) == "vanishing"
+        assert "jacobian_norms" in watched.site_summary(site)["evidence_used"]
+    assert watched.trainability.verdict == probed.trainability.verdict
+
+
+def test_watch_only_profile_of_a_loss_at_every_position_is_inconclusive():
+    torch.manual_seed(0)
+    model = CharLM()
+    data = torch.randint(0, 32, (3, 16, 65))
+    with gradscope.watch(model, probe_every=None) as scope:
+        for x in data:
+            logits = model(x[:, :-1])
+            nn.functional.cross_entropy(logits.reshape(-1, 32), x[:, 1:].reshape(-1)).backward()
+    diag = scope.diagnose()
+    for site in ("lstm.l0", "lstm.l1"):
+        assert diag.regime(site) == "inconclusive", diag.site_summary(site)
+        assert "cannot show stability" in diag.site_summary(site)["reason"]
+    assert diag.trainability.verdict == "uncertain"

@@ -240,3 +240,143 @@ def test_diagnose_attaches_the_catalogue(x):
     assert [r.name for r in f.remedies][:3] == ["orthogonal_init", "irnn", "switch_to_lstm"]
     assert "model.rnn.weight_hh_l0" in f.remedies[0].code
     assert set(TESTABLE) >= {r.name for r in f.remedies if r.testable}
+
+
+# ------------------------------------------------------------------------------------------------
+# remedies proven by training
+
+
+class LastStep(nn.Module):
+    """nn.RNN → read-out of the last step: [B, T, 2] → [B, 1]."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.rnn = nn.RNN(2, H, batch_first=True)
+        self.fc = nn.Linear(H, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(scale * _orthogonal(H))
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def _copy_task(n_batches, T=30, seed=0):
+    """Target: the first input value, T − 1 steps back (a pure long dependency)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(16, T, 2, generator=g)
+        out.append((x, x[:, 0, :1].clone()))
+    return out
+
+
+def _mse(out, y):
+    return nn.functional.mse_loss(out, y)
+
+
+def test_trained_trials_rank_by_measured_loss_and_keep_the_original():
+    torch.manual_seed(0)
+    model = LastStep(0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _copy_task(40)
+    trials = try_remedies(model, data, loss_fn=_mse, train_steps=40,
+                          remedies=["orthogonal_init", "xavier_init"], progress=False)
+    assert trials.ranked_by == "training"
+    assert trials.baseline is not None and trials.baseline.steps == 40
+    finals = [r.training.final_loss for r in trials.results]
+    assert finals == sorted(finals)
+    for r in trials.results:
+        assert len(r.training.curve) == 40
+        tail = r.training.curve[-4:]
+        assert r.training.final_loss == pytest.approx(sum(tail) / 4)
+        assert r.training.loss_auc == pytest.approx(sum(r.training.curve) / 40)
+        assert r.improved == (r.training.final_loss < trials.baseline.final_loss * 0.98)
+        assert isinstance(r.model, nn.Module) and r.model is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert_no_hooks(model)
+    text = str(trials)
+    assert "trained for 40 steps" in text and "final loss" in text
+    d = json.loads(json.dumps(trials.to_dict()))
+    assert d["ranked_by"] == "training" and d["baseline"]["steps"] == 40
+    assert d["results"][0]["training"]["final_loss"] == pytest.approx(finals[0])
+
+
+def test_training_runs_are_reproducible_and_match_a_hand_written_loop():
+    torch.manual_seed(0)
+    model = LastStep(0.3)
+    data = _copy_task(10)
+    t1 = try_remedies(model, data, loss_fn=_mse, train_steps=10, remedies=["orthogonal_init"], seed=3,
+                      progress=False)
+    t2 = try_remedies(model, data, loss_fn=_mse, train_steps=10, remedies=["orthogonal_init"], seed=3,
+                      progress=False)
+    assert t1.baseline.curve == t2.baseline.curve
+    assert t1.results[0].training.curve == t2.results[0].training.curve
+    # the baseline is the original model trained by a plain loop with Adam 1e-3 and clipping 1.0
+    import copy
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    curve = []
+    for x, y in data:
+        loss = _mse(ref(x), y)
+        curve.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+    assert t1.baseline.curve == pytest.approx(curve, rel=1e-6)
+
+
+def test_probe_only_ranking_is_labelled_a_prediction(x):
+    trials = try_remedies(Elman(), x, remedies=["orthogonal_init"])
+    assert trials.ranked_by == "prediction" and trials.baseline is None
+    assert trials.results[0].training is None
+    assert "a prediction from the Jacobians" in str(trials)
+
+
+def test_one_batch_is_trained_on_repeatedly_with_its_target():
+    model = LastStep(0.3)
+    x, y = _copy_task(1)[0]
+    trials = try_remedies(model, x, target=y, loss_fn=_mse, train_steps=5, remedies=["orthogonal_init"],
+                          progress=False)
+    assert trials.baseline.steps == 5 and len(trials.results[0].training.curve) == 5
+
+
+def test_a_diverging_copy_is_ranked_last():
+    model = LastStep(0.3)
+    data = _copy_task(6)
+    trials = try_remedies(model, data, loss_fn=_mse, train_steps=6, remedies=["orthogonal_init", "xavier_init"],
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=1e30), clip=None, progress=False)
+    assert all(r.training.diverged or r.training.final_loss >= trials.results[0].training.final_loss
+               for r in trials.results)
+
+
+def test_train_steps_and_data_are_checked():
+    with pytest.raises(GradscopeError, match="train_steps must be a non-negative integer"):
+        try_remedies(LastStep(0.3), torch.randn(2, 5, 2), train_steps=-1)
+    with pytest.raises(GradscopeError, match="data is an empty iterable"):
+        try_remedies(LastStep(0.3), [], train_steps=3)
+    with pytest.raises(GradscopeError, match="data must be a batch"):
+        try_remedies(LastStep(0.3), 3.5)
+
+
+def test_apply_remedy_returns_the_remedied_copy():
+    import gradscope
+
+    model = LastStep(0.3)
+    x = torch.randn(4, 30, 2)
+    new = gradscope.apply_remedy(model, "orthogonal_init", x)
+    W = new.rnn.weight_hh_l0.detach()
+    assert torch.allclose(W @ W.T, torch.eye(H), atol=1e-5)
+    assert torch.allclose(model.rnn.weight_hh_l0, 0.3 * _orthogonal(H))   # the original untouched
+    assert_no_hooks(model)
+    trials = try_remedies(model, x, remedies=["orthogonal_init"])
+    assert torch.equal(trials.best().model.rnn.weight_hh_l0, new.rnn.weight_hh_l0)   # same seed, same copy
+    with pytest.raises(GradscopeError, match="unknown remedy 'orthogonal'.*Did you mean 'orthogonal_init'"):
+        gradscope.apply_remedy(model, "orthogonal", x)
+    with pytest.raises(GradscopeError, match="cannot be applied to a copy"):
+        gradscope.apply_remedy(model, "clip_grad_norm", x)
+    with pytest.raises(GradscopeError, match="unknown site 'rnn.l9'"):
+        gradscope.apply_remedy(model, "orthogonal_init", x, site="rnn.l9")
+    with pytest.raises(GradscopeError, match="applies to none of the model's sites"):
+        gradscope.apply_remedy(model, "forget_bias", x)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -56,8 +57,8 @@ from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
 
-__all__ = ["try_remedies", "RemedyTrials", "TrialResult", "SiteChange", "SkippedRemedy", "LSTMAsRNN",
-           "TESTABLE"]
+__all__ = ["try_remedies", "apply_remedy", "RemedyTrials", "TrialResult", "TrainingRun", "SiteChange",
+           "SkippedRemedy", "LSTMAsRNN", "TESTABLE"]
 
 
 class LSTMAsRNN(nn.Module):
@@ -127,6 +128,25 @@ class SiteChange:
 
 
 @dataclass(frozen=True)
+class TrainingRun:
+    """A copy of the model trained for ``steps`` steps on the user's data.
+
+    ``final_loss``: mean loss over the last tenth of the steps (at least one); ``loss_auc``: mean
+    loss over all steps (the area under the curve per step); ``diverged``: a non-finite loss ended
+    the run (its final loss is then inf); ``curve``: the loss at every step.
+    """
+
+    steps: int
+    final_loss: float
+    loss_auc: float
+    diverged: bool
+    curve: Tuple[float, ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
 class TrialResult:
     """One remedy applied to a copy of the model and measured.
 
@@ -137,7 +157,9 @@ class TrialResult:
         changes: per targeted site, before and after.
         score: mean change of reach (see the module docstring), in [−1, 1].
         lambda_gain: mean decrease of |λ₁| (per step).
-        improved: the ranking rule's verdict.
+        improved: the ranking rule's verdict (trained: a lower final loss than the original's).
+        training: the remedied copy trained on the user's data (``train_steps > 0``), else None.
+        model: the remedied copy, untrained (the original is untouched): train it yourself.
     """
 
     remedy: str
@@ -148,9 +170,15 @@ class TrialResult:
     score: float
     lambda_gain: float
     improved: bool
+    training: Optional[TrainingRun] = None
+    model: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        return jsonable(asdict(self))
+        d = {f: getattr(self, f) for f in ("remedy", "title", "sites", "applied", "score", "lambda_gain",
+                                           "improved")}
+        d["changes"] = [asdict(c) for c in self.changes]
+        d["training"] = self.training.to_dict() if self.training is not None else None
+        return jsonable(d)
 
 
 @dataclass(frozen=True)
@@ -177,12 +205,19 @@ class RemedyTrials:
         seed: the seed every copy was initialised and probed with.
     """
 
-    def __init__(self, results, skipped, findings, before, seed):
+    def __init__(self, results, skipped, findings, before, seed, baseline: Optional[TrainingRun] = None):
         self.results: List[TrialResult] = list(results)
         self.skipped: List[SkippedRemedy] = list(skipped)
         self.findings: List[Tuple[str, str, str]] = list(findings)
         self.before: Dict[str, Dict[str, Any]] = dict(before)
         self.seed = seed
+        #: the original model trained the same way (``train_steps > 0``), else None
+        self.baseline = baseline
+
+    @property
+    def ranked_by(self) -> str:
+        """``"training"`` (measured loss) or ``"prediction"`` (probe only: the Jacobian effect)."""
+        return "training" if self.baseline is not None else "prediction"
 
     def _repr_html_(self) -> str:
         from ..report.html import trials_repr_html
@@ -199,23 +234,39 @@ class RemedyTrials:
         return iter(self.results)
 
     def _rows(self) -> Tuple[List[str], List[List[str]]]:
+        trained = self.baseline is not None
         head = ["remedy", "site", "regime before → after", "horizon before → after", "T",
                 "λ₁ before → after", "score", "improved"]
+        if trained:
+            head[-1:-1] = ["final loss", "loss AUC"]
         rows = []
         for r in self.results:
             for i, ch in enumerate(r.changes):
                 site = ch.site if ch.site == ch.site_after else f"{ch.site} (now {ch.site_after})"
-                rows.append([r.remedy if i == 0 else "", site,
-                             f"{ch.regime_before} → {ch.regime_after}",
-                             f"{fmt(ch.horizon_before)} → {fmt(ch.horizon_after)}", fmt(ch.seq_len),
-                             f"{fmt(ch.lambda1_before)} → {fmt(ch.lambda1_after)}",
-                             f"{r.score:+.2f}" if i == 0 else "", ("yes" if r.improved else "no") if i == 0 else ""])
+                row = [r.remedy if i == 0 else "", site,
+                       f"{ch.regime_before} → {ch.regime_after}",
+                       f"{fmt(ch.horizon_before)} → {fmt(ch.horizon_after)}", fmt(ch.seq_len),
+                       f"{fmt(ch.lambda1_before)} → {fmt(ch.lambda1_after)}",
+                       f"{r.score:+.2f}" if i == 0 else "", ("yes" if r.improved else "no") if i == 0 else ""]
+                if trained:
+                    tr = r.training
+                    row[-1:-1] = ([fmt(tr.final_loss) + (" (diverged)" if tr.diverged else ""), fmt(tr.loss_auc)]
+                                  if i == 0 and tr is not None else ["", ""])
+                rows.append(row)
         return head, rows
 
     def _intro(self) -> str:
+        if self.baseline is not None:
+            b = self.baseline
+            return (f"Remedy trials: each remedy applied to a copy of the model and trained for {b.steps} "
+                    f"steps on your data, as was the original (same seed {self.seed}, same optimizer "
+                    f"settings; original: final loss {fmt(b.final_loss)}, loss AUC {fmt(b.loss_auc)}). "
+                    f"Ranked by the measured final loss, then the loss AUC; the Jacobian effect (score: "
+                    f"change of reach = min(horizon, explosion lag, T)/T) is shown beside it.")
         return (f"Remedy trials: each remedy applied to a copy of the model, probed on the same batch "
                 f"(seed {self.seed}). Ranked by the change of reach = min(horizon, explosion lag, T)/T, "
-                f"then by |λ₁| moving toward 0.")
+                f"then by |λ₁| moving toward 0 — a prediction from the Jacobians, not a training result "
+                f"(train_steps=N trains every copy and ranks by loss).")
 
     def __str__(self) -> str:
         lines = [self._intro(), ""]
@@ -253,6 +304,8 @@ class RemedyTrials:
     def to_dict(self) -> Dict[str, Any]:
         best = self.best()
         return jsonable({"seed": self.seed, "best": best.remedy if best else None,
+                         "ranked_by": self.ranked_by,
+                         "baseline": self.baseline.to_dict() if self.baseline is not None else None,
                        "results": [r.to_dict() for r in self.results],
                        "skipped": [s.to_dict() for s in self.skipped],
                        "findings": [{"kind": k, "site": s, "severity": v} for k, s, v in self.findings],
@@ -661,34 +714,124 @@ def _has_module(model, name) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None, target=None,
-                 remedies: Optional[Iterable[str]] = None, sites: Optional[Sequence[str]] = None,
-                 seed: int = 0, threshold: float = 1e-3) -> RemedyTrials:
-    """Apply candidate remedies to copies of ``model`` and measure each on the same batch.
+def _batches(data, target):
+    """``(first inputs, first target, iterator of (inputs, target))`` from a batch or an iterable.
 
-    The model is probed (:func:`gradscope.probe`) and diagnosed (:func:`gradscope.diagnose`).
-    Without ``remedies``, every remedy the findings list is a candidate, for the sites it was
-    listed for; with ``remedies``, the named ones are tried on every site they apply to. Each
+    A Tensor, a tuple of positional arguments or a dict is one batch (trained on again and again,
+    with ``target``); anything else iterable (a DataLoader, a list, a generator) yields batches, each
+    ``(inputs, target)`` — a 2-sequence — or inputs alone (then ``target`` is used)."""
+    if isinstance(data, (Tensor, tuple, dict)):
+        def again():
+            while True:
+                yield data, target
+        return data, target, again()
+    try:
+        it = iter(data)
+    except TypeError:
+        raise GradscopeError(f"data must be a batch (a Tensor, a tuple of positional arguments or a dict) "
+                             f"or an iterable of batches such as a DataLoader, got {type(data).__name__}.") from None
+
+    def pairs(source):
+        for item in source:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                yield item[0], item[1]
+            else:
+                yield item, target
+    gen = pairs(it)
+    try:
+        x0, y0 = next(gen)
+    except StopIteration:
+        raise GradscopeError("data is an empty iterable: try_remedies needs at least one batch.") from None
+    import itertools
+    return x0, y0, itertools.chain([(x0, y0)], gen)
+
+
+def _loss_of(out, y, loss_fn):
+    from ..capture.probe import default_loss
+
+    if loss_fn is None:
+        return default_loss(out, y)
+    return loss_fn(out) if y is None else loss_fn(out, y)
+
+
+def _call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _train(model: nn.Module, batches: List, loss_fn, make_optimizer, clip: Optional[float], seed: int,
+           bar) -> TrainingRun:
+    """Train ``model`` in place on ``batches`` (one optimizer step each); its loss curve."""
+    curve: List[float] = []
+    diverged = False
+    with _seeded(model, seed):
+        opt = make_optimizer(model.parameters())
+        model.train()
+        for x, y in batches:
+            loss = _loss_of(_call(model, x), y, loss_fn)
+            value = float(loss.detach())
+            bar.update(1)
+            if not math.isfinite(value):
+                diverged = True
+                break
+            curve.append(value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+    if diverged or not curve:
+        return TrainingRun(len(batches), math.inf, math.inf, diverged, tuple(curve))
+    tail = curve[-max(1, len(curve) // 10):]
+    return TrainingRun(len(curve), sum(tail) / len(tail), sum(curve) / len(curve), False, tuple(curve))
+
+
+def try_remedies(model: nn.Module, data, *, loss_fn: Optional[Callable] = None, target=None,
+                 remedies: Optional[Iterable[str]] = None, sites: Optional[Sequence[str]] = None,
+                 seed: int = 0, threshold: float = 1e-3, train_steps: int = 0,
+                 optimizer: Optional[Callable] = None, clip: Optional[float] = 1.0,
+                 progress: Optional[bool] = None) -> RemedyTrials:
+    """Apply candidate remedies to copies of ``model``; measure each — by training, or by a probe.
+
+    The model is probed (:func:`gradscope.probe`) and diagnosed (:func:`gradscope.diagnose`) on the
+    first batch. Without ``remedies``, every remedy the findings list is a candidate, for the sites
+    it was listed for; with ``remedies``, the named ones are tried on every site they apply to. Each
     candidate that can be applied (see the module docstring) is applied to a fresh
-    ``copy.deepcopy(model)`` under ``torch.manual_seed(seed)``, the copy is probed on ``batch``
-    with the same seed, and the targeted sites are compared. The global RNG state is restored.
+    ``copy.deepcopy(model)`` under ``torch.manual_seed(seed)``, the copy is probed on the same batch
+    with the same seed, and the targeted sites are compared. With ``train_steps=N`` the original and
+    every remedied copy are also trained for N steps on the same batches (same seed, same optimizer
+    settings, gradient-norm clipping at ``clip``), and the trials are ranked by the measured final
+    loss, then the loss AUC; with ``train_steps=0`` the ranking is the Jacobian effect — a
+    prediction. The global RNG state is restored.
 
     Args:
         model: the model; it is not modified and carries no hook afterwards.
-        batch: its input (a Tensor, a tuple of positional arguments or a dict), as for probe().
+        data: one batch (a Tensor, a tuple of positional arguments or a dict, as for probe()) or an
+            iterable of batches (a DataLoader, a list; each item ``(inputs, target)`` or inputs
+            alone). The first batch is probed; training takes the first ``train_steps`` batches
+            (one batch is reused; the batches are kept so every copy sees the same ones).
         loss_fn, target: as for :func:`gradscope.probe`.
         remedies: remedy names (:data:`gradscope.analysis.remedies.REMEDY_NAMES`); default: those
             the findings call for.
         sites: only these site names (default: all).
-        seed: seed of every copy's new weights and of every probe.
+        seed: seed of every copy's new weights, of every probe and of every training run.
         threshold: the gradient-horizon threshold (as for probe() and diagnose()).
+        train_steps: optimizer steps per training run; 0 (default) trains nothing.
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (default Adam, lr 1e-3).
+        clip: gradient-norm clipping during training (None: off).
+        progress: a tqdm bar over the training steps (None: only when stderr is a terminal).
 
     Returns:
-        :class:`RemedyTrials`: ``results`` ranked (rule in the module docstring), ``skipped``
-        with reasons, ``best()``.
+        :class:`RemedyTrials`: ``results`` ranked (``ranked_by`` says how), ``skipped`` with
+        reasons, ``baseline`` (the original's training run), ``best()``; each result's ``model`` is
+        the remedied copy.
 
     Raises:
-        GradscopeError: an unknown remedy or site name (with a suggestion), or what probe() raises.
+        GradscopeError: an unknown remedy or site name (with a suggestion), bad ``data`` or
+            ``train_steps``, or what probe() raises.
 
     Example:
         >>> import torch, gradscope
@@ -696,11 +839,13 @@ def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None,
         >>> with torch.no_grad():
         ...     _ = rnn.weight_hh_l0.mul_(0.3)
         >>> trials = try_remedies(rnn, torch.randn(40, 2, 2), remedies=["orthogonal_init"])
-        >>> trials.best().remedy
-        'orthogonal_init'
+        >>> trials.best().remedy, trials.ranked_by
+        ('orthogonal_init', 'prediction')
     """
     from .diagnose import diagnose
 
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise GradscopeError(f"train_steps must be a non-negative integer, got {train_steps!r}.")
     if remedies is not None:
         if isinstance(remedies, str):
             raise GradscopeError(f"remedies must be a list of names, got the string {remedies!r}; "
@@ -712,6 +857,9 @@ def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None,
                                      f"{did_you_mean(str(n), R.REMEDY_NAMES)}")
     if sites is not None and isinstance(sites, str):
         raise GradscopeError(f"sites must be a list of names, got the string {sites!r}; write sites=[{sites!r}].")
+    batch, target, stream = _batches(data, target)
+    train_batches = list(itertools.islice(stream, train_steps)) if train_steps else []
+    make_opt = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
 
     rec0 = _probe(model, batch, loss_fn, target, None, seed, threshold)
     if sites is not None:
@@ -726,35 +874,116 @@ def try_remedies(model: nn.Module, batch, *, loss_fn: Optional[Callable] = None,
     findings = [(f.kind, f.site, f.severity) for f in diag0.findings]
     plan, skipped = _plan(rec0, diag0, remedies, wanted_sites, model)
 
-    results: List[TrialResult] = []
-    for name, targets in plan:
-        applier = _APPLIERS[name][0]
-        work = _copy(model)
-        try:
-            with _seeded(work, seed):
-                work, renames, applied = applier(work, targets, {"batch": batch, "seed": seed})
-        except _Skip as e:
-            skipped.append(SkippedRemedy(name, tuple(t.site for t in targets), str(e)))
-            continue
-        rec1 = _probe(work, batch, loss_fn, target, None, seed, threshold)
-        diag1 = diagnose(rec1, threshold=threshold)
-        changes = []
-        for t in targets:
-            new_site = _rename(t.site, renames)
-            b = before[t.site]
-            if new_site not in rec1.sites:
-                raise GradscopeError(  # an applier bug, not a user error
-                    f"internal: after {name}, site {t.site!r} (as {new_site!r}) is missing from "
-                    f"{list(rec1.sites)}.")
-            a = _site_numbers(rec1, diag1, new_site)
-            changes.append(SiteChange(t.site, new_site, b["kind"], a["kind"], b["seq_len"],
-                                      b["regime"], a["regime"], b["horizon"], a["horizon"],
-                                      b["lambda1"], a["lambda1"], b["reach"], a["reach"],
-                                      b["memory_time"], a["memory_time"]))
-        score, lam_gain, improved = _score(changes)
-        t0 = targets[0]
-        title = R.get_remedy(name, t0.evidence, site=t0.site, module=t0.module, site_kind=t0.kind).title
-        results.append(TrialResult(name, title, tuple(t.site for t in targets), applied, tuple(changes),
-                                   score, lam_gain, improved))
-    results.sort(key=lambda r: (-r.score, -r.lambda_gain, r.remedy))
-    return RemedyTrials(results, skipped, findings, before, seed)
+    from ..estimators._util import progress_bar
+    total = (len(plan) + 1) * len(train_batches)
+    bar = progress_bar(total, progress, flops=1e9 * total, desc="try_remedies: training")
+    baseline = None
+    try:
+        if train_batches:
+            baseline = _train(_copy(model), train_batches, loss_fn, make_opt, clip, seed, bar)
+        results: List[TrialResult] = []
+        for name, targets in plan:
+            work, renames, applied = _applied_copy(model, name, targets, batch, seed, skipped)
+            if work is None:
+                continue
+            rec1 = _probe(work, batch, loss_fn, target, None, seed, threshold)
+            diag1 = diagnose(rec1, threshold=threshold)
+            changes = []
+            for t in targets:
+                new_site = _rename(t.site, renames)
+                b = before[t.site]
+                if new_site not in rec1.sites:
+                    raise GradscopeError(  # an applier bug, not a user error
+                        f"internal: after {name}, site {t.site!r} (as {new_site!r}) is missing from "
+                        f"{list(rec1.sites)}.")
+                a = _site_numbers(rec1, diag1, new_site)
+                changes.append(SiteChange(t.site, new_site, b["kind"], a["kind"], b["seq_len"],
+                                          b["regime"], a["regime"], b["horizon"], a["horizon"],
+                                          b["lambda1"], a["lambda1"], b["reach"], a["reach"],
+                                          b["memory_time"], a["memory_time"]))
+            score, lam_gain, improved = _score(changes)
+            run = None
+            if train_batches:
+                run = _train(_copy(work), train_batches, loss_fn, make_opt, clip, seed, bar)
+                improved = run.final_loss < baseline.final_loss * (1 - TRAINED_MARGIN)
+            t0 = targets[0]
+            title = R.get_remedy(name, t0.evidence, site=t0.site, module=t0.module, site_kind=t0.kind).title
+            results.append(TrialResult(name, title, tuple(t.site for t in targets), applied, tuple(changes),
+                                       score, lam_gain, improved, run, work))
+    finally:
+        bar.close()
+    if baseline is not None:
+        results.sort(key=lambda r: (r.training.final_loss, r.training.loss_auc, r.remedy))
+    else:
+        results.sort(key=lambda r: (-r.score, -r.lambda_gain, r.remedy))
+    return RemedyTrials(results, skipped, findings, before, seed, baseline)
+
+
+#: a trained remedy "improved" the model when its final loss is this share below the original's
+TRAINED_MARGIN = 0.02
+
+
+def _applied_copy(model, name, targets, batch, seed, skipped):
+    """``(copy with remedy ``name`` applied, renames, what changed)``; ``(None, …)`` when skipped."""
+    applier = _APPLIERS[name][0]
+    work = _copy(model)
+    try:
+        with _seeded(work, seed):
+            return applier(work, targets, {"batch": batch, "seed": seed})
+    except _Skip as e:
+        skipped.append(SkippedRemedy(name, tuple(t.site for t in targets), str(e)))
+        return None, {}, ""
+
+
+def apply_remedy(model: nn.Module, name: str, batch, *, site: Optional[str] = None,
+                 loss_fn: Optional[Callable] = None, target=None, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with one remedy applied (the original is untouched).
+
+    The model is probed on ``batch`` to find the sites the remedy applies to (and the numbers it
+    uses, e.g. the forget-gate bias plan or chrono init's T_max), then the remedy is applied to a
+    ``copy.deepcopy`` under ``torch.manual_seed(seed)``, as :func:`try_remedies` does.
+
+    Args:
+        model: the model.
+        name: a remedy name (:data:`gradscope.analysis.remedies.REMEDY_NAMES`) that can be applied
+            to a copy (see the module docstring).
+        batch: an input batch, as for :func:`gradscope.probe`.
+        site: only this site (default: every site the remedy applies to).
+        loss_fn, target: as for :func:`gradscope.probe`.
+        seed: seed of the copy's new weights.
+
+    Returns:
+        The remedied copy (create the optimizer for it afresh).
+
+    Raises:
+        GradscopeError: an unknown name or site, a remedy that cannot be applied to a copy, or no
+            site it applies to.
+
+    Example:
+        >>> import torch, gradscope
+        >>> rnn = torch.nn.RNN(2, 8)
+        >>> new = gradscope.apply_remedy(rnn, "orthogonal_init", torch.randn(20, 2, 2))
+        >>> W = new.weight_hh_l0.detach()
+        >>> bool(torch.allclose(W @ W.T, torch.eye(8), atol=1e-5)), new is rnn
+        (True, False)
+    """
+    from .diagnose import diagnose
+
+    if name not in R.REMEDY_NAMES:
+        raise GradscopeError(f"unknown remedy {name!r}; known remedies: {', '.join(R.REMEDY_NAMES)}."
+                             f"{did_you_mean(str(name), R.REMEDY_NAMES)}")
+    if name not in _APPLIERS:
+        raise GradscopeError(f"remedy {name!r} cannot be applied to a copy of the model: "
+                             f"{R.UNTESTABLE.get(name, 'gradscope has no applier for it')}.")
+    rec = _probe(model, batch, loss_fn, target, None, seed, 1e-3)
+    if site is not None and site not in rec.sites:
+        raise GradscopeError(f"unknown site {site!r}; the model has sites {list(rec.sites)}."
+                             f"{did_you_mean(str(site), rec.sites)}")
+    plan, skipped = _plan(rec, diagnose(rec), [name], None if site is None else {site}, model)
+    if not plan:
+        why = "; ".join(s.reason for s in skipped) or "no site it applies to"
+        raise GradscopeError(f"remedy {name!r} applies to none of the model's sites: {why}.")
+    work, _, _ = _applied_copy(model, name, plan[0][1], batch, seed, skipped)
+    if work is None:
+        raise GradscopeError(f"remedy {name!r} could not be applied: {skipped[-1].reason}.")
+    return work
