@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).with_name("data") / "trainability.jsonl"
 
+from gradscope.zoo import RECALL_TOKENS as N_TOKENS, adding_problem, recall_problem  # noqa: E402
+
 H = 64
-N_TOKENS = 8
 LENGTHS = (20, 60, 150)
 SEEDS = (0, 1)
 TASKS = ("adding", "recall")
@@ -64,18 +65,9 @@ PROTOCOL = dict(optimizer="Adam", lr=1e-3, batch=64, clip=1.0, max_steps=1500, e
 def task_batch(task: str, n: int, T: int, gen: torch.Generator):
     """``(x [n, T, I], y)`` for ``task``; ``y`` is ``[n, 1]`` floats (adding) or ``[n]`` classes."""
     if task == "adding":
-        values = torch.rand(n, T, generator=gen)
-        half = T // 2
-        first = torch.randint(0, half, (n,), generator=gen)
-        second = torch.randint(half, T, (n,), generator=gen)
-        markers = torch.zeros(n, T)
-        rows = torch.arange(n)
-        markers[rows, first] = 1.0
-        markers[rows, second] = 1.0
-        return torch.stack([values, markers], -1), (values * markers).sum(1, keepdim=True)
+        return adding_problem(n, T, generator=gen)
     if task == "recall":
-        tokens = torch.randint(0, N_TOKENS, (n, T), generator=gen)
-        return nn.functional.one_hot(tokens, N_TOKENS).float(), tokens[:, 0].clone()
+        return recall_problem(n, T, generator=gen)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

@@ -9,14 +9,18 @@ Index letters: B batch, T sequence length, I input features, H hidden units, O o
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .errors import GradscopeError
 
-__all__ = ["SequenceLSTM", "SequenceGRU", "SelfAttentionBlock", "adding_problem"]
+__all__ = ["SequenceLSTM", "SequenceGRU", "SelfAttentionBlock", "adding_problem", "recall_problem",
+           "RECALL_TOKENS"]
+
+#: classes of the recall task
+RECALL_TOKENS = 8
 
 
 class SequenceLSTM(nn.Module):
@@ -116,7 +120,8 @@ class SelfAttentionBlock(nn.Module):
         return (y, attn) if return_attention else y
 
 
-def adding_problem(n: int, T: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+def adding_problem(n: int, T: int, seed: int = 0, *, generator: Optional[torch.Generator] = None
+                   ) -> Tuple[Tensor, Tensor]:
     """The adding problem (Hochreiter & Schmidhuber 1997, §5.4; the form of Le et al. 2015).
 
     Each sequence has two channels: values drawn from U[0, 1] and a marker that is 1 at exactly two
@@ -128,6 +133,8 @@ def adding_problem(n: int, T: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
         n: number of sequences.
         T: sequence length (at least 2).
         seed: seed of a private generator (the global RNG is not touched).
+        generator: draw from this generator instead (``seed`` is then ignored), e.g. to take
+            successive training batches from one stream.
 
     Returns:
         ``x`` ``[n, T, 2]`` (channel 0 values, channel 1 markers) and ``y`` ``[n, 1]``, float32,
@@ -143,7 +150,7 @@ def adding_problem(n: int, T: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
     for name, v, lo in (("n", n, 1), ("T", T, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise GradscopeError(f"adding_problem: {name} must be an integer >= {lo}, got {v!r}.")
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     values = torch.rand(n, T, generator=g)
     half = T // 2
     first = torch.randint(0, half, (n,), generator=g)
@@ -155,3 +162,33 @@ def adding_problem(n: int, T: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
     x = torch.stack([values, markers], dim=-1)
     y = (values * markers).sum(1, keepdim=True)
     return x, y
+
+
+def recall_problem(n: int, T: int, seed: int = 0, *, generator: Optional[torch.Generator] = None
+                   ) -> Tuple[Tensor, Tensor]:
+    """The recall task of gradscope's trainability benchmark: report the first of T tokens.
+
+    Each sequence is T tokens drawn uniformly from 8 classes, one-hot; the target is the class of
+    the first token. The T − 1 later tokens are distractors from the same classes, so the only
+    signal lies T − 1 steps back and no shorter dependency helps (chance: 1/8).
+
+    Args:
+        n: number of sequences.
+        T: sequence length (at least 1).
+        seed: seed of a private generator (the global RNG is not touched).
+        generator: draw from this generator instead (``seed`` is then ignored).
+
+    Returns:
+        ``x`` ``[n, T, 8]`` float32 one-hot, batch first, and ``y`` ``[n]`` int64 classes.
+
+    Example:
+        >>> x, y = recall_problem(3, 10, seed=1)
+        >>> tuple(x.shape), bool(torch.equal(x[:, 0].argmax(-1), y))
+        ((3, 10, 8), True)
+    """
+    for name, v, lo in (("n", n, 1), ("T", T, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise GradscopeError(f"recall_problem: {name} must be an integer >= {lo}, got {v!r}.")
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, RECALL_TOKENS, (n, T), generator=g)
+    return torch.nn.functional.one_hot(tokens, RECALL_TOKENS).float(), tokens[:, 0].clone()
