@@ -27,6 +27,12 @@ def _summary_lines(diag) -> List[Tuple[str, str, str]]:
         reg = s["regime"]
         lines.append((f"{n:<{w}}  {reg:<9}  horizon {C.fmt(s['horizon']):>4} of {C.fmt(s['seq_len']):<4} "
                       f"λ₁ {C.fmt(s['lambda1'])}", C.REGIME_COLORS.get(reg, "0.2"), "bold"))
+    t = getattr(diag, "trainability", None)
+    if t is not None:
+        reach = t.evidence.get("reach")
+        lines.append((f"trainability (prediction): {t.verdict}, confidence {t.confidence:.2f}"
+                      + (f", reach 10^{reach:.2g} over T {C.fmt(t.evidence.get('seq_len'))}" if reach is not None else ""),
+                      "0.1", "bold"))
     if names:
         lines.append(("", "0.2", "normal"))
     if not diag.findings:
