@@ -843,3 +843,35 @@ def test_copies_of_a_watched_model_run_unwatched_with_their_own_weights():
         assert scope.step == 1
     assert list(scope.recording.steps) == [0]
     assert_no_hooks(model)
+
+
+def test_a_finite_gradient_whose_float32_norm_overflows_is_not_nonfinite():
+    """tanh RNN, orthogonal gain 3, T 200: the gradient reaching early states has entries ~1e25,
+    finite, but its float32 sum of squares overflows. No 'nonfinite' event, a finite norm."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(4, 32, batch_first=True)
+    with torch.no_grad():
+        nn.init.orthogonal_(rnn.weight_hh_l0, gain=3.0)
+        rnn.weight_ih_l0.mul_(1e-6)    # states stay small: tanh nearly linear, growth 3× per step
+        rnn.bias_ih_l0.zero_()
+        rnn.bias_hh_l0.zero_()
+    x = torch.randn(8, 200, 4)
+    with gradscope.watch(rnn) as scope:
+        out, _ = rnn(x)
+        out[:, -1].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in rnn.parameters())
+    g = scope.recording.grad_norms("l0")
+    assert np.isfinite(g).all() and g.max() > 1e19
+    assert not [e for e in scope.recording.events if e.get("kind") == "nonfinite"]
+    assert not [f for f in scope.diagnose().findings if f.kind == "nonfinite"]
+
+
+def test_a_real_inf_in_the_gradient_is_still_reported():
+    rnn = nn.RNN(4, 8, batch_first=True)
+    x = torch.randn(2, 10, 4)
+    with gradscope.watch(rnn) as scope:
+        out, _ = rnn(x)
+        (out[:, -1].sum() * float("inf")).backward()
+    events = [e for e in scope.recording.events if e.get("kind") == "nonfinite"]
+    assert events
+    assert [f for f in scope.diagnose().findings if f.kind == "nonfinite" and f.severity == "critical"]

@@ -58,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _hf
 from ._forwards import PatchedForward, remove_leaf_hooks
+from ._norms import norm as _norm, wide as _wide
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
 __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_norms",
@@ -860,8 +861,7 @@ class AttentionCapture:
         g = grad.detach()
         for which, dim, s0, s1 in slices:
             part = g[s0:s1] if dim == 0 else g[:, s0:s1]
-            scope._vals.append(torch.linalg.vector_norm(part, dtype=torch.float32)
-                               if part.dtype not in (torch.float32, torch.float64) else torch.linalg.vector_norm(part))
+            scope._vals.append(_norm(part))
             scope._keys.append(("attn", site, rel, f"grad_w{which}", "avg"))
 
     def end_step(self) -> None:
@@ -993,7 +993,7 @@ class AttentionCapture:
             g = _bpe(grad.detach(), bf)
             if g is None:
                 return
-            g = g.float() if g.dtype not in (torch.float32, torch.float64) else g
+            g = g.to(_wide(g.device))   # float64 squares: a finite gradient keeps a finite norm
             sq = g.pow(2).sum(-1)
             if pad is not None and pad.shape == sq.shape:
                 sq = sq.masked_fill(pad, 0)

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import kernels as _native
+from ._norms import wide
 
 Sink = Callable[[Dict[str, Tensor]], None]
 
@@ -50,7 +51,9 @@ def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _step_norms(buf: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(buf.flatten(1), dim=1)
+    """Norm of every step's gradient, accumulated in float64 (so a finite gradient keeps a finite
+    norm; float32 on MPS, which has no float64)."""
+    return torch.linalg.vector_norm(buf.flatten(1), dim=1, dtype=wide(buf.device))
 
 
 def _fused_single(kind: str, x: Tensor, hx, weights, reverse: bool):

@@ -37,6 +37,7 @@ from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
 from ._forwards import OWN_SLOTS, OwnForward, PatchedForward, ScopeHook, remove_leaf_hooks
+from ._norms import norm as _norm, norms as _norms
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
@@ -47,8 +48,6 @@ __all__ = ["watch", "Scope"]
 # Which models are watched right now (model -> scope). Only liveness lives here; every piece of
 # recording state lives on the Scope instance.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
-# torch._foreach_norm: the multi-tensor norm clip_grad_norm_ uses (private, present since torch 1.13)
-_FOREACH_NORM = getattr(torch, "_foreach_norm", None)
 _NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _BLOCK_MASK = ~0xFFFFFFFF  # the block of a C++ cell tap's state id (Scope._cell_tap)
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
@@ -65,13 +64,6 @@ def _graph_task_id() -> int:
 
 _CURRENT_TASK = getattr(torch._C, "_current_graph_task_id", None)
 _TASK_FALLBACK = 0
-
-
-def _norm(g: Tensor) -> Tensor:
-    """Frobenius norm on the gradient's device; half precisions accumulate in float32."""
-    if g.dtype not in (torch.float32, torch.float64):
-        return torch.linalg.vector_norm(g, dtype=torch.float32)
-    return torch.linalg.vector_norm(g)
 
 
 class _History:
@@ -807,15 +799,11 @@ class Scope:
         self._raw, self._keys_raw = [], []
         groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
         for i, g in enumerate(raw):
-            full = g.dtype in (torch.float32, torch.float64) and _FOREACH_NORM is not None
-            groups_raw[(g.dtype, g.device) if full else (tuple(g.shape), g.dtype, g.device)].append(i)
+            groups_raw[(g.dtype, g.device)].append(i)
         for key, idx in groups_raw.items():
-            if len(key) == 2:
-                # one multi-tensor kernel over the whole list: no copy of the gradients
-                norms = torch.stack(_FOREACH_NORM([raw[i] for i in idx]))
-            else:  # reduced precision (autocast): accumulate in float32 over a stacked copy
-                stacked = torch.stack([raw[i] for i in idx])
-                norms = torch.linalg.vector_norm(stacked.flatten(1), dim=1, dtype=torch.float32)
+            # one multi-tensor kernel over the whole list, no copy of the gradients; float64
+            # accumulation (a finite gradient never gets an overflowed norm)
+            norms = _norms([raw[i] for i in idx])
             self._vals.append(norms)
             self._keys.append(("multi", [raw_keys[i] for i in idx]))
 
