@@ -258,7 +258,7 @@ def test_jacobian_decay_underflowing_norms_keep_round_decades(review_dir):
 
 def test_jacobian_decay_missing_measure(watched):
     rnn = torch.nn.RNN(2, 3)
-    with gradscope.watch(rnn) as scope:
+    with gradscope.watch(rnn, probe_every=None) as scope:
         rnn(torch.randn(5, 1, 2))[0].sum().backward()
     with pytest.raises(MissingMeasureError, match=r"'jacobian_norms'.*probe\(model, batch\).*probe_every=N"):
         gp.jacobian_decay(scope.recording)
@@ -462,7 +462,7 @@ def test_dashboard_of_a_diagnosis_and_of_a_probe(probed, review_dir):
 
 def test_dashboard_without_probes_or_sites(review_dir):
     rnn = torch.nn.GRU(2, 3)
-    with gradscope.watch(rnn) as scope:
+    with gradscope.watch(rnn, probe_every=None) as scope:
         for _ in range(3):
             rnn(torch.randn(6, 2, 2))[0].sum().backward()
     fig = gp.dashboard(scope.recording)

@@ -1,6 +1,7 @@
 """probe(): a one-shot measurement of a model on one batch, without a training loop."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -72,6 +73,7 @@ def measure_trajectory(tr: Trajectory, *, jacobians: bool, lyapunov: bool, k: Op
                        jacobian_samples: int, threshold: float, progress) -> Tuple[Dict, Dict]:
     """Run the estimators on one trajectory: (arrays, metadata) for the Recording."""
     arrays: Dict[str, np.ndarray] = {}
+    tr = Trajectory(tr.site, tr.step, _upcast(tr.h0), _upcast(tr.inputs), _upcast(tr.states), tr.gate_stats)
     meta: Dict[str, Any] = {"seq_len": int(tr.inputs.shape[0]), "batch": int(tr.inputs.shape[1])}
     T, B = tr.inputs.shape[0], tr.inputs.shape[1]
     nb = min(B, jacobian_samples)
@@ -152,6 +154,29 @@ def measure_sites(mods: Dict[str, nn.Module], site_specs, wanted, calls: Dict[st
     ``calls[module] = [((args, kwargs), output), …]`` as recorded during one forward pass.
     Returns ``(measures {(site, name): array}, metadata {site: dict}, notes)``.
     """
+    # The estimators measure in the weights' precision: autocast (a watched step may probe inside
+    # the user's autocast region) is switched off while trajectories are rebuilt and measured.
+    with contextlib.ExitStack() as stack:
+        for dt in sorted({p.device.type for m in mods.values() for p in m.parameters()} & _AUTOCAST_TYPES):
+            stack.enter_context(torch.autocast(device_type=dt, enabled=False))
+        return _measure_sites(mods, site_specs, wanted, calls, jacobians=jacobians, lyapunov=lyapunov, k=k,
+                              jacobian_samples=jacobian_samples, threshold=threshold, progress=progress,
+                              order=order)
+
+
+_AUTOCAST_TYPES = {"cpu", "cuda", "xpu", "mps"}
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _upcast(x):
+    """Half-precision tensors (of autocast regions) → float32; everything else as it is."""
+    if isinstance(x, tuple):
+        return tuple(_upcast(v) for v in x)
+    return x.float() if isinstance(x, Tensor) and x.dtype in _LOW else x
+
+
+def _measure_sites(mods, site_specs, wanted, calls, *, jacobians, lyapunov, k, jacobian_samples, threshold,
+                   progress, order):
     trajectories: List[Trajectory] = []
     notes: List[str] = []
     fused = {s.module_name for s in site_specs.values() if s.kind != "cell" and s.name in wanted}

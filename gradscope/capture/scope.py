@@ -1371,8 +1371,12 @@ def _check_model(model) -> None:
             "watch() and scope.gather() support it) or watch the module on one device.")
 
 
+#: watch()'s default: probe the first step's batch, then every 500th (Jacobian evidence for diagnose)
+DEFAULT_PROBE_EVERY = 500
+
+
 def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
-          max_steps: int = 10_000, probe_every: Optional[int] = None,
+          max_steps: int = 10_000, probe_every: Optional[int] = DEFAULT_PROBE_EVERY,
           probe_options: Optional[Dict[str, Any]] = None) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
@@ -1394,11 +1398,14 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
         max_steps: the history stays below this many recorded steps; when it is reached every
             other recorded step is dropped and the recording interval doubles, so a long run keeps
             its whole span in bounded memory.
-        probe_every: every this many steps, also measure Jacobian norms by lag, Lyapunov
-            exponents, hidden-state spectra and gate statistics on that step's batch (as
-            :func:`gradscope.probe` does; costs the estimators' time on those steps). The recording
-            holds the latest full measurement and, per site, the history of horizon, rate, λ₁ and
-            memory time (``rec.measure(site, "probe_lambda1")`` against ``"probe_steps"``).
+        probe_every: on the first step and then every this many steps (default 500), also
+            measure Jacobian norms by lag, Lyapunov exponents, hidden-state spectra and gate
+            statistics on that step's batch (as :func:`gradscope.probe` does; costs the
+            estimators' time on those steps). ``scope.diagnose()`` then has Jacobian evidence: a
+            watched gradient-norm profile alone cannot tell decay from gradient injected along the
+            way (a loss at every position). ``None``: never. The recording holds the latest full
+            measurement and, per site, the history of horizon, rate, λ₁ and memory time
+            (``rec.measure(site, "probe_lambda1")`` against ``"probe_steps"``).
         probe_options: keywords for those measurements: ``jacobians``, ``lyapunov``, ``k``,
             ``jacobian_samples``, ``threshold``, ``progress``.
 
