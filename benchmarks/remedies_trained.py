@@ -105,7 +105,7 @@ def cmd_report():
              "| run | top by training | learned | top by probe | learned |", "|---|---|---|---|---|"]
     for r in tried:
         o = r["outcomes"]
-        lines.append(f"| {r['key']} | {r['top_training']} | {'yes' if o[r['top_training']]['learned'] else 'no'} "
+        lines.append(f"| {r['key'].replace('|', ' · ')} | {r['top_training']} | {'yes' if o[r['top_training']]['learned'] else 'no'} "
                      f"| {r['top_probe']} | {'yes' if o[r['top_probe']]['learned'] else 'no'} |")
     write_section("remedies", "\n".join(lines))
     print("\n".join(lines))
