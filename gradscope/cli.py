@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input-scale", type=float, default=1.0, help="std of the synthetic inputs (default 1)")
     r.add_argument("--inputs", type=Path, help="a torch.save'd tensor (or tuple/dict) to feed --model")
     r.add_argument("--no-probe", action="store_true", help="static analysis only")
+    r.add_argument("--train-mode", action="store_true",
+                   help="probe in train mode (dropout on, batch-norm batch statistics); default: eval mode")
     r.add_argument("--k", type=int, help="Lyapunov exponents per site (default min(state, 16))")
     r.add_argument("--fail-on", metavar="KINDS", default="",
                    help=f"comma-separated finding kinds that make the exit status 1 ({', '.join(FINDING_KINDS)})")
@@ -151,7 +153,8 @@ def _report(args) -> int:
                             model_args=args.model_args, rnn_nonlinearity=args.rnn_nonlinearity,
                             num_heads=args.num_heads, seq_len=args.seq_len, batch=args.batch,
                             seed=args.seed, input_scale=args.input_scale, inputs=args.inputs,
-                            probe_sites=not args.no_probe, threshold=args.threshold, k=args.k)
+                            probe_sites=not args.no_probe, threshold=args.threshold, k=args.k,
+                            train_mode=args.train_mode)
     if args.require_sites and not rep.modules and not args.model:
         raise GradscopeError(f"{args.path}: no recurrent or attention weights found (--require-sites); "
                              f"the state dict holds {rep.checkpoint['num_tensors']} tensors of other modules.")

@@ -273,3 +273,70 @@ def test_attention_weights_in_a_checkpoint_are_probed(tmp_path, capsys):
     site = next(s for s in d["sites"] if s["name"] == "attn")
     assert site["kind"] == "attention" and site["regime"] in ("vanishing", "exploding", "stable")
     assert "qk_spectral_norm_max" in site["static"]
+
+
+# ------------------------------------------------------------------------ an honest report (issue 15)
+@pytest.mark.parametrize("fmt", ["text", "markdown", "json", "html"])
+def test_every_format_states_the_inputs_and_the_mode(ckpt, tmp_path, capsys, fmt):
+    outp = tmp_path / f"r.{fmt}"
+
+    def page():
+        text = outp.read_text()
+        return json.loads(text)["measured_on"] if fmt == "json" else text
+
+    code, _, err = run(["report", ckpt, "--format", fmt, "-o", outp, "--seq-len", "30"], capsys)
+    assert code == 0, err
+    assert "synthetic N(0, 1²) inputs of length 30, batch 8, seed 0" in page()
+    assert "eval mode" in page()
+    code, _, err = run(["report", ckpt, "--format", fmt, "-o", outp, "--seq-len", "30", "--train-mode",
+                        "--input-scale", "0.5", "--seed", "3"], capsys)
+    assert code == 0, err
+    page = page()
+    assert "synthetic N(0, 0.5²) inputs of length 30, batch 8, seed 3" in page and "train mode" in page
+
+
+def test_model_is_probed_in_eval_mode_unless_asked(ckpt, tmp_path, capsys, monkeypatch):
+    (tmp_path / "modemodels.py").write_text(
+        "from torch import nn\n"
+        "MODES = []\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.enc = nn.LSTM(4, 8, num_layers=2, bidirectional=True, dropout=0.5)\n"
+        "        self.head = nn.Linear(16, 2)\n"
+        "    def forward(self, x):\n"
+        "        MODES.append(self.training)\n"
+        "        out, _ = self.enc(x)\n"
+        "        return self.head(out[-1])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    mod = importlib.import_module("modemodels")
+    code, out, err = run(["report", ckpt, "--model", "modemodels:Net", "--seq-len", "20"], capsys)
+    assert code == 0, err
+    assert mod.MODES and not any(mod.MODES) and "eval mode" in out
+    mod.MODES.clear()
+    code, out, err = run(["report", ckpt, "--model", "modemodels:Net", "--seq-len", "20", "--train-mode"], capsys)
+    assert code == 0, err
+    assert mod.MODES and all(mod.MODES) and "train mode" in out
+    inputs = tmp_path / "x.pt"
+    torch.save(torch.randn(20, 3, 4), inputs)
+    code, out, err = run(["report", ckpt, "--model", "modemodels:Net", "--inputs", inputs], capsys)
+    assert code == 0, err
+    assert f"the inputs in {inputs}" in out and "synthetic" not in out
+
+
+def test_synthetic_verdicts_are_worded_as_such_and_trained_weights_get_training_remedies_first(tmp_path, capsys):
+    from gradscope.analysis.diagnose import REINITIALISING
+
+    rnn = nn.RNN(3, 16)
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(0.3)     # vanishing
+    torch.save(rnn.state_dict(), tmp_path / "rnn.pt")
+    code, out, err = run(["report", tmp_path / "rnn.pt", "--format", "json", "--seq-len", "60"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    van = [f for f in d["findings"] if f["kind"] == "vanishing"]
+    assert van and "Measured on synthetic N(0, 1²) inputs" in van[0]["explanation"]
+    for f in d["findings"]:
+        if f["remedies"]:
+            assert f["remedies"][0]["name"] not in REINITIALISING, f

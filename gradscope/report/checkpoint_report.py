@@ -130,6 +130,7 @@ class CheckpointReport:
         return jsonable({"schema": SCHEMA_VERSION, "gradscope_version": __version__,
                        "checkpoint": dict(self.checkpoint, path=self.path, sha256=self.sha256),
                        "modules": self.modules, "sites": sites, "findings": d["findings"],
+                       "measured_on": d.get("measured_on"), "trainability": d.get("trainability"),
                        "notes": self.notes + d.get("notes", [])})
 
     def to_json(self) -> str:
@@ -251,8 +252,14 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
                       model_args=None, rnn_nonlinearity: str = "tanh", num_heads: Optional[int] = None,
                       seq_len: int = 100, batch: int = 8, seed: int = 0, input_scale: float = 1.0,
                       inputs: Optional[Path] = None, probe_sites: bool = True, threshold: float = 1e-3,
-                      k: Optional[int] = None, progress: Optional[bool] = None) -> CheckpointReport:
-    """Load, rebuild, analyse and probe a checkpoint (see the module docstring)."""
+                      k: Optional[int] = None, progress: Optional[bool] = None,
+                      train_mode: bool = False) -> CheckpointReport:
+    """Load, rebuild, analyse and probe a checkpoint (see the module docstring).
+
+    The model is probed in eval mode (dropout off, batch-norm running statistics) unless
+    ``train_mode``; the report states the mode and the inputs it measured on, and a checkpoint's
+    remedies put what works during training (clipping, truncation, gate-bias adjustment with
+    fine-tuning) before re-initialisation."""
     for name, v, lo in (("--seq-len", seq_len, 2), ("--batch", batch, 1)):
         if v < lo:
             raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
@@ -272,12 +279,23 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
                 "sites": list(f.sites)} for f in found]
     gen = torch.Generator().manual_seed(seed)
     diag = None
+    mode = "train" if train_mode else "eval"
+    synthetic = (f"synthetic N(0, {input_scale:g}²) inputs of length {seq_len}, batch {batch}, seed {seed}")
+    measured = {"mode": mode, "inputs_synthetic": True, "inputs": synthetic}
     if model_spec:
         model = build_user_model(model_spec, model_args, ckpt.state_dict)
-        x = _load_inputs(inputs) if inputs else _user_inputs(model, seq_len, batch, input_scale, gen)
+        model.train(train_mode)
+        if inputs:
+            x = _load_inputs(inputs)
+            measured.update(inputs=f"the inputs in {inputs}", inputs_synthetic=False)
+        else:
+            x = _user_inputs(model, seq_len, batch, input_scale, gen)
+            if not x.is_floating_point():
+                measured["inputs"] = (f"synthetic uniform token ids of length {seq_len}, batch {batch}, "
+                                      f"seed {seed}")
         if probe_sites:
             rec = probe(model, x, k=k, threshold=threshold, progress=progress)
-            diag = diagnose(rec, threshold=threshold)
+            diag = diagnose(rec._replace(meta=dict(rec.meta, **measured)), threshold=threshold, trained=True)
     else:
         rebuilt, xs = {}, []
         for f in found:
@@ -293,12 +311,14 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             if "" in rebuilt:  # a bare module's state dict: probe it as it is
                 m = rebuilt[""]
                 root = _Bare(m) if isinstance(m, (nn.RNNCellBase, nn.MultiheadAttention)) else m
-                rec = probe(root.eval(), xs[list(rebuilt).index("")], k=k, threshold=threshold, progress=progress)
+                rec = probe(root.train(train_mode), xs[list(rebuilt).index("")], k=k, threshold=threshold,
+                            progress=progress)
             else:
-                root = _Rebuilt(rebuilt).eval()
+                root = _Rebuilt(rebuilt).train(train_mode)
                 rec = probe(root, tuple(xs), loss_fn=_sum_loss, k=k, threshold=threshold, progress=progress)
             # name the report after the file, not the internal container module
-            diag = diagnose(rec._replace(meta=dict(rec.meta, model=path.name)), threshold=threshold)
+            diag = diagnose(rec._replace(meta=dict(rec.meta, model=path.name, **measured)), threshold=threshold,
+                            trained=True)
     if not found and not model_spec:
         notes.append("no recurrent or attention weights found in this checkpoint (keys of nn.RNN/LSTM/GRU, "
                      "their cells, or nn.MultiheadAttention); nothing to probe.")
