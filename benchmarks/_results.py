@@ -28,8 +28,9 @@ def write_section(name: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
-OVERHEAD_HEAD = ["| model | every | plain median ms | watched median ms | median ratio | mean ratio | ratio | target |",
-                 "|---|---|---|---|---|---|---|---|"]
+OVERHEAD_HEAD = ["| model | schedule | plain median ms | watched median ms | median ratio | mean ratio | ratio | target "
+                 "| deep passes / probes / steps | realised overhead (meta) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def machine_for(device) -> str:
@@ -90,8 +91,15 @@ def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: i
         return time.perf_counter() - t0
 
     half = max(1, steps // 2)
+    if every is None:       # the default watch(): overhead budget for deep passes and probes
+        opts = {}
+    elif every == "off":    # every step after the first off the schedule: hooks and counting only
+        opts = {"every": 10 ** 9, "probe_every": None}
+    else:                   # a fixed schedule, no probes: the cost of the deep passes alone
+        opts = {"every": every, "probe_every": None}
+    scheds = []
     for unwatched, w in ((plain, watched), (watched, plain)):
-        with gradscope.watch(w, every=every) as scope:
+        with gradscope.watch(w, **opts) as scope:
             for i in range(warmup + half):
                 if i % 2 == 0:
                     ta = timed(unwatched, i)
@@ -103,15 +111,26 @@ def interleaved_times(plain, watched, step, *, every: int, steps: int, warmup: i
                     a.append(ta)
                     b.append(tb)
         assert len(scope.recording) > 0, "the watched copy recorded nothing"
-    return a, b
+        scheds.append(scope.recording.meta["schedule"])
+    sched = {"deep_passes": sum(s["deep_passes"] for s in scheds), "probes": sum(s["probes"] for s in scheds),
+             "steps": 2 * (warmup + half),
+             "realised_overhead": [s["realised_overhead"] for s in scheds]}
+    return a, b, sched
 
 
-def overhead_row(name: str, every: int, a, b, target: str) -> str:
-    """One results row: median ratio for every=1, mean ratio (scheduled step amortised) otherwise."""
+def overhead_row(name: str, every, a, b, target: str, sched=None) -> str:
+    """One results row: median ratio for every=1, mean ratio (scheduled work amortised) otherwise;
+    with ``sched`` (from :func:`interleaved_times`) the passes run and the realised overhead the
+    watches' own accounting gave (both halves)."""
     import statistics
 
     med = statistics.median(b) / statistics.median(a)
     mean = statistics.fmean(b) / statistics.fmean(a)
     ratio = med if every == 1 else mean
-    return (f"| {name} | {every} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
-            f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |")
+    extra = ""
+    if sched is not None:
+        real = " / ".join("—" if r is None else f"{r:.1%}" for r in sched["realised_overhead"])
+        extra = f" {sched['deep_passes']} / {sched['probes']} / {sched['steps']} | {real} |"
+    label = "default" if every is None else every
+    return (f"| {name} | {label} | {statistics.median(a) * 1e3:.2f} | {statistics.median(b) * 1e3:.2f} "
+            f"| {med:.3f} | {mean:.3f} | **{ratio:.3f}×** | {target} |" + extra)

@@ -8,11 +8,6 @@ import torch
 
 DEVICE = torch.device(os.environ.get("GRADSCOPE_TEST_DEVICE", "cpu"))
 
-# The compiled LSTM kernel (gradscope.capture.kernels) would otherwise start building in a background
-# thread at the first scheduled LSTM replay and take over whenever it is ready: tests would run
-# one path or the other by timing. Tests that need it ask for the native_lstm fixture.
-os.environ.setdefault("GRADSCOPE_KERNELS", "off")
-
 if DEVICE.type == "cuda":
     # Float32 comparisons against references assume IEEE float32 products: no TF32 in cuBLAS
     # matmuls or cuDNN (convolutions and fused RNNs).
@@ -85,30 +80,3 @@ def assert_no_hooks(model: torch.nn.Module) -> None:
         # None, not an empty dict: an emptied dict keeps torch's Python hook wrapper on the
         # parameter, which then enters Python in every backward pass
         assert p._backward_hooks is None, f"parameter {name!r} still has tensor hooks ({p._backward_hooks!r})"
-
-
-@pytest.fixture(scope="session")
-def native_kernel():
-    """The compiled LSTM kernel, built (or loaded from torch's cache) once per session. A build
-    failure fails the test: CI has a compiler and ninja."""
-    from gradscope.capture import kernels
-
-    return kernels.build(wait=True)
-
-
-@pytest.fixture
-def native_lstm(monkeypatch, native_kernel, device):
-    """Route the LSTM fast replay through the compiled kernel; yields the list of its uses, and
-    checks on the CPU that it was used."""
-    from gradscope.capture import kernels
-
-    calls = []
-
-    def get():
-        calls.append(1)
-        return native_kernel
-
-    monkeypatch.setattr(kernels, "get", get)
-    yield calls
-    if device.type == "cpu":
-        assert calls, "the compiled kernel was never asked for"

@@ -288,7 +288,7 @@ def test_depth_flow_equals_autograd_with_padding_masked(batch_first, device):
     kpm = kpm.to(device)
     loss_fn = lambda y: (y * torch.linspace(-1, 1, 16, dtype=torch.float64, device=device)).sum()  # noqa: E731
     ref = _reference_block_input_grads(enc, enc.layers, x, loss_fn, kpm, batch_first)
-    with gradscope.watch(enc) as scope:
+    with gradscope.watch(enc, every=1) as scope:
         loss_fn(enc(x, src_key_padding_mask=kpm)).backward()
     assert_no_hooks(enc)
     d = scope.recording.depth_grad_norms()
@@ -359,7 +359,7 @@ def test_depth_vanishing_and_post_ln_findings(device):
         head = nn.Linear(32, 5).to(device)
         enc = enc.to(device)
         x, y = torch.randn(8, 12, 32).to(device), torch.randint(0, 5, (8,)).to(device)
-        with gradscope.watch(enc) as scope:
+        with gradscope.watch(enc, every=1) as scope:
             F.cross_entropy(head(enc(x).mean(1)), y).backward()
         kinds = [f.kind for f in scope.diagnose().findings]
         assert ("postln_instability" in kinds) == expect, kinds
@@ -371,7 +371,7 @@ def test_sites_of_encoder_decoder_transformer_and_cross_attention(device):
     tr = nn.Transformer(16, 2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32, dropout=0.0,
                         batch_first=True).to(device)
     src, tgt = torch.randn(2, 6, 16).to(device), torch.randn(2, 4, 16).to(device)
-    with gradscope.watch(tr) as scope:
+    with gradscope.watch(tr, every=1) as scope:
         tr(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(4, device=device)).sum().backward()
     rec = scope.recording
     assert rec.attention_stacks == {"encoder.layers": ("encoder.layers.0", "encoder.layers.1"),
@@ -390,7 +390,7 @@ def test_sites_of_encoder_decoder_transformer_and_cross_attention(device):
 
 def test_a_lone_decoder_layer_and_an_unbatched_mha_are_one_block_each(device):
     dec = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, dropout=0.0).to(device)
-    with gradscope.watch(dec, probe_every=1) as scope:
+    with gradscope.watch(dec, every=1, probe_every=1) as scope:
         dec(torch.randn(2, 4, 16).to(device), torch.randn(2, 6, 16).to(device), tgt_is_causal=True,
             tgt_mask=nn.Transformer.generate_square_subsequent_mask(4, device=device)).pow(3).sum().backward()
     rec = scope.recording
@@ -410,7 +410,7 @@ def test_user_attention_blocks_are_found_and_measured(device):
     layout = find_attention(model)
     assert list(layout.attn) == ["h.0.attn", "h.1.attn"] and layout.stacks == {"h": ["h.0", "h.1"]}
     idx = torch.randint(0, 20, (2, 6)).to(device)
-    with gradscope.watch(model) as scope:
+    with gradscope.watch(model, every=1) as scope:
         F.cross_entropy(model(idx).reshape(-1, 20), idx.reshape(-1)).backward()
     rec = scope.recording
     assert rec.sites == ("h.0", "h.1") and rec.site_info("h.0")["norm_position"] == "pre"
@@ -424,7 +424,7 @@ def test_user_attention_blocks_are_found_and_measured(device):
 def test_sites_selection_by_block_module_stack_and_attention_prefix():
     model = TinyGPT(L=3)
     for sel, want in ((["h.1"], ("h.1",)), (["h.2.attn"], ("h.2",)), (["h"], ("h.0", "h.1", "h.2"))):
-        with gradscope.watch(model, sites=sel) as scope:
+        with gradscope.watch(model, every=1, sites=sel) as scope:
             model(torch.randint(0, 20, (1, 4))).sum().backward()
         assert scope.recording.sites == want
     class Mixer(nn.Module):  # attention without a telling name: selected explicitly
@@ -440,7 +440,7 @@ def test_sites_selection_by_block_module_stack_and_attention_prefix():
     rec = gradscope.probe(m, torch.randn(1, 4, 16), sites=["attention:0.inner"], jacobians=False)
     assert rec.sites == ("0",) and rec.attention_entropy("0").shape == (1, 4)
     with pytest.raises(GradscopeError, match="unknown site 'h.9'"):
-        gradscope.watch(model, sites=["h.9"])
+        gradscope.watch(model, every=1, sites=["h.9"])
 
 
 # ----------------------------------------------------------------------------- safety
@@ -458,7 +458,7 @@ def test_outputs_and_gradients_equal_unwatched_for_every_mask_form(batch_first, 
     x = (torch.randn(B, T, E) if batch_first else torch.randn(T, B, E)).to(device)
     kw = {"mask": masks.get("attn_mask"), "src_key_padding_mask": masks.get("key_padding_mask"),
           "is_causal": masks.get("is_causal", False)}
-    with gradscope.watch(enc, probe_every=None) as scope:
+    with gradscope.watch(enc, every=1, probe_every=None) as scope:
         y = enc(x, **kw)
         y.pow(2).sum().backward()
     y2 = twin(x, **kw)
@@ -487,7 +487,7 @@ def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged(device):
     with pytest.raises(RuntimeError) as plain:
         m(x)
     with pytest.raises(RuntimeError) as watched:
-        with gradscope.watch(m):
+        with gradscope.watch(m, every=1):
             m(x)
     assert str(watched.value) == str(plain.value)
     assert_no_hooks(m)
@@ -495,19 +495,19 @@ def test_hooks_gone_after_exceptions_and_errors_pass_through_unchanged(device):
         nn.MultiheadAttention(10, 3)
     enc = encoder().to(device)
     with pytest.raises(ZeroDivisionError):
-        with gradscope.watch(enc):
+        with gradscope.watch(enc, every=1):
             enc(torch.randn(1, 3, 16).to(device)).sum().backward()
             1 / 0
     assert_no_hooks(enc)
-    with gradscope.watch(enc):  # a block of a watched model cannot be watched twice
+    with gradscope.watch(enc, every=1):  # a block of a watched model cannot be watched twice
         with pytest.raises(GradscopeError, match="already watched"):
-            gradscope.watch(enc.layers[1])
+            gradscope.watch(enc.layers[1], every=1)
     assert_no_hooks(enc)
 
 
 def test_model_without_attention_says_so(device):
     lin = nn.Linear(4, 2).to(device)
-    with gradscope.watch(lin) as scope:
+    with gradscope.watch(lin, every=1) as scope:
         lin(torch.randn(3, 4).to(device)).sum().backward()
     rec = scope.recording
     assert any("no recurrent or attention site" in n for n in rec.notes)
@@ -540,7 +540,7 @@ def test_two_forwards_one_backward_average_and_cover_the_longest_sequence(device
     torch.manual_seed(0)
     enc = encoder(L=2).to(device)
     x1, x2 = torch.randn(2, 5, 16).to(device), torch.randn(2, 7, 16).to(device)
-    with gradscope.watch(enc) as scope:
+    with gradscope.watch(enc, every=1) as scope:
         (enc(x1).pow(3).sum() + enc(x2).pow(3).sum()).backward()
     rec = scope.recording
     assert list(rec.steps) == [0] and rec.depth_grad_norms().shape == (1, 2, 7)
@@ -571,7 +571,7 @@ def test_copies_of_a_watched_attention_model_run_unwatched_with_their_own_weight
                                 enable_nested_tensor=False)
     x = torch.randn(5, 2, 8)
     sig = inspect.signature(enc.layers[0].forward)
-    with gradscope.watch(enc) as scope:
+    with gradscope.watch(enc, every=1) as scope:
         enc(x).sum().backward()
         assert inspect.signature(enc.layers[0].forward) == sig  # the patched block keeps it
         for twin in (copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))):

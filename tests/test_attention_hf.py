@@ -101,7 +101,7 @@ def test_outputs_and_gradients_equal_unwatched(make, device):
     m, twin = make().to(device), make().to(device)
     twin.load_state_dict(m.state_dict())
     b = batch(device=device)
-    with gradscope.watch(m) as scope:
+    with gradscope.watch(m, every=1) as scope:
         out = m(**b)
         out.logits.logsumexp(-1).sum().backward()
     out2 = twin(**b)
@@ -116,7 +116,7 @@ def test_outputs_and_gradients_equal_unwatched(make, device):
 def test_gpt2_causal_entropy_cache_untouched_and_diagnosis(device):
     m = tiny_gpt2().to(device)
     b = batch(device=device)
-    with gradscope.watch(m, probe_every=1) as scope:   # the probe re-runs blocks for depth Jacobians
+    with gradscope.watch(m, every=1, probe_every=1) as scope:   # the probe re-runs blocks for depth Jacobians
         out = m(**b, use_cache=True)
         out.logits.logsumexp(-1).mean().backward()
     cache = out["cache"] if "cache" in out else out["past_key_values"]

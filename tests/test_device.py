@@ -214,7 +214,7 @@ def _same_recording(got, want, skip=()):
 
 
 def _watch_step(model, x, probe_every=None):
-    with gradscope.watch(model, probe_every=probe_every, probe_options={"k": 2}) as scope:
+    with gradscope.watch(model, every=1, probe_every=probe_every, probe_options={"k": 2}) as scope:
         model(x).pow(2).mean().backward()
     return scope.recording
 
@@ -290,7 +290,7 @@ def test_recording_of_a_device_run_holds_no_torch_objects(name, tmp_path):
     model, x = _build(name, dtype=torch.float32)
     model, x = model.to(DEVICE), x.to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with gradscope.watch(model, probe_every=2, probe_options={"k": 2}) as scope:
+    with gradscope.watch(model, every=1, probe_every=2, probe_options={"k": 2}) as scope:
         for _ in range(3):
             _train_step(model, x, opt)
     recs = {"watch": scope.recording, "probe": gradscope.probe(model, x, k=2)}

@@ -67,7 +67,7 @@ def test_precision_underflow(device):
 
 def test_nonfinite_events_become_critical_findings(device):
     rnn = nn.RNN(2, 4).to(device)
-    with gradscope.watch(rnn) as scope:
+    with gradscope.watch(rnn, every=1) as scope:
         out, _ = rnn(torch.randn(6, 2, 2).to(device))
         (out * float("inf")).sum().backward()
     diag = scope.diagnose()
@@ -81,7 +81,7 @@ def test_watch_only_vanishing_from_gradient_profile(device):
     with torch.no_grad():
         rnn.weight_hh_l0.mul_(0.2)
     rnn = rnn.to(device)
-    with gradscope.watch(rnn, probe_every=None) as scope:
+    with gradscope.watch(rnn, every=1, probe_every=None) as scope:
         for _ in range(3):
             out, _ = rnn(torch.randn(40, 2, 2).to(device))
             out[-1].pow(2).sum().backward()
@@ -148,7 +148,7 @@ def test_bad_input():
     empty = Recording(sites={}, steps=[], grads={}, seq_lens={}, params={})
     with pytest.raises(GradscopeError, match="empty recording"):
         gradscope.diagnose(empty)
-    with gradscope.watch(nn.RNN(2, 3)) as scope:
+    with gradscope.watch(nn.RNN(2, 3), every=1) as scope:
         pass
     with pytest.raises(GradscopeError, match="empty recording.*at least one forward and backward"):
         scope.diagnose()
@@ -174,7 +174,7 @@ def test_watch_and_probe_tell_one_story_on_a_char_language_model():
     model = CharLM()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = torch.randint(0, 32, (8, 16, 65))
-    with gradscope.watch(model) as scope:
+    with gradscope.watch(model, every=1) as scope:
         for x in data:
             logits = model(x[:, :-1])
             loss = nn.functional.cross_entropy(logits.reshape(-1, 32), x[:, 1:].reshape(-1))
@@ -193,7 +193,7 @@ def test_watch_only_profile_of_a_loss_at_every_position_is_inconclusive():
     torch.manual_seed(0)
     model = CharLM()
     data = torch.randint(0, 32, (3, 16, 65))
-    with gradscope.watch(model, probe_every=None) as scope:
+    with gradscope.watch(model, every=1, probe_every=None) as scope:
         for x in data:
             logits = model(x[:, :-1])
             nn.functional.cross_entropy(logits.reshape(-1, 32), x[:, 1:].reshape(-1)).backward()

@@ -161,7 +161,7 @@ def test_fit_records_logs_and_removes_hooks(tmp_path, via_forward):
     assert_no_hooks(model)
     assert "training_step" not in model.__dict__
     # the module is free again: a plain watch works after fit
-    gradscope.watch(model).close()
+    gradscope.watch(model, every=1).close()
 
 
 def test_log_every_thins_the_logging(tmp_path):

@@ -30,7 +30,7 @@ def _watched_recording():
     torch.manual_seed(0)
     rnn = nn.LSTM(3, 8, batch_first=True)
     opt = torch.optim.SGD(rnn.parameters(), lr=0.01)
-    with gradscope.watch(rnn, probe_every=2) as scope:
+    with gradscope.watch(rnn, every=1, probe_every=2) as scope:
         for _ in range(4):
             out, _ = rnn(torch.randn(4, 20, 3))
             out[:, -1].sum().backward()

@@ -49,7 +49,7 @@ def watched():
     model = Reg()
     x, y = gradscope.zoo.adding_problem(8, 12, seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradscope.watch(model, probe_every=3) as scope:
+    with gradscope.watch(model, every=1, probe_every=3) as scope:
         for _ in range(6):
             loss = torch.nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
@@ -258,7 +258,7 @@ def test_jacobian_decay_underflowing_norms_keep_round_decades(review_dir):
 
 def test_jacobian_decay_missing_measure(watched):
     rnn = torch.nn.RNN(2, 3)
-    with gradscope.watch(rnn, probe_every=None) as scope:
+    with gradscope.watch(rnn, every=1, probe_every=None) as scope:
         rnn(torch.randn(5, 1, 2))[0].sum().backward()
     with pytest.raises(MissingMeasureError, match=r"'jacobian_norms'.*probe\(model, batch\).*probe_every=N"):
         gp.jacobian_decay(scope.recording)
@@ -401,7 +401,7 @@ def test_depth_heatmap_of_a_transformer(review_dir):
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
     enc = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-    with gradscope.watch(enc) as scope:
+    with gradscope.watch(enc, every=1) as scope:
         for _ in range(2):
             enc(torch.randn(7, 2, 8))[-1].pow(2).mean().backward()
     rec = scope.recording
@@ -462,14 +462,14 @@ def test_dashboard_of_a_diagnosis_and_of_a_probe(probed, review_dir):
 
 def test_dashboard_without_probes_or_sites(review_dir):
     rnn = torch.nn.GRU(2, 3)
-    with gradscope.watch(rnn, probe_every=None) as scope:
+    with gradscope.watch(rnn, every=1, probe_every=None) as scope:
         for _ in range(3):
             rnn(torch.randn(6, 2, 2))[0].sum().backward()
     fig = gp.dashboard(scope.recording)
     assert any("not recorded" in t.get_text() for a in fig.axes for t in a.texts)
     save_and_check(fig, os.path.join(review_dir, "plot_dashboard_watch_only.png"))
     lin = torch.nn.Linear(3, 1)
-    with gradscope.watch(lin) as scope:
+    with gradscope.watch(lin, every=1) as scope:
         lin(torch.randn(4, 3)).sum().backward()
     fig = gp.dashboard(scope.recording)
     assert any("No recurrent or attention site" in t.get_text() for a in fig.axes for t in a.texts)

@@ -56,7 +56,7 @@ def trained():
     enc = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
     head = torch.nn.Linear(16, 1)
     opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.05)
-    with gradscope.watch(enc) as scope:
+    with gradscope.watch(enc, every=1) as scope:
         for step in range(8):
             g = torch.Generator().manual_seed(step)
             x = torch.randn(6, 9, 16, generator=g)

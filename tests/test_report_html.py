@@ -103,7 +103,7 @@ def watched_diag():
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(2, 6, num_layers=2)
     opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
-    with gradscope.watch(lstm, probe_every=2) as scope:
+    with gradscope.watch(lstm, every=1, probe_every=2) as scope:
         for _ in range(5):
             out, _ = lstm(torch.randn(15, 4, 2))
             opt.zero_grad()
@@ -196,7 +196,7 @@ def test_report_without_recording_and_without_sites(vanishing_diag, tmp_path):
     p = parse(page)
     assert not p.imgs and "vanishing" in page and "a note" in page
     lin = torch.nn.Linear(3, 1)
-    with gradscope.watch(lin) as scope:
+    with gradscope.watch(lin, every=1) as scope:
         lin(torch.randn(4, 3)).sum().backward()
     page = diagnosis_to_html(gradscope.diagnose(scope.recording))
     p = parse(page)
@@ -243,14 +243,14 @@ def test_recording_repr_html(watched_diag, review_dir):
 
 def test_recording_repr_html_watch_only_and_empty(review_dir):
     rnn = torch.nn.GRU(2, 3, num_layers=2)
-    with gradscope.watch(rnn, probe_every=None) as scope:
+    with gradscope.watch(rnn, every=1, probe_every=None) as scope:
         for _ in range(3):
             rnn(torch.randn(6, 2, 2))[0].sum().backward()
     frag = recording_repr_html(scope.recording)
     p = parse(frag)
     assert "— (watch only)" in frag and len(p.imgs) == 1  # the heatmaps
     decode_images(p, review_dir, "repr_recording_watch")
-    with gradscope.watch(torch.nn.RNN(2, 3)) as scope:
+    with gradscope.watch(torch.nn.RNN(2, 3), every=1) as scope:
         pass
     frag = recording_repr_html(scope.recording)
     p = parse(frag)

@@ -20,7 +20,7 @@ def _read(logdir):
 def test_scope_to_tensorboard_round_trip(tmp_path):
     torch.manual_seed(0)
     lstm = nn.LSTM(3, 5, bidirectional=True)
-    with gradscope.watch(lstm, probe_every=2, probe_options={"k": 2}) as scope:
+    with gradscope.watch(lstm, every=1, probe_every=2, probe_options={"k": 2}) as scope:
         for _ in range(4):
             out, _ = lstm(torch.randn(8, 2, 3))
             out[-1].pow(2).sum().backward()

@@ -372,11 +372,25 @@ class Diagnosis:
             "modules": self.modules,
             "findings": [f.to_dict() for f in self.findings],
             "trainability": self.trainability.to_dict() if self.trainability is not None else None,
+            "schedule": self.meta.get("schedule"), "measured_on": self.meta.get("measured_on"),
             "notes": self.notes,
         })
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def schedule_line(self) -> str:
+        """What the watch's schedule did and cost, in one sentence ("" for a probe)."""
+        sc = self.meta.get("schedule")
+        if not isinstance(sc, dict):
+            return ""
+        how = (f"budget {sc['overhead_budget']:.0%} of the loop's time" if sc.get("mode") == "budget"
+               else f"fixed: every {sc.get('every')} step(s)" + (f", probe every {sc['probe_every']}"
+                                                               if isinstance(sc.get("probe_every"), int) else ""))
+        real = sc.get("realised_overhead")
+        cost = f", realised overhead {real:.1%}" if isinstance(real, (int, float)) else ""
+        return (f"schedule: {how} — {sc.get('deep_passes', 0)} deep pass(es), {sc.get('probes', 0)} "
+                f"probe(s){cost}")
 
     def _site_rows(self):
         head = ["site", "kind", "regime", "horizon", "T", "rate/step", "λ₁", "τ", "evidence"]
@@ -391,7 +405,12 @@ class Diagnosis:
     def __str__(self) -> str:
         src = self.meta.get("source", "?")
         lines = [f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
-                 f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]", ""]
+                 f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]"]
+        if self.meta.get("measured_on"):
+            lines.append(f"measured on: {self.meta['measured_on']}")
+        if self.schedule_line():
+            lines.append(self.schedule_line())
+        lines.append("")
         if self._sites:
             lines += text_table(*self._site_rows())
             lines.append("")
@@ -432,7 +451,9 @@ class Diagnosis:
         src = self.meta.get("source", "?")
         out = ["# gradscope diagnosis", "",
                f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
-               f"{self.meta.get('steps', 0)} recorded step(s).", ""]
+               f"{self.meta.get('steps', 0)} recorded step(s)." + (f" {self.schedule_line()}." if self.schedule_line()
+                                                                else "")
+               + (f" Measured on: {self.meta['measured_on']}." if self.meta.get("measured_on") else ""), ""]
         if self._sites:
             head, rows = self._site_rows()
             out.append("| " + " | ".join(head) + " |")
@@ -522,9 +543,26 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
     return out
 
 
+#: remedies that re-initialise weights or change the architecture: for a trained model they undo
+#: the training, so they come after those that work during training (clipping, truncation,
+#: gate-bias adjustment with fine-tuning)
+REINITIALISING = ("orthogonal_init", "irnn", "critical_init", "chrono_init", "xavier_init", "he_init",
+                  "reinit_dead", "switch_to_lstm", "switch_to_gru", "relu_nonlinearity")
+
+
+def _measured_on(rec) -> str:
+    """What the evidence was measured on: the inputs and the module's mode (from the Recording)."""
+    bits = []
+    if isinstance(rec.meta.get("inputs"), str):
+        bits.append(rec.meta["inputs"])
+    if rec.meta.get("mode") in ("train", "eval"):
+        bits.append(f"{rec.meta['mode']} mode")
+    return ", ".join(bits)
+
+
 def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
              short_memory_ratio: float = 0.1, saturation: float = 0.3, spike_ratio: float = 100.0,
-             steps: int = 20, attention_rules=None) -> Diagnosis:
+             steps: int = 20, attention_rules=None, trained: bool = False) -> Diagnosis:
     """Name the regime of every site of a Recording and list findings with evidence and remedies.
 
     Args:
@@ -538,6 +576,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
         steps: how many of the last recorded steps the watch-only profile uses.
         attention_rules: thresholds for attention sites, an
             :class:`~gradscope.analysis.attention_rules.AttentionRules` (default: its defaults).
+        trained: the weights are trained (a checkpoint): remedies that re-initialise weights or
+            change the architecture are listed after those that work during training.
 
     Returns:
         :class:`Diagnosis`.
@@ -617,8 +657,25 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
                      f"without them: {missing_probe}. Record them with gradscope.probe(model, batch) "
                      "or watch(model, probe_every=N).")
     findings.sort(key=lambda f: (-SEVERITIES.index(f.severity), list(sites).index(f.site) if f.site in sites else -1))
+    if trained:
+        for f in findings:  # stable: the catalogue's order within each group
+            f.remedies.sort(key=lambda r: getattr(r, "name", "") in REINITIALISING)
+            if f.remedies and getattr(f.remedies[0], "name", "") in REINITIALISING and f.site in sites:
+                # nothing that works during training was listed: truncated BPTT is (it keeps every
+                # contribution above rounding; its text says it does not lengthen the memory)
+                s = sites[f.site]
+                extra = [r for r in _remedies("precision_underflow", s["kind"] or "cell", s["evidence"], f.site,
+                                              s["module"]) if getattr(r, "name", "") not in REINITIALISING]
+                f.remedies[:0] = extra[:1]
+    if rec.meta.get("inputs_synthetic"):
+        for f in findings:
+            if f.kind in ("vanishing", "exploding", "short_memory", "precision_underflow", "saturated_gates",
+                          "dead_units"):
+                f.explanation += (f" (Measured on {rec.meta.get('inputs')}, not on your data: pass real "
+                                  f"inputs to confirm.)")
     meta = {"gradscope_version": rec.meta.get("gradscope_version"), "source": rec.meta.get("source", "watch"),
-            "steps": len(rec.steps)}
+            "steps": len(rec.steps), "schedule": rec.meta.get("schedule"), "measured_on": _measured_on(rec),
+            "trained": trained}
     recurrent = any(s.get("kind") != "attention" for s in sites.values())
     verdict = assess(rec, sites) if recurrent else None
     return Diagnosis(sites, findings, _module_lines(rec, sites), notes, meta, rules, recording=rec,

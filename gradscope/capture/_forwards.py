@@ -27,9 +27,7 @@ def unwatched_forward(module: nn.Module, prev=None):
 
 class OwnForward:
     """Base: remembers the module and the instance forward it replaced (``prev``, or None).
-
-    Declares no slots itself (so it can sit beside a compiled base class, see
-    ``Scope._install_root_tap``); subclasses declare ``OWN_SLOTS``."""
+    Subclasses declare ``OWN_SLOTS``."""
 
     __slots__ = ()
     __gradscope__ = True

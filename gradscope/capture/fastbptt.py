@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import kernels as _native
 from ._norms import wide
 
 Sink = Callable[[Dict[str, Tensor]], None]
@@ -161,28 +160,6 @@ class _LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, sink):
         T, B, _ = x.shape
         H = w_hh.shape[0] // 4
-        ctx.native = None
-        kernel = _native.get() if _native.usable(x) and x.dtype == w_hh.dtype else None
-        if kernel is not None:
-            # The compiled loop (see _native): per step one product, two sigmoids and two passes of
-            # cell arithmetic in C++; the backward's cell arithmetic in one pass per step.
-            # The g block doubled (exact: scaling by 2 commutes with every rounding), so that
-            # tanh(g) = 2σ(2g) − 1; doubled in the small weights, not in the [T, B, 4H] product.
-            w_ih2 = w_ih.clone(memory_format=torch.contiguous_format)
-            w_ih2[2 * H:3 * H].mul_(2)
-            b2 = None
-            if b_ih is not None:
-                b2 = b_ih + b_hh
-                b2[2 * H:3 * H].mul_(2)
-            XW = _input_gates(x, w_ih2, b2, None)
-            w_hh2 = w_hh.clone(memory_format=torch.contiguous_format)
-            w_hh2[2 * H:3 * H].mul_(2)
-            OUT, hT, cT, G, C, TC, HH = kernel.lstm_forward(
-                XW, h0.contiguous(), c0.contiguous(), w_hh2,
-                w_hr.contiguous() if w_hr is not None else None, reverse)
-            ctx.save_for_backward(x, h0, c0.contiguous(), w_ih, w_hh, w_hr, XW.view(T, B, 4, H), G, C, TC, HH, OUT)
-            ctx.reverse, ctx.sink, ctx.has_bias, ctx.native = reverse, sink, b_ih is not None, kernel
-            return OUT, hT, cT
         if x.device.type == "cpu" and H >= LSTM_OWN_LOOP_MIN_HIDDEN:
             OUT, hT, cT, SIG, G, C, TC, HH = _lstm_forward_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
             ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, SIG, G, C, TC, HH, OUT)
@@ -221,17 +198,6 @@ class _LSTMLayer(torch.autograd.Function):
         T, B, _ = x.shape
         H = w_hh.shape[0] // 4
         g_out = _zeros_if_none(g_out, OUT)
-        if ctx.native is not None:
-            DH = g_out.clone(memory_format=torch.contiguous_format)
-            last = T - 1 if not ctx.reverse else 0
-            if g_hT is not None:
-                DH[last].add_(g_hT)
-            dc_rec = (g_cT.clone(memory_format=torch.contiguous_format) if g_cT is not None
-                      else torch.zeros_like(c0, memory_format=torch.contiguous_format))
-            dG, DC, dh = ctx.native.lstm_backward(DH, SIG.view(T, B, 4 * H), G, C, TC, c0, w_hh.contiguous(),
-                                                  w_hr.contiguous() if w_hr is not None else None,
-                                                  dc_rec, ctx.reverse)
-            return _lstm_param_grads(ctx, x, h0, w_ih, w_hh, w_hr, dG.view(T, B, 4, H), DH, DC, HH, OUT, dh, dc_rec)
         i, f, o = SIG[:, :, 0], SIG[:, :, 1], SIG[:, :, 3]
         # Local derivatives for all steps at once (written in place into K); the loop below only
         # chains them. dσ = σ(1−σ) for all four gate blocks in two passes.
@@ -363,7 +329,9 @@ class _ElmanLayer(torch.autograd.Function):
         x, h0, w_ih, w_hh, OUT = ctx.saved_tensors
         T, B, _ = x.shape
         g_out = _zeros_if_none(g_out, OUT)
-        K = (OUT > 0).to(OUT.dtype) if ctx.relu else 1 - OUT * OUT
+        # ReLU: pass the gradient wherever not out <= 0 — as torch does (threshold_backward), also
+        # where out is NaN; tanh: 1 − out² (NaN where out is NaN, as torch)
+        K = (~(OUT <= 0)).to(OUT.dtype) if ctx.relu else 1 - OUT * OUT
         dA = torch.empty_like(OUT)
         DH = torch.empty_like(OUT)
         order = list(reversed(_order(T, ctx.reverse)))

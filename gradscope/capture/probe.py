@@ -63,6 +63,17 @@ def _call(model, inputs):
     return model(inputs)
 
 
+def _describe(inputs) -> str:
+    """Shapes and dtypes of a batch, for the recording's metadata."""
+    if isinstance(inputs, Tensor):
+        return f"{list(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(_describe(v) for v in inputs)
+    return type(inputs).__name__
+
+
 def _fused_args(args, kwargs):
     input = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
@@ -286,7 +297,10 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
             p.grad = grads_before[n]
     rec = scope.recording
 
-    meta = dict(rec.meta, source="probe", loss=float(loss.detach()))
+    meta = dict(rec.meta, source="probe", loss=float(loss.detach()),
+                inputs=f"the batch given to probe() ({_describe(inputs)})",
+                mode="train" if model.training else "eval")
+    meta.pop("schedule", None)  # one measurement, no watch schedule
     measures = {k: v for k, v in rec.measures().items() if not k[1].startswith("probe_")}
     mmeta = {site: {k: v for k, v in m.items() if k != "probe_step"} for site, m in rec.measure_meta.items()}
     return rec._replace(measures=measures, measure_meta=mmeta, meta=meta)

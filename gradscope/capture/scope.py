@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import weakref
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,8 +37,9 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
-from ._forwards import OWN_SLOTS, OwnForward, PatchedForward, ScopeHook, remove_leaf_hooks
+from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from ._norms import norm as _norm, norms as _norms
+from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
@@ -49,7 +51,6 @@ __all__ = ["watch", "Scope"]
 # recording state lives on the Scope instance.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _NORM_CHUNK = 128  # state gradients normed together during the backward pass
-_BLOCK_MASK = ~0xFFFFFFFF  # the block of a C++ cell tap's state id (Scope._cell_tap)
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
@@ -142,52 +143,21 @@ def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
     return out
 
 
-class _StepCount:
-    """Where the step count lives until the C++ root tap (which keeps it itself) takes over."""
-
-    __slots__ = ("step",)
-
-    def __init__(self, step: int = 0):
-        self.step = step
-
-
-_ROOT_FORWARD_CLASSES: Dict[Any, type] = {}
-
-
-def _root_forward_class(cpp) -> type:
-    """The watched model's forward while the C++ root tap is in place (Scope._install_root_tap):
-    the extension's ``RootForward`` (a C type whose call goes straight to the tap, no Python
-    frame) plus what copies, pickles and ``inspect.signature`` need (:class:`OwnForward`)."""
-    cls = _ROOT_FORWARD_CLASSES.get(cpp)
-    if cls is None:
-        class _RootForward(cpp.RootForward, OwnForward):
-            __slots__ = OWN_SLOTS
-
-            def __init__(self, tap, base, slow, module: nn.Module, prev):
-                super().__init__(tap, base, slow)
-                self._init(module, prev, base)
-
-        cls = _ROOT_FORWARD_CLASSES[cpp] = _RootForward
-    return cls
-
-
 class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
-    __slots__ = ("scheduled", "probe", "calls", "fired", "task", "seq_len", "handles", "cpp_hooks", "cpp_ids",
-                 "cpp_blocks", "attn", "__weakref__")
+    __slots__ = ("scheduled", "deep", "probe", "calls", "fired", "task", "seq_len", "handles", "attn",
+                 "__weakref__")
 
-    def __init__(self, scheduled: bool, probe: bool = False):
-        self.scheduled = scheduled
+    def __init__(self, scheduled: bool, probe: bool = False, deep: Optional[bool] = None):
+        self.scheduled = scheduled  # hooked and replayed: a deep pass, a probe, or both
+        self.deep = scheduled if deep is None else deep  # its step becomes a row of the history
         self.probe = probe  # also measure Jacobians/exponents on this pass's batch
         self.calls: Dict[str, list] = {}  # probe passes: module -> [((args, kwargs), output), …]
         self.fired = False
         self.task = -1  # the autograd graph task (backward call) that first reached this pass
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
-        self.cpp_hooks: Any = None  # (kernel module, HookSet) of the pass's C++ state hooks
-        self.cpp_ids: List[Tuple[int, int]] = []  # (first id, count) of the states they record
-        self.cpp_blocks: List[int] = []  # id blocks of the pass's C++ cell taps (Scope._cell_tap)
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
 
 
@@ -201,9 +171,10 @@ class Scope:
             forward pass with gradients).
     """
 
-    def __init__(self, model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
-                 max_steps: int = 10_000, probe_every: Optional[int] = None,
-                 probe_options: Optional[Dict[str, Any]] = None):
+    def __init__(self, model: nn.Module, *, every: Optional[int] = None, sites: Optional[Sequence[str]] = None,
+                 max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
+                 probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
+                 max_interval: int = DEFAULT_MAX_INTERVAL):
         _check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
@@ -223,7 +194,7 @@ class Scope:
                 break
         _check_model(model)
         check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
-                            probe_options=probe_options)
+                            probe_options=probe_options, overhead=overhead, max_interval=max_interval)
         for m in model.modules():
             ref = _ACTIVE.get(m)
             other = ref() if ref is not None else None
@@ -236,14 +207,12 @@ class Scope:
         self.every = every
         self.max_steps = max_steps
         self.probe_every = probe_every
+        self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
         self.probe_options = dict(probe_options or {})
         self._probe_latest: Optional[Tuple[int, Dict, Dict]] = None
         self._probe_history: List[Tuple[int, Dict[str, Dict[str, float]]]] = []
         self.closed = False
-        self._stride = 1  # grows ×2 whenever the history is thinned to stay within max_steps
-        self._count: Any = _StepCount()  # .step: the step count (see the _step property)
-        self._root_tap: Any = None  # the compiled kernel's RootTap once installed (_install_root_tap)
-        self._root_forward: Any = None  # our _RootForward on the model (its .prev: what it replaced)
+        self._step = 0  # backward passes that reached the model, counted so far (_settle)
         self._root_handles: List[Any] = []
         self._patched: List[nn.Module] = []
         self._pending: List[_Pass] = []
@@ -269,15 +238,6 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
-        # State hooks in C++ (the compiled kernel's hook_norms), when it is built: id -> key
-        self._cpp: Any = None
-        self._cpp_sink: Any = None
-        self._cpp_keys: Dict[int, Tuple] = {}
-        self._cpp_next = 0
-        # C++ cell taps of the current scheduled pass: (site, tap, block start); ids of a tap's states lie in
-        # a block [start, start + 2**32) (start -> (site, state names), until the pass is dropped)
-        self._taps: List[Tuple[str, Any, int]] = []
-        self._cpp_blocks: Dict[int, Tuple[str, Tuple[str, ...]]] = {}
         self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
 
         names = dict(model.named_modules())
@@ -325,7 +285,7 @@ class Scope:
             if self._attn_layout.blocks:
                 self._attn = AttentionCapture(self, self._attn_layout)
                 self._attn.install(self._wanted)
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too: a failed setup leaves the model untouched
             self.close()
             raise
 
@@ -428,9 +388,6 @@ class Scope:
                 else:
                     m.__dict__["forward"] = prev
         self._cell_forwards = []
-        for _, tap, _ in self._taps:
-            tap.stop()  # a call through a tap someone still holds records nothing
-        self._taps = []
         for m in self._pass_forwards:
             fwd = m.__dict__.get("forward")
             if getattr(fwd, "__gradscope__", False):
@@ -453,8 +410,8 @@ class Scope:
             return
         if self._pending:
             self._settle()
-        probe = self.probe_every is not None and self._step % self.probe_every == 0
-        p = _Pass(self._is_scheduled(self._step) or probe, probe)
+        deep, probe = self._schedule.begin(self._step, time.perf_counter())
+        p = _Pass(deep or probe, probe, deep)
         self._current = p
         if p.scheduled:
             if not self._param_handles and self.ddp is None:
@@ -465,7 +422,6 @@ class Scope:
             if not self._discovered:
                 self._start_discovery()
             self._cell_counter = {}
-            self._use_cpp_hooks()
             self._unpatch_cells()  # anything a pass that raised left behind
             for h in self._cell_handles:
                 h.remove()
@@ -492,11 +448,6 @@ class Scope:
             return
         prev = m.__dict__.get("forward")
         base = m.forward
-        tap = self._cell_tap(name, m, base)
-        if tap is not None:
-            m.forward = tap
-            self._cell_forwards.append((m, tap, prev))
-            return
         on_call = self._on_cell_call
 
         def forward(*args, **kwargs):
@@ -508,34 +459,12 @@ class Scope:
         m.forward = forward
         self._cell_forwards.append((m, forward, prev))
 
-    def _cell_tap(self, name: str, m: nn.Module, base):
-        """The compiled kernel's ``CellTap`` for cell ``m`` in this scheduled pass, or None where the
-        Python wrapper applies (no kernel, a probe pass, a site without known state outputs). The
-        tap calls the cell and hooks its states in C++: no Python per time step."""
-        p, spec, cpp = self._current, self.sites.get(name), self._cpp
-        if (cpp is None or p is None or p.probe or spec is None
-                or not spec.state_outputs or len(spec.state_outputs) > 64):
-            return None
-        if p.cpp_hooks is None:
-            p.cpp_hooks = (cpp, cpp.HookSet())
-        start = ((self._cpp_next >> 32) + 1) << 32  # a fresh block, beyond every id given so far
-        self._cpp_next = start + (1 << 32)
-        self._cpp_blocks[start] = (name, spec.states)
-        p.cpp_blocks.append(start)
-        tap = cpp.CellTap(base, functools.partial(self._record_call, name), list(spec.state_outputs),
-                          self._cpp_sink[1])
-        tap.start(p.cpp_hooks[1], start)
-        self._taps.append((name, tap, start))
-        return tap
-
     def _root_post(self, module, args, output):
         p = self._current
         self._current = None
         if p is None or self.closed:
             return
         if p.scheduled:
-            for name, tap, _ in self._taps:
-                self._cell_counter[name] = max(self._cell_counter.get(name, 0), tap.calls)
             self._unpatch_cells()
             for h in self._cell_handles:
                 h.remove()
@@ -585,8 +514,6 @@ class Scope:
             else:
                 keep.append(p)
         self._pending = keep
-        if self._root_tap is not None:
-            tasks.update(self._root_tap.take_fired(current))
         self._step += len(tasks)
 
     def _on_backward_end(self):
@@ -594,11 +521,8 @@ class Scope:
         if self.closed:
             return
         self._settle(current=self._bw_task)  # earlier backward calls came first
-        if self._root_tap is not None:
-            self._root_tap.drop_task(self._bw_task)  # passes of the tap this backward reached too
         fired = [p for p in self._pending if p.fired]
         self._pending = [p for p in self._pending if not p.fired]
-        self._take_cpp()  # before the passes (and their C++ hooks' ids) are dropped
         step = self._step
         self._step += 1
         scheduled = [p for p in fired if p.scheduled]
@@ -613,86 +537,10 @@ class Scope:
                     functools.partial(self._finalize_ddp, step, scheduled))
             else:
                 self._finalize(step, scheduled)
-        if self._root_tap is None and self._discovered and not self._pending:
-            self._install_root_tap()
-
-    # ------------------------------------------------------------- root tap
-    @property
-    def _step(self) -> int:
-        return self._count.step
-
-    @_step.setter
-    def _step(self, value: int) -> None:
-        self._count.step = value
-
-    def _install_root_tap(self) -> None:
-        """Replace the root hooks by the compiled kernel's ``RootTap`` as the model's forward, so
-        that steps off the schedule run no Python hook at all (each Python forward hook costs
-        ~20 µs and more inside a small model's step). Installed at the end of a scheduled backward
-        once the kernel is built for a model with a recurrent site and no pass waits; never for
-        compiled models (Dynamo would guard on the forward). The tap counts steps exactly as
-        ``_settle`` does and runs ``_root_slow`` — the root hooks' work — on scheduled passes.
-        User forward hooks on the root module then run around the tap, i.e. after gradscope's
-        end-of-forward work rather than in registration order with it."""
-        if self.compiled is not None or self.closed:
-            return
-        cpp, model = self._kernel(), self.model
-        if cpp is None:  # the build is named by its source: a loaded kernel has every piece
-            return
-        tap = cpp.RootTap(flatten_tensors)
-        tap.step = self._step
-        tap.max_pending = _MAX_PENDING
-        tap.quiet = self._probing
-        prev = model.__dict__.get("forward")
-        base = model.forward
-        forward = _root_forward_class(cpp)(tap, base, functools.partial(self._root_slow, base), model, prev)
-        model.forward = forward
-        self._root_forward = forward
-        self._root_tap = tap
-        self._count = tap
-        self._sync_tap()
-        for h in self._root_handles:
-            h.remove()
-        self._root_handles = []
-
-    def _remove_root_tap(self) -> None:
-        tap = self._root_tap
-        if tap is None:
-            return
-        ours = self._root_forward
-        prev = ours.prev
-        if self.model.__dict__.get("forward") is ours:
-            if prev is None:
-                del self.model.__dict__["forward"]
-            else:
-                self.model.__dict__["forward"] = prev
-        tap.closed = True  # a reference someone kept calls the model's forward, nothing else
-        tap.drop_all()
-        self._count = _StepCount(tap.step)
-        self._root_tap = None
-        self._root_forward = None
-
-    def _sync_tap(self) -> None:
-        if self._root_tap is not None:
-            self._root_tap.period = self.every * self._stride
-            self._root_tap.probe_period = self.probe_every or 0
-
-    def _root_slow(self, base, args, kwargs):
-        """A forward pass through the root tap that Python takes (scheduled or probing steps)."""
-        self._root_pre(self.model, args)
-        try:
-            out = base(*args, **kwargs)
-        except BaseException:
-            self._abandon_pass()  # the tap's next passes may run off schedule: leave nothing behind
-            raise
-        self._root_post(self.model, args, out)
-        return out
 
     def _abandon_pass(self) -> None:
         """Forget the current pass of a forward that raised: its per-pass forwards, hooks and ids."""
         self._current = None
-        for _, _, start in self._taps:
-            self._cpp_blocks.pop(start, None)
         self._unpatch_cells()
         for h in self._cell_handles:
             h.remove()
@@ -716,70 +564,10 @@ class Scope:
                 self._keys.append(("param", i))
         self._finalize(step, passes)
 
-    def _is_scheduled(self, step: int) -> bool:
-        return step % (self.every * self._stride) == 0
-
     # ----------------------------------------------------------- state hooks
-    def _use_cpp_hooks(self) -> None:
-        """Use C++ state hooks for this scheduled pass if the compiled kernel is built (see
-        capture/kernels.py): a Python hook per state and time step is most of a user cell loop's
-        overhead (two per step), a C++ one computes the norm without entering Python."""
-        self._cpp = self._kernel() if self._discovered else None  # discovery uses Python hooks
-        if self._cpp is not None and self._cpp_sink is None:
-            self._cpp_sink = (self._cpp, self._cpp.NormSink())  # drained by _take_cpp even if _cpp goes
-
-    def _kernel(self):
-        """The compiled kernel (capture/kernels.py) where the model has a recurrent site, else None:
-        a model with no recurrent state to hook (attention-only, no site) never starts a build."""
-        from . import kernels
-
-        if all(s.kind == "attention" for s in self.sites.values()):
-            return None
-        return kernels.get()
-
     def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
-        if not tensor.requires_grad:
-            return
-        if self._cpp is not None and tensor.is_cpu:
-            self._track_cpp(p, [tensor], [key])
-        else:
+        if tensor.requires_grad:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
-
-    def _track_cpp(self, p: _Pass, tensors: List[Tensor], keys: List[Tuple]) -> None:
-        """C++ hooks on CPU states (one call for all of them); ids map to ``keys``."""
-        cpp = self._cpp
-        if p.cpp_hooks is None:
-            p.cpp_hooks = (cpp, cpp.HookSet())
-        i0 = self._cpp_next
-        self._cpp_next += len(keys)
-        for k, key in enumerate(keys):
-            self._cpp_keys[i0 + k] = key
-        p.cpp_ids.append((i0, len(keys)))
-        cpp.hook_norms(p.cpp_hooks[1], self._cpp_sink[1], tensors, i0)
-
-    def _take_cpp(self) -> None:
-        """The norms the C++ hooks recorded in this backward pass, as one multi-value entry."""
-        if self._cpp_sink is None:
-            return
-        cpp, sink = self._cpp_sink
-        norms, ids = cpp.take(sink)  # norms: one float64 CPU tensor (C++ hooks are CPU-only)
-        if norms is None:
-            return
-        keys = [self._cpp_keys.pop(i, None) for i in ids]
-        if self._cpp_blocks:  # ids of cell taps: block start + 64 t + k (kernels.CellTap)
-            blocks = self._cpp_blocks
-            for j, i in enumerate(ids):
-                if keys[j] is None:
-                    b = blocks.get(i & _BLOCK_MASK)
-                    if b is not None:
-                        off = i & 0xFFFFFFFF
-                        keys[j] = ("site", b[0], b[1][off & 63], off >> 6)
-        if None in keys:  # a hook of a pass already dropped (a second backward through its graph)
-            keep = [j for j, k in enumerate(keys) if k is not None]
-            norms, keys = norms[keep], [keys[j] for j in keep]
-        if keys:
-            self._vals.append(norms)
-            self._keys.append(("multi", keys))
 
     def _on_state_grad(self, key, grad):
         # Keep the gradient itself; the norms of all of a step's states are taken at the end of the
@@ -886,9 +674,6 @@ class Scope:
         if spec.info.get("explicit") and not spec.state_outputs and len(spec.states) != len(idx):
             spec.states = state_names(len(idx))
         pairs = [(outs[i], sname) for sname, i in zip(spec.states, idx) if i < len(outs)]
-        if self._cpp is not None and all(o.is_cpu for o, _ in pairs):
-            self._track_cpp(p, [o for o, _ in pairs], [("site", name, sname, t) for _, sname in pairs])
-            return
         for o, sname in pairs:
             self._track(p, o, ("site", name, sname, t))
 
@@ -958,15 +743,11 @@ class Scope:
         p.calls = {}
         if self._attn is not None:
             self._probing = True  # the depth Jacobians call blocks, maybe the model itself: no new pass
-            if self._root_tap is not None:
-                self._root_tap.quiet = True
             try:
                 with torch.no_grad():
                     notes = list(notes) + self._attn.run_probe(p, self._step, **self.probe_options)
             finally:
                 self._probing = False
-                if self._root_tap is not None:
-                    self._root_tap.quiet = False
         for n in notes:
             self._note(("probe", n), n)
         self._probe_latest = (self._step, measures, meta)
@@ -1077,11 +858,12 @@ class Scope:
         self._check_finite(step, grads, params, got_param)
         params[~got_param] = np.nan  # NaN: the parameter received no gradient in this step
         attn_row = self._attn.finalize_row(step, attn_items, grads) if self._attn is not None else {}
+        if not any(p.deep for p in passes):
+            return  # a probe's step off the recording schedule: measured, checked, not a history row
         self._history.append(step, grads, seq_len, params, attn_row)
         if self._history.n >= self.max_steps:
             self._history.thin()
-            self._stride *= 2
-            self._sync_tap()
+            self._schedule.thin()
 
     def _check_finite(self, step, grads, params, got_param) -> None:
         """Record the first non-finite value per site state and per parameter as an event."""
@@ -1112,23 +894,11 @@ class Scope:
         for h in p.handles:
             h.remove()
         p.handles = []
-        if p.cpp_hooks is not None:
-            cpp, hooks = p.cpp_hooks
-            cpp.unhook_all(hooks)
-            p.cpp_hooks = None
-            keys = self._cpp_keys
-            for i0, n in p.cpp_ids:
-                for i in range(i0, i0 + n):
-                    keys.pop(i, None)
-            p.cpp_ids = []
-            for start in p.cpp_blocks:
-                self._cpp_blocks.pop(start, None)
-            p.cpp_blocks = []
 
     def _settle_open(self) -> None:
-        """Count the steps taken since the last count while the watch is open (the passes Python
-        saw and those the root tap saw), before the count is read."""
-        if (self._pending or self._root_tap is not None) and not self.closed:
+        """Count the steps taken since the last count while the watch is open, before the count
+        is read."""
+        if self._pending and not self.closed:
             self._settle()
 
     # ---------------------------------------------------------------- public
@@ -1167,8 +937,8 @@ class Scope:
         meta = {"gradscope_version": __version__, "torch_version": str(torch.__version__),
                 "model": type(self.model).__name__, "compiled": self.compiled is not None,
                 "ddp": self.ddp is not None, "every": self.every,
-                "stride": self._stride, "max_steps": self.max_steps, "total_steps": self._step,
-                "source": "watch", "probe_every": self.probe_every}
+                "stride": self._schedule.stride, "max_steps": self.max_steps, "total_steps": self._step,
+                "source": "watch", "probe_every": self.probe_every, "schedule": self._schedule.meta()}
         measures: Dict[Tuple[str, str], np.ndarray] = {}
         mmeta: Dict[str, Any] = {}
         if self._probe_latest is not None:
@@ -1235,7 +1005,6 @@ class Scope:
         if self.closed:
             return
         self._settle()
-        self._remove_root_tap()
         self.closed = True
         self._remove_param_hooks()
         for h in self._root_handles + self._discovery_handles + self._cell_handles:
@@ -1331,28 +1100,20 @@ def _dense_len(m: nn.Module, input) -> int:
     return input.shape[1] if m.batch_first else input.shape[0]
 
 
-def check_watch_options(*, every: int = 1, max_steps: int = 10_000, probe_every: Optional[int] = None,
-                        probe_options: Optional[Dict[str, Any]] = None) -> None:
+def check_watch_options(*, every: Optional[int] = None, max_steps: int = 10_000,
+                        probe_every: Union[int, str, None] = AUTO, probe_options: Optional[Dict[str, Any]] = None,
+                        overhead: float = DEFAULT_OVERHEAD, max_interval: int = DEFAULT_MAX_INTERVAL) -> None:
     """Raise :class:`GradscopeError` for a bad :func:`watch` option (used by watch() and by the
     framework callbacks, which check their options when they are made)."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise GradscopeError(
-            f"every must be a positive integer (record one step in `every`), got {every!r}. "
-            f"Use every=1 to record every step.")
+    check_schedule(every=every, probe_every=probe_every, overhead=overhead, max_interval=max_interval)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
         raise GradscopeError(f"max_steps must be an integer >= 2, got {max_steps!r}.")
-    if probe_every is not None and (isinstance(probe_every, bool) or not isinstance(probe_every, int)
-                                    or probe_every < 1):
-        raise GradscopeError(f"probe_every must be a positive integer or None, got {probe_every!r}.")
     allowed = {"jacobians", "lyapunov", "k", "jacobian_samples", "threshold", "progress"}
     if probe_options is not None and not isinstance(probe_options, dict):
         raise GradscopeError(f"probe_options must be a dict of probe keywords, got {type(probe_options).__name__}.")
     bad = set(probe_options or {}) - allowed
     if bad:
         raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
-    from .kernels import mode as kernel_mode
-
-    kernel_mode()  # a bad GRADSCOPE_KERNELS value fails here, not inside the user's forward pass
 
 
 def _check_model(model) -> None:
@@ -1371,22 +1132,30 @@ def _check_model(model) -> None:
             "watch() and scope.gather() support it) or watch the module on one device.")
 
 
-#: watch()'s default: probe the first step's batch, then every 500th (Jacobian evidence for diagnose)
-DEFAULT_PROBE_EVERY = 500
-
-
-def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = None,
-          max_steps: int = 10_000, probe_every: Optional[int] = DEFAULT_PROBE_EVERY,
+def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DEFAULT_OVERHEAD,
+          max_interval: int = DEFAULT_MAX_INTERVAL, sites: Optional[Sequence[str]] = None,
+          max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
           probe_options: Optional[Dict[str, Any]] = None) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
+
+    By default the watch stays within an overhead budget: the deep passes (per-timestep capture)
+    and the probes (Jacobians by lag, Lyapunov exponents) are spaced so that gradscope's extra
+    time stays near ``overhead`` (3%) of the training loop's own time, each never rarer than
+    ``max_interval`` steps; the first step gets both. ``every=N`` records every N-th step instead
+    (``every=1``: every step). ``scope.recording.meta["schedule"]`` and every report give the
+    realised overhead and the number of deep passes and probes (:mod:`gradscope.capture.schedule`).
 
     Args:
         model: the model to watch; its training loop stays unchanged. A ``torch.compile``'d
             module or a ``DistributedDataParallel`` wrapper is unwrapped (names carry no
             ``_orig_mod.`` / ``module.``); under DDP parameter norms are read from ``p.grad``
             after the all-reduce, and :meth:`Scope.gather` merges the ranks' recordings.
-        every: record one step in ``every``; a step is one backward pass reaching the model.
-            Steps off the schedule run the model untouched.
+        every: record one step in ``every`` (a fixed schedule); None (default): space the
+            recorded steps within the overhead budget. A step is one forward pass of the model
+            with gradients enabled through to its backward pass; steps off the schedule run the
+            model untouched.
+        overhead: the budget for the scheduled work, a fraction of the loop's time (default 0.03).
+        max_interval: in budget mode, the most steps between two deep passes or two probes.
         sites: record only these sites: site names (``"lstm.l0_reverse"``), fused module names
             (all their layers and directions) or any module's qualified name (its per-call outputs
             become per-step states, even where automatic discovery would not pick it). Attention:
@@ -1396,16 +1165,16 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
             cell found, and every attention block (``nn.MultiheadAttention``, ``nn.Transformer*``
             layers, Hugging Face attention, user modules whose class name says attention).
         max_steps: the history stays below this many recorded steps; when it is reached every
-            other recorded step is dropped and the recording interval doubles, so a long run keeps
-            its whole span in bounded memory.
-        probe_every: on the first step and then every this many steps (default 500), also
-            measure Jacobian norms by lag, Lyapunov exponents, hidden-state spectra and gate
-            statistics on that step's batch (as :func:`gradscope.probe` does; costs the
-            estimators' time on those steps). ``scope.diagnose()`` then has Jacobian evidence: a
-            watched gradient-norm profile alone cannot tell decay from gradient injected along the
-            way (a loss at every position). ``None``: never. The recording holds the latest full
-            measurement and, per site, the history of horizon, rate, λ₁ and memory time
-            (``rec.measure(site, "probe_lambda1")`` against ``"probe_steps"``).
+            other recorded step is dropped (and a fixed schedule records half as often), so a
+            long run keeps its whole span in bounded memory.
+        probe_every: ``"auto"`` (default): probe the first step's batch and then within the
+            budget; N: every N-th step; None: never. A probe measures Jacobian norms by lag,
+            Lyapunov exponents, hidden-state spectra and gate statistics on that step's batch (as
+            :func:`gradscope.probe` does), so ``scope.diagnose()`` has Jacobian evidence: a watched
+            gradient-norm profile alone cannot tell decay from gradient injected along the way (a
+            loss at every position). The recording holds the latest full measurement and, per
+            site, the history of horizon, rate, λ₁ and memory time (``rec.measure(site,
+            "probe_lambda1")`` against ``"probe_steps"``).
         probe_options: keywords for those measurements: ``jacobians``, ``lyapunov``, ``k``,
             ``jacobian_samples``, ``threshold``, ``progress``.
 
@@ -1414,8 +1183,8 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
 
     Raises:
         GradscopeError: ``model`` is not an ``nn.Module`` instance (or is an ``nn.DataParallel``,
-            whose per-forward replicas cannot be watched), ``every < 1``, an unknown site name,
-            or the model is already watched.
+            whose per-forward replicas cannot be watched), a bad option, an unknown site name, or
+            the model is already watched.
 
     Example:
         >>> import torch, gradscope
@@ -1427,6 +1196,8 @@ def watch(model: nn.Module, *, every: int = 1, sites: Optional[Sequence[str]] = 
         ('l0', 'l0_reverse', 'l1', 'l1_reverse')
         >>> scope.recording.grad_norms("l1", state="c").shape
         (1, 10)
+        >>> scope.recording.meta["schedule"]["mode"], scope.recording.meta["schedule"]["probes"]
+        ('budget', 1)
     """
     return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every,
-                 probe_options=probe_options)
+                 probe_options=probe_options, overhead=overhead, max_interval=max_interval)

@@ -208,6 +208,10 @@ def _meta_line(diag, rec) -> str:
         bits.insert(0, f"model {rec.meta['model']}")
     if diag.meta.get("gradscope_version"):
         bits.append(f"gradscope {diag.meta['gradscope_version']}")
+    if diag.meta.get("measured_on"):
+        bits.append(f"measured on: {diag.meta['measured_on']}")
+    if hasattr(diag, "schedule_line") and diag.schedule_line():
+        bits.append(diag.schedule_line())
     return " · ".join(bits)
 
 
