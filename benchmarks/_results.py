@@ -48,6 +48,7 @@ def bench_args(doc: str, argv=None):
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--only", default="", help="regular expression: only rows whose 'name schedule' matches")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     return args, dev, dev.type != "cpu"

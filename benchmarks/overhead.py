@@ -115,6 +115,8 @@ def main(argv=None):
         ("user loop nn.LSTMCell 32→256, B 32, T 200", CellModel, large, 1, "—"),
         ("user loop nn.LSTMCell 32→64, B 32, T 50", CellModel, small, 1, "—"),
     ]
+    import re
+    cases = [c for c in cases if re.search(args.only, f"{c[0]} {'default' if c[3] is None else c[3]}")]
     rows = []
     for name, make, size, every, target in cases:
         if every == 1:

@@ -203,6 +203,38 @@ def _zip_without_data_pkl(path: Optional[Path]) -> bool:
         return False
 
 
+def _is_torchscript(path: Path) -> bool:
+    """True for a zip archive written by ``torch.jit.save`` (it carries code and constants)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except Exception:
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _load_torchscript(path: Path, name: str, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
+    if not unsafe:
+        raise UnsafeCheckpointError(
+            f"{name!r} is a TorchScript archive (torch.jit.save): loading it runs the code it contains; "
+            f"if you trust the file, load it with {UNSAFE_HINT} (torch.jit.load) to report its weights.")
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates TorchScript; the file is still what it is
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise CheckpointError(
+                f"{name!r} is a TorchScript archive but torch.jit.load failed ({_torch_reason(exc)}); it is "
+                f"corrupt or needs custom operators: re-export it or save its state_dict.") from None
+    notes = ["a TorchScript archive, loaded with torch.jit.load (this ran its code); its weights are "
+             "analysed and probed in rebuilt modules, not its scripted forward"]
+    return dict(module.state_dict()), "torchscript", notes, {}
+
+
 def _failure(name: str, kind: str, suffix: str, exc: BaseException,
              path: Optional[Path] = None) -> CheckpointError:
     """Turn any exception from reading a file into a one-line CheckpointError."""
@@ -296,6 +328,9 @@ def load_file(path: Path, *, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
     if kind == "safetensors" or (suffix == SAFETENSORS_SUFFIX and kind == "unknown"):
         obj, notes, extra = _load_safetensors(path, name)
         return obj, "safetensors", notes, extra
+
+    if kind == "zip" and _is_torchscript(path):
+        return _load_torchscript(path, name, unsafe)
 
     import torch
 

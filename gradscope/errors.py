@@ -20,6 +20,15 @@ class MissingMeasureError(GradscopeError):
     """A Recording lacks the measure an operation needs (the message says how to record it)."""
 
 
+class GradscopeAlert(GradscopeError):
+    """Raised from ``loss.backward()`` of a watched step when an event named in ``watch(...,
+    raise_on=...)`` happens; ``.event`` holds it (kind, step, site or parameter, time step)."""
+
+    def __init__(self, message: str, event: dict):
+        super().__init__(message)
+        self.event = event
+
+
 class ShapeError(GradscopeError, ValueError):
     """Tensors given to an estimator have shapes that do not fit together."""
 

@@ -340,3 +340,24 @@ def test_synthetic_verdicts_are_worded_as_such_and_trained_weights_get_training_
     for f in d["findings"]:
         if f["remedies"]:
             assert f["remedies"][0]["name"] not in REINITIALISING, f
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_torchscript_archive_is_recognised_and_loaded_only_with_unsafe_load(tmp_path, capsys):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.GRU(3, 6)
+            self.head = nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.head(self.enc(x)[0])
+
+    path = tmp_path / "net.jit"
+    torch.jit.save(torch.jit.script(Net()), str(path))
+    code, out, err = run(["report", path], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "TorchScript archive" in err and "--unsafe-load" in err and "runs the code" in err
+    code, out, err = run(["report", path, "--unsafe-load", "--seq-len", "20"], capsys)
+    assert code == 0, err
+    assert "format torchscript" in out and "found GRU at enc" in out and "enc.l0" in out

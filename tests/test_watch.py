@@ -1050,3 +1050,108 @@ def test_setup_interrupted_after_hooks_are_registered_leaves_the_model_untouched
     with gradscope.watch(model, every=1) as scope:   # not refused as "already watched"
         model(torch.randn(5, 2, 3)).sum().backward()
     assert scope.step == 1
+
+
+# ----------------------------------------------------------------------------- live alerts
+def test_on_event_gets_the_first_nonfinite_value_with_step_site_and_position():
+    model = Seq(nn.LSTM(3, 4), 4)
+    seen = []
+    x = torch.randn(6, 2, 3)
+    with gradscope.watch(model, every=1, probe_every=None, on_event=seen.append) as scope:
+        model(x).sum().backward()                       # step 0: finite
+        assert not seen
+        bad = x.clone()
+        bad[2, 0, 1] = float("nan")
+        model(bad).sum().backward()                     # step 1: NaN from position 2 on
+        model(bad).sum().backward()                     # step 2: the same site again, no new event
+    sites = [e for e in seen if e.get("site") == "rnn.l0"]
+    assert sites and sites[0]["kind"] == "nonfinite" and sites[0]["step"] == 1
+    # ∂L/∂h_5 is the loss's direct term (finite); position 4 is the first the backward pass reaches
+    # through a NaN step
+    assert sites[0]["t"] == 4 and sites[0]["value"] == "nan"
+    assert len({(e.get("site"), e.get("state"), e.get("param")) for e in seen}) == len(seen)
+    assert all(e["step"] == 1 for e in seen)
+    assert scope.step == 3
+
+
+def test_raise_on_nonfinite_raises_from_backward_and_leaves_nothing_behind():
+    from conftest import assert_no_hooks
+    from gradscope.errors import GradscopeAlert
+
+    model = Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(6, 2, 3)
+    x[3, 1, 0] = float("inf")
+    with pytest.raises(GradscopeAlert, match=r"gradient at .* in training step 0") as info:
+        with gradscope.watch(model, every=1, probe_every=None, raise_on=("nonfinite",)) as scope:
+            model(x).sum().backward()
+    assert info.value.event["kind"] == "nonfinite" and info.value.event["step"] == 0
+    assert len(scope.recording) == 1                    # the step was recorded before the alert
+    assert_no_hooks(model)
+
+
+def test_raise_on_critical_finding_after_a_probe():
+    from gradscope.errors import GradscopeAlert
+
+    rnn = nn.RNN(2, 8)
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(0.05)                      # vanishing fast: horizon ≪ T, critical
+    events = []
+    with pytest.raises(GradscopeAlert, match="critical vanishing finding") as info:
+        with gradscope.watch(rnn, on_event=events.append, raise_on=("critical",)):
+            rnn(torch.randn(80, 2, 2))[0].sum().backward()
+    assert info.value.event["finding"] == "vanishing" and info.value.event["site"] == "l0"
+    assert events and events[0]["kind"] == "critical"
+
+
+@pytest.mark.parametrize("kw,match", [({"on_event": 3}, "on_event must be a callable"),
+                                      ({"raise_on": "nonfinite"}, r"write raise_on=\('nonfinite',\)"),
+                                      ({"raise_on": ("nonfinit",)}, "unknown event kind.*Did you mean 'nonfinite'")])
+def test_alert_options_are_checked(kw, match):
+    with pytest.raises(GradscopeError, match=match):
+        gradscope.watch(nn.RNN(2, 3), **kw)
+
+
+# ----------------------------------------------------------------------------- TorchScript
+# torch 2.13 deprecates torch.jit.script; models built with it are still what users bring.
+pytestmark_script = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+class _WithScripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.jit.script(nn.Sequential(nn.Linear(3, 8), nn.Tanh()))
+        self.rnn = nn.GRU(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.enc(x))[0])
+
+
+@pytestmark_script
+def test_a_scripted_submodule_runs_unwatched_and_is_reported():
+    from conftest import assert_no_hooks
+
+    torch.manual_seed(0)
+    model = _WithScripted()
+    x = torch.randn(5, 2, 3)
+    plain = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    with gradscope.watch(model, every=1) as scope:
+        watched = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for a, b in zip(plain, watched):
+        torch.testing.assert_close(a, b)
+    rec = scope.recording
+    assert rec.sites == ("rnn.l0",) and rec.grad_norms("rnn.l0").shape == (1, 5)
+    assert [u["module"] for u in rec.unsupported] == ["enc"]          # once, at the scripted module
+    assert any("enc (RecursiveScriptModule) is not measured: TorchScript" in n
+               for n in gradscope.diagnose(rec).notes)
+    assert gradscope.probe(model, x).sites == ("rnn.l0",)
+    assert_no_hooks(model.rnn)
+
+
+@pytestmark_script
+def test_a_scriptmodule_as_the_watched_model_is_a_clear_error():
+    scripted = torch.jit.script(nn.GRU(3, 4))
+    with pytest.raises(GradscopeError, match="TorchScript module.*Watch \\(or probe\\) the Python module"):
+        gradscope.watch(scripted)
+    with pytest.raises(GradscopeError, match="TorchScript module"):
+        gradscope.probe(scripted, torch.randn(5, 2, 3))

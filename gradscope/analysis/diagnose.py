@@ -608,6 +608,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
     sites: Dict[str, Dict[str, Any]] = {}
     findings: List[Finding] = []
     notes = list(rec.notes)
+    for u in getattr(rec, "unsupported", ()) or ():
+        notes.append(f"{u.get('module') or '(model)'} ({u.get('type')}) is not measured: {u.get('reason')}.")
     missing_probe = []
     attn_sites = [s for s in rec.sites if rec.site_info(s).get("kind") == "attention"]
     if attn_sites:  # transformer blocks: their own rules (analysis/attention_rules.py)

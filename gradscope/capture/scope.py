@@ -27,7 +27,7 @@ import math
 import time
 import weakref
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from ..errors import GradscopeError, did_you_mean
+from ..errors import GradscopeAlert, GradscopeError, did_you_mean
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from ._norms import norm as _norm, norms as _norms
@@ -174,7 +174,8 @@ class Scope:
     def __init__(self, model: nn.Module, *, every: Optional[int] = None, sites: Optional[Sequence[str]] = None,
                  max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
                  probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
-                 max_interval: int = DEFAULT_MAX_INTERVAL):
+                 max_interval: int = DEFAULT_MAX_INTERVAL, on_event: Optional[Callable] = None,
+                 raise_on: Sequence[str] = ()):
         _check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
@@ -208,6 +209,8 @@ class Scope:
         self.max_steps = max_steps
         self.probe_every = probe_every
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
+        self._on_event, self._raise_on = _check_alerts(on_event, raise_on)
+        self._alerts: List[Dict[str, Any]] = []   # events of this step not yet delivered
         self.probe_options = dict(probe_options or {})
         self._probe_latest: Optional[Tuple[int, Dict, Dict]] = None
         self._probe_history: List[Tuple[int, Dict[str, Dict[str, float]]]] = []
@@ -249,10 +252,15 @@ class Scope:
         # static sites: every fused recurrent module, one site per layer and direction
         self.sites: Dict[str, SiteSpec] = {}
         self._fused: Dict[str, nn.Module] = {}
+        scripted: List[str] = []
         for name, m in names.items():
+            if any(name.startswith(s + ".") for s in scripted):
+                continue  # inside a TorchScript module: reported once, at its top
             reason = unsupported_reason(m)
             if reason:
                 self._unsupported.append({"module": name, "type": type(m).__name__, "reason": reason})
+                if isinstance(m, torch.jit.ScriptModule):
+                    scripted.append(name)
                 continue
             if isinstance(m, FUSED_TYPES):
                 self._fused[name] = m
@@ -281,7 +289,7 @@ class Scope:
                 if any(self._wanted(s.name) for s in self.sites.values() if s.module_name == name):
                     self._patch(m, name)
             self._lstm_cells = {m: self._lstm_cell_forward(m) for m in names.values()
-                                if type(m).forward is nn.LSTMCell.forward}
+                                if getattr(type(m), "forward", None) is nn.LSTMCell.forward}
             if self._attn_layout.blocks:
                 self._attn = AttentionCapture(self, self._attn_layout)
                 self._attn.install(self._wanted)
@@ -690,6 +698,8 @@ class Scope:
                 continue  # attention blocks and modules are attention sites, not recurrent cells
             if next(m.parameters(), None) is None:
                 continue  # parameter-free modules (activations, dropout) are never cells
+            if isinstance(m, torch.jit.ScriptModule):
+                continue  # no hooks allowed on TorchScript; reported in recording.unsupported
             self._discovery_handles.append(m.register_forward_hook(
                 functools.partial(self._on_discovery_call, name), with_kwargs=True))
 
@@ -759,6 +769,7 @@ class Scope:
         self._probe_history.append((self._step, summary))
         if len(self._probe_history) >= self.max_steps:
             self._probe_history = self._probe_history[::2]
+        self._critical_findings()
 
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
@@ -858,9 +869,9 @@ class Scope:
         self._check_finite(step, grads, params, got_param)
         params[~got_param] = np.nan  # NaN: the parameter received no gradient in this step
         attn_row = self._attn.finalize_row(step, attn_items, grads) if self._attn is not None else {}
-        if not any(p.deep for p in passes):
-            return  # a probe's step off the recording schedule: measured, checked, not a history row
-        self._history.append(step, grads, seq_len, params, attn_row)
+        if any(p.deep for p in passes):  # else a probe's step off the recording schedule: no history row
+            self._history.append(step, grads, seq_len, params, attn_row)
+        self._deliver_alerts()  # last: an alert raised here leaves the step fully recorded
         if self._history.n >= self.max_steps:
             self._history.thin()
             self._schedule.thin()
@@ -884,6 +895,33 @@ class Scope:
         if key not in self._event_keys:
             self._event_keys.add(key)
             self._events.append(event)
+            self._alerts.append(event)
+
+    def _critical_findings(self) -> None:
+        """After a probe: a critical finding not seen before becomes an event (for alerts)."""
+        if self._on_event is None and "critical" not in self._raise_on:
+            return
+        from ..analysis.diagnose import diagnose  # analysis imports nothing of capture
+
+        for f in diagnose(self.recording).findings:
+            if f.severity == "critical" and f.kind != "nonfinite":
+                self._event(("finding", f.kind, f.site), {"kind": "critical", "finding": f.kind, "site": f.site,
+                                                         "step": self._step, "explanation": f.explanation})
+
+    def _deliver_alerts(self) -> None:
+        """Hand this step's new events to ``on_event``; raise for a kind in ``raise_on``."""
+        alerts, self._alerts = self._alerts, []
+        for e in alerts:
+            if self._on_event is not None:
+                self._on_event(dict(e))
+        for e in alerts:
+            if e["kind"] in self._raise_on:
+                where = e.get("site") or e.get("param")
+                at = f", position {e['t']}" if e.get("t") is not None else ""
+                what = (f"a {e.get('value')} gradient" if e["kind"] == "nonfinite"
+                        else f"a critical {e.get('finding')} finding")
+                raise GradscopeAlert(f"gradscope: {what} at {where}{at} in training step {e['step']} "
+                                     f"(watch(raise_on={tuple(self._raise_on)!r})).", dict(e))
 
     def _note(self, key, text) -> None:
         if key not in self._note_keys:
@@ -1116,6 +1154,23 @@ def check_watch_options(*, every: Optional[int] = None, max_steps: int = 10_000,
         raise GradscopeError(f"unknown probe option(s) {sorted(bad)}; allowed: {sorted(allowed)}.")
 
 
+ALERT_KINDS = ("nonfinite", "critical")
+
+
+def _check_alerts(on_event, raise_on):
+    if on_event is not None and not callable(on_event):
+        raise GradscopeError(f"on_event must be a callable taking one event dict, got {type(on_event).__name__}.")
+    if isinstance(raise_on, str):
+        raise GradscopeError(f"raise_on must be a tuple of event kinds, got the string {raise_on!r}; write "
+                             f"raise_on=({raise_on!r},).")
+    raise_on = tuple(raise_on or ())
+    bad = [k for k in raise_on if k not in ALERT_KINDS]
+    if bad:
+        raise GradscopeError(f"unknown event kind(s) {bad} in raise_on; known: {list(ALERT_KINDS)}."
+                             f"{did_you_mean(str(bad[0]), ALERT_KINDS)}")
+    return on_event, raise_on
+
+
 def _check_model(model) -> None:
     if isinstance(model, type) and issubclass(model, nn.Module):
         raise GradscopeError(
@@ -1125,6 +1180,11 @@ def _check_model(model) -> None:
         raise GradscopeError(
             f"watch() expects a torch.nn.Module, got {type(model).__name__}. Pass the model object "
             f"itself (not its output, state_dict or parameters).")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise GradscopeError(
+            f"{type(model).__name__} is a TorchScript module: torch supports no hooks on it, so gradscope "
+            f"cannot watch or probe it. Watch (or probe) the Python module before torch.jit.script/trace; "
+            f"a model that only contains scripted parts can be watched (those parts run as opaque steps).")
     if isinstance(model, nn.DataParallel):
         raise GradscopeError(
             "watch() cannot see inside nn.DataParallel: it copies the module onto every GPU at each "
@@ -1135,7 +1195,8 @@ def _check_model(model) -> None:
 def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DEFAULT_OVERHEAD,
           max_interval: int = DEFAULT_MAX_INTERVAL, sites: Optional[Sequence[str]] = None,
           max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
-          probe_options: Optional[Dict[str, Any]] = None) -> Scope:
+          probe_options: Optional[Dict[str, Any]] = None, on_event: Optional[Callable] = None,
+          raise_on: Sequence[str] = ()) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
     By default the watch stays within an overhead budget: the deep passes (per-timestep capture)
@@ -1177,6 +1238,14 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
             "probe_lambda1")`` against ``"probe_steps"``).
         probe_options: keywords for those measurements: ``jacobians``, ``lyapunov``, ``k``,
             ``jacobian_samples``, ``threshold``, ``progress``.
+        on_event: called with each new event as it happens, at the end of the step's backward
+            pass: ``{"kind": "nonfinite", "step", "site", "state", "t", "value"}`` (or ``"param"``
+            for a parameter gradient) for the first non-finite value per site state or parameter;
+            ``{"kind": "critical", "finding", "site", "step", "explanation"}`` for a critical
+            finding of a probe.
+        raise_on: event kinds (``"nonfinite"``, ``"critical"``) that raise
+            :class:`~gradscope.errors.GradscopeAlert` from that ``loss.backward()`` (the step is
+            recorded first; the ``with`` block then closes the watch).
 
     Returns:
         A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
@@ -1200,4 +1269,5 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
         ('budget', 1)
     """
     return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every,
-                 probe_options=probe_options, overhead=overhead, max_interval=max_interval)
+                 probe_options=probe_options, overhead=overhead, max_interval=max_interval,
+                 on_event=on_event, raise_on=raise_on)

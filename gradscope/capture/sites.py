@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -78,7 +79,11 @@ def fused_sites(name: str, m: nn.Module) -> List[SiteSpec]:
 
 
 def unsupported_reason(m: nn.Module) -> Optional[str]:
-    """Why a recurrent-looking module cannot be replayed, or None when it can."""
+    """Why a module cannot be watched or replayed, or None when it can."""
+    if isinstance(m, torch.jit.ScriptModule):
+        return ("TorchScript module: torch allows no hooks on it, so it runs unwatched as one opaque "
+                "step (gradient still flows through it); watch the Python module before scripting it "
+                "to record inside")
     if isinstance(m, FUSED_TYPES):
         if type(m).forward not in _FUSED_FORWARDS:
             return (f"{type(m).__name__} subclasses {type(m).__mro__[1].__name__} but overrides "
