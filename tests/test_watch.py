@@ -615,16 +615,16 @@ def test_torch_compile_records_what_eager_records(backend, order):
     torch.manual_seed(0)
     model = Seq(nn.LSTM(3, 4, num_layers=2), 4)
     x = torch.randn(6, 2, 3)
-    with gradscope.watch(model, every=1) as scope:
+    with gradscope.watch(model, every=1, probe_every=None) as scope:
         model(x).sum().backward()
     ref = scope.recording
     model.zero_grad()
     torch._dynamo.reset()
     if order == "compile-then-watch":
         compiled = torch.compile(model, backend=backend)
-        scope = gradscope.watch(compiled, every=1)
+        scope = gradscope.watch(compiled, every=1, probe_every=None)
     else:
-        scope = gradscope.watch(model, every=1)
+        scope = gradscope.watch(model, every=1, probe_every=None)
         compiled = torch.compile(model, backend=backend)
     with scope:
         compiled(x).sum().backward()
@@ -1155,3 +1155,22 @@ def test_a_scriptmodule_as_the_watched_model_is_a_clear_error():
         gradscope.watch(scripted)
     with pytest.raises(GradscopeError, match="TorchScript module"):
         gradscope.probe(scripted, torch.randn(5, 2, 3))
+
+
+# Dynamo itself reads .grad of a non-leaf while re-tracing the second call (also unwatched, with
+# warnings as errors); not gradscope's warning
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_default_probe_of_a_compiled_model_runs_eagerly():
+    # Dynamo must not trace gradscope's own work (the probe's estimators took minutes to trace and
+    # warned for every builtin they met); filterwarnings=error turns any such warning into a failure
+    torch.manual_seed(0)
+    model = Seq(nn.LSTM(3, 4, num_layers=2), 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(6, 2, 3)
+    with gradscope.watch(compiled) as scope:
+        for _ in range(2):
+            compiled(x).sum().backward()
+    sched = scope.recording.meta["schedule"]
+    assert sched["probes"] == 1 and scope.step == 2
+    assert "jacobian_norms" in scope.diagnose().site_summary("rnn.l0")["evidence_used"]

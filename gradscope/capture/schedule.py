@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -36,7 +37,7 @@ __all__ = ["Schedule", "AUTO", "DEFAULT_OVERHEAD", "DEFAULT_MAX_INTERVAL"]
 
 AUTO = "auto"
 DEFAULT_OVERHEAD = 0.03
-DEFAULT_MAX_INTERVAL = 1000
+DEFAULT_MAX_INTERVAL = 10_000
 _RECENT = 32  # plain-step durations kept for the running mean
 _MIN_COST = 0.1  # the least extra cost charged for a deep pass or probe, in plain steps
 
@@ -91,10 +92,12 @@ class Schedule:
     def budgeted(self) -> bool:
         return self.every is None or self.probe_every == AUTO
 
-    def begin(self, step: int, now: float) -> Tuple[bool, bool]:
-        """A forward pass of step ``step`` starts at ``now`` (seconds): ``(deep, probe)`` for it.
-
-        Passes of one step (gradient accumulation) get the step's first decision."""
+    def begin(self, step: int, now: Optional[float] = None) -> Tuple[bool, bool]:
+        """A forward pass of step ``step`` starts at ``now`` (seconds; default: the clock now):
+        ``(deep, probe)`` for it. Passes of one step (gradient accumulation) get the step's first
+        decision."""
+        if now is None:
+            now = time.perf_counter()
         if self._decided[0] == step:
             return self._decided[1], self._decided[2]
         if self._open is not None:

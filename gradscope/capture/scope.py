@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -52,6 +51,13 @@ __all__ = ["watch", "Scope"]
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
+
+
+def _eager(fn):
+    """``fn`` run eagerly under ``torch.compile`` (Dynamo would try to trace gradscope's own work —
+    the probe's estimators took minutes to trace); ``fn`` itself where torch has no compiler API."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
 
 
 def _graph_task_id() -> int:
@@ -418,7 +424,7 @@ class Scope:
             return
         if self._pending:
             self._settle()
-        deep, probe = self._schedule.begin(self._step, time.perf_counter())
+        deep, probe = _eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
         self._current = p
         if p.scheduled:
@@ -482,7 +488,7 @@ class Scope:
             for name, n in self._cell_counter.items():
                 p.seq_len[name] = max(p.seq_len.get(name, 0), n)
             if p.probe:
-                self._run_probe(p)
+                _eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
         if type(output) is Tensor:  # the common case, without the generic walk
             outs = [output] if output.requires_grad else []
         else:
