@@ -305,11 +305,55 @@ def _load_safetensors(path: Path, name: str) -> Tuple[Any, List[str], dict]:
     return tensors, [], extra
 
 
-def load_file(path: Path, *, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
+def _is_text_pickle(path: Path, size: int) -> bool:
+    """True when a file that reads as text is a protocol 0 or 1 pickle (ASCII opcodes, such as
+    ``(dp0`` or ``ccollections``): its opcodes parse to a STOP at the end of the file."""
+    if size > 64 * 2 ** 20:
+        return False
+    try:
+        data = path.read_bytes().rstrip(b"\r\n")
+        if data[:1] not in (b"(", b"c", b"}", b"]", b"N", b"I", b"F", b"S", b"V", b"\x80", b"l", b"d"):
+            return False
+        last = None
+        for op, _arg, pos in pickletools.genops(data):
+            last = (op.name, pos)
+        return last is not None and last[0] == "STOP" and last[1] == len(data) - 1
+    except Exception:  # not a pickle: any parse error says so
+        return False
+
+
+def _check_sizes(path: Path, name: str, kind: str, size: int, max_load_bytes: Optional[int]) -> List[str]:
+    """Refuse what declares more than the limit, or lies about its sizes, before reading it
+    (see :mod:`gradscope._archive`); verify zip CRCs. Returns notes."""
+    import zipfile
+
+    from . import _archive
+
+    _archive.check_file_size(repr(name), size, max_load_bytes)
+    if kind == "zip":
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return []  # not readable as a zip at all: torch.load's own error explains it
+        with zf:
+            infos = _archive.inspect_zip(zf, repr(name), size, max_load_bytes, CheckpointError)
+            unchecked = _archive.verify_crcs(zf, infos, repr(name), CheckpointError, skip_zero=True)
+        if unchecked:
+            return [f"{len(unchecked)} zip members carry no CRC-32 (written with torch.serialization."
+                    f"set_crc32_options(False)?); their integrity could not be checked"]
+    if kind == "safetensors":
+        with open(path, "rb") as f:
+            _archive.check_safetensors(f, repr(name), size, CheckpointError)
+    return []
+
+
+def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None) -> Tuple[Any, str, List[str], dict]:
     """Read ``path`` into a Python object.
 
-    Returns ``(object, format, notes, extra_metadata)``; raises :class:`CheckpointError` (or
-    :class:`UnsafeCheckpointError`) for anything that goes wrong, never another exception type.
+    ``max_load_bytes`` bounds what the file may declare (None: no limit; see
+    :mod:`gradscope._archive`). Returns ``(object, format, notes, extra_metadata)``; raises
+    :class:`CheckpointError` (or :class:`UnsafeCheckpointError`, :class:`LoadLimitError`) for
+    anything that goes wrong, never another exception type.
     """
     name = str(path)
     try:
@@ -323,8 +367,11 @@ def load_file(path: Path, *, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
     if kind == "empty":
         raise CheckpointError(
             f"{name!r} is empty (0 bytes); the save was probably interrupted: re-save or re-download it.")
+    if kind in ("json", "text", "unknown") and _is_text_pickle(path, size):
+        kind = "pickle"  # protocol 0 or 1: pickle opcodes in (mostly) printable bytes
     if kind in ("json", "text"):
         raise _failure(name, kind, suffix, ValueError(kind))
+    size_notes = _check_sizes(path, name, kind, size, max_load_bytes)
     if kind == "safetensors" or (suffix == SAFETENSORS_SUFFIX and kind == "unknown"):
         obj, notes, extra = _load_safetensors(path, name)
         return obj, "safetensors", notes, extra
@@ -334,7 +381,7 @@ def load_file(path: Path, *, unsafe: bool) -> Tuple[Any, str, List[str], dict]:
 
     import torch
 
-    notes: List[str] = []
+    notes: List[str] = list(size_notes)
     if suffix == SAFETENSORS_SUFFIX:
         notes.append(f"the file is named {suffix} but holds a torch.save {kind}; read with torch.load")
     fmt = {"zip": "torch-zip", "torch-legacy": "torch-legacy", "pickle": "pickle"}.get(kind, "unknown")

@@ -130,6 +130,12 @@ def locate_state_dict(obj: Any) -> Tuple[Dict[str, Tensor], str, List[Path_], Li
             notes.append("took the checkpoint's tensor entries as the state dict")
             return flat, "checkpoint (its tensor entries)", [(k,) for k in flat], notes
     n = count_tensors(obj)
+    if n == 0 and nesting_depth(obj, _MAX_DEPTH + 1) > _MAX_DEPTH:
+        raise CheckpointError(
+            f"the checkpoint nests containers more than {_MAX_DEPTH} levels deep (dicts or lists inside "
+            f"each other) and holds no tensor in its first {_MAX_DEPTH} levels; gradscope looks for the "
+            f"state dict at the top or under one or two keys such as 'state_dict': save "
+            f"torch.save(model.state_dict(), path) or {{'state_dict': model.state_dict()}}.")
     if n == 0:
         raise CheckpointError(
             f"the checkpoint holds no tensors at all (it is {describe_type(obj)}); it has no weights "
@@ -159,13 +165,27 @@ def strip_wrapper_prefixes(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], st
     return sd, stripped
 
 
+#: Containers deeper than this are not searched for tensors.
+_MAX_DEPTH = 20
+
+
+def nesting_depth(obj: Any, limit: int) -> int:
+    """How many levels of dicts, lists and tuples nest in ``obj`` (``{}`` is 1), counted up to ``limit``."""
+    depth = 0
+    level = [obj] if isinstance(obj, (Mapping, list, tuple)) else []
+    while level and depth < limit:
+        depth += 1
+        level = [v for o in level for _k, v in _children(o) if isinstance(v, (Mapping, list, tuple))][:10_000]
+    return depth
+
+
 def count_tensors(obj: Any, _depth: int = 0) -> int:
     """Number of tensors anywhere in a nested structure (modules count their state)."""
     if isinstance(obj, Tensor):
         return 1
     if isinstance(obj, nn.Module):
         return len(obj.state_dict())
-    if _depth > 20:
+    if _depth > _MAX_DEPTH:
         return 0
     return sum(count_tensors(v, _depth + 1) for _k, v in _children(obj))
 

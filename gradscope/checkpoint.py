@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _ckpt_io, _ckpt_tree
+from . import _archive, _ckpt_io, _ckpt_tree
+from ._archive import DEFAULT_MAX_LOAD_BYTES
 from ._ckpt_io import INSTALL_HINT, one_line
 from .errors import CheckpointError, ModelSpecError, UnsafeCheckpointError, did_you_mean
 
@@ -54,6 +55,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "ModelSpecError",
     "INSTALL_HINT",
+    "DEFAULT_MAX_LOAD_BYTES",
+    "estimate_probe_seconds",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -99,7 +102,8 @@ class Checkpoint:
         return int(sum(t.numel() for t in self.state_dict.values()))
 
 
-def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
+def load_checkpoint(path: PathLike, *, unsafe: bool = False,
+                    max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Checkpoint:
     """Load a saved checkpoint without running code from it, and find its state dict.
 
     ``.pt``, ``.pth``, ``.bin`` and ``.ckpt`` files (and files with other suffixes that turn out to
@@ -112,6 +116,11 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
         unsafe: Allow a pickle to run code while loading (``torch.load(weights_only=False)`` or
             ``pickle.load``). Needed for whole pickled models and custom classes. Only for files
             you trust: the file's code runs with your permissions.
+        max_load_bytes: The most bytes the file may be, and may declare once inflated (zip
+            members, safetensors tensors), checked before anything is read; also refused: a zip
+            inflating more than 100:1 beyond 16 MiB (a zip bomb), headers that do not fit the file,
+            zip members whose CRC-32 does not match. Default 4 GiB; None switches the limits off
+            (CRCs are still checked).
 
     Returns:
         A :class:`Checkpoint`.
@@ -119,6 +128,7 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
     Raises:
         UnsafeCheckpointError: The file needs to run code to load (it names the globals it
             wanted) and ``unsafe`` is False.
+        LoadLimitError: The file is, or declares, more than ``max_load_bytes`` (a CheckpointError).
         CheckpointError: Missing file, directory, empty/truncated/corrupt file, a JSON or text
             file, unreadable safetensors, safetensors not installed, no tensors or no state dict
             in the file. Every message is one line saying what arrived and how to fix it. No other
@@ -132,6 +142,7 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
         >>> ckpt.source_key, ckpt.metadata, sorted(ckpt.state_dict)[:2]
         ("checkpoint['state_dict']", {'epoch': 3}, ['bias_hh_l0', 'bias_ih_l0'])
     """
+    max_load_bytes = _archive.check_limit(max_load_bytes)
     p = Path(os.fspath(path)).expanduser()
     try:
         if not p.exists():
@@ -143,7 +154,7 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
                 f"{str(p)!r} is not a regular file (a device, pipe or socket?); pass a checkpoint file.")
     except OSError as exc:
         raise CheckpointError(f"cannot access {str(p)!r} ({one_line(str(exc), 80)}); check the path.") from None
-    obj, fmt, notes, extra = _ckpt_io.load_file(p, unsafe=unsafe)
+    obj, fmt, notes, extra = _ckpt_io.load_file(p, unsafe=unsafe, max_load_bytes=max_load_bytes)
     try:
         sd, source, used, more_notes = _ckpt_tree.locate_state_dict(obj)
         sd, stripped = _ckpt_tree.strip_wrapper_prefixes(sd)
@@ -159,6 +170,38 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False) -> Checkpoint:
         more_notes.append(f"stripped the prefix {stripped!r} carried by every key")
     return Checkpoint(path=str(path), format=fmt, state_dict=sd, source_key=source, metadata=metadata,
                       stripped_prefix=stripped, unsafe=unsafe, notes=notes + more_notes)
+
+
+#: Effective speed assumed for probe estimates; a rough CPU figure (measured 2.5–20 GFLOP/s for
+#: LSTM/RNN probes of H 128–256 on one core), so estimates are right within a factor of a few.
+PROBE_FLOPS_PER_SECOND = 1e10
+
+
+def estimate_probe_seconds(module: nn.Module, seq_len: int, batch: int, k: Optional[int] = None,
+                           jacobian_samples: int = 4) -> float:
+    """A rough estimate of :func:`gradscope.probe`'s time on ``module`` for ``[seq_len, batch]`` inputs.
+
+    The probe multiplies per-step state Jacobians over every lag: about ``2·N³`` operations per step
+    and sample for a state of size N (H, or 2H for LSTM's (h, c)), plus the Lyapunov QR steps
+    ``4·N²·k``, for ``min(batch, jacobian_samples)`` samples and every layer and direction. Attention
+    modules and other layers are not counted. It is an estimate, not a promise: it only has to tell a
+    report of seconds from one of hours before it starts.
+
+    Example:
+        >>> estimate_probe_seconds(torch.nn.LSTM(8, 64), 100, 8) < 1 < estimate_probe_seconds(
+        ...     torch.nn.RNN(8, 4096), 100, 8)
+        True
+    """
+    flops = 0.0
+    samples = min(batch, jacobian_samples)
+    for m in module.modules():
+        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            h = m.hidden_size
+            n = h + (getattr(m, "proj_size", 0) or h) if isinstance(m, (nn.LSTM, nn.LSTMCell)) else h
+            units = getattr(m, "num_layers", 1) * (2 if getattr(m, "bidirectional", False) else 1)
+            kk = min(k or 16, n)
+            flops += units * samples * seq_len * (2.0 * n ** 3 + 4.0 * n ** 2 * kk)
+    return flops / PROBE_FLOPS_PER_SECOND
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,14 +663,38 @@ def memory_time(bias: Union[float, np.ndarray]) -> Union[float, np.ndarray]:
     return float(tau) if tau.ndim == 0 else tau
 
 
+#: Matrices larger than this get their top singular values and spectral radius from ARPACK: the dense
+#: SVD and eigenvalues of a 4096² block take minutes (8·n³), the iterative ones about a second.
+_DENSE_SPECTRUM_MAX = 1024
+
+
+def _large_spectrum(m: np.ndarray, top: int) -> Tuple[np.ndarray, float]:
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigs, svds
+
+    try:
+        sv = np.sort(svds(m, k=min(top, min(m.shape) - 1), return_singular_vectors=False, tol=1e-8,
+                          random_state=0))[::-1]
+        radius = float("nan")
+        if m.shape[0] == m.shape[1]:
+            v0 = np.ones(m.shape[0]) / math.sqrt(m.shape[0])
+            radius = float(np.max(np.abs(eigs(m, k=1, which="LM", return_eigenvectors=False, tol=1e-8,
+                                              v0=v0, maxiter=20 * m.shape[0]))))
+    except (ArpackError, ArpackNoConvergence) as exc:
+        raise ArithmeticError(str(exc)) from None
+    return sv, radius
+
+
 def _spectrum(m: np.ndarray, top: int = 16) -> Dict[str, Any]:
     nan = {"spectral_norm": float("nan"), "spectral_radius": float("nan"), "singular_values": []}
     if not np.all(np.isfinite(m)):
         return nan
     try:
-        sv = np.linalg.svd(m, compute_uv=False)
-        radius = float(np.max(np.abs(np.linalg.eigvals(m)))) if m.shape[0] == m.shape[1] and m.size else float("nan")
-    except np.linalg.LinAlgError:  # LAPACK did not converge (pathological values)
+        if min(m.shape) > _DENSE_SPECTRUM_MAX:
+            sv, radius = _large_spectrum(m, top)
+        else:
+            sv = np.linalg.svd(m, compute_uv=False)
+            radius = float(np.max(np.abs(np.linalg.eigvals(m)))) if m.shape[0] == m.shape[1] and m.size else float("nan")
+    except (np.linalg.LinAlgError, ArithmeticError):  # LAPACK/ARPACK did not converge (pathological values)
         return nan
     return {"spectral_norm": float(sv[0]) if sv.size else 0.0, "spectral_radius": radius,
             "singular_values": [float(s) for s in sv[:top]]}

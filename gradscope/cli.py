@@ -19,6 +19,7 @@ __all__ = ["main", "main_entry"]
 FINDING_KINDS = ("vanishing", "exploding", "short_memory", "saturated_gates", "dead_units", "nonfinite",
                  "precision_underflow", "attention_entropy_collapse", "rank_collapse", "postln_instability")
 FORMATS = ("text", "markdown", "json", "html")
+DEFAULT_MAX_PROBE_SECONDS = 300.0
 
 REPORT_EPILOG = """examples:
   gradscope report model.pt                          # text report on stdout
@@ -42,8 +43,15 @@ DEMO_EPILOG = """examples:
 """
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="gradscope",
         description="Diagnose vanishing and exploding gradients in PyTorch sequence models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated finding kinds that make the exit status 1 ({', '.join(FINDING_KINDS)})")
     r.add_argument("--require-sites", action="store_true",
                    help="exit 2 when the checkpoint holds no recurrent or attention weights")
+    r.add_argument("--max-probe-seconds", type=float, default=DEFAULT_MAX_PROBE_SECONDS, metavar="S",
+                   help="skip probing modules whose estimated probe time is beyond this, with a note "
+                        f"(static analysis still runs; default {DEFAULT_MAX_PROBE_SECONDS:g}; 0: no limit)")
+    _limit_arg(r)
 
     sh = sub.add_parser("show", help="diagnose a saved Recording and render it",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHOW_EPILOG,
@@ -99,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("path", type=Path, help="a .npz file written by Recording.save")
     _output_args(sh)
     sh.add_argument("--fail-on", metavar="KINDS", default="", help="as for report")
+    _limit_arg(sh)
     return p
 
 
@@ -106,6 +119,42 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="text", help=f"one of {', '.join(FORMATS)} (default text)")
     p.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     p.add_argument("--threshold", type=float, default=1e-3, help="gradient horizon threshold (default 1e-3)")
+
+
+def _limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-load-bytes", metavar="SIZE", default="4G",
+                   help="refuse files that are, or declare once inflated, more than SIZE (e.g. 512M, 8G; "
+                        "default 4G; 'none': no limit); zip bombs and lying headers are refused before "
+                        "anything is read")
+
+
+def _check_numbers(args) -> None:
+    """Every numeric option, checked before any file is read or any model probed."""
+    import math
+
+    def bad(name, value, expected):
+        raise GradscopeError(f"{name} must be {expected}, got {value}.")
+
+    if not (0 < args.threshold < 1):
+        bad("--threshold", args.threshold, "between 0 and 1 (exclusive), e.g. 1e-3")
+    if args.command != "report":
+        return
+    for name, value, lo, hi in (("--seq-len", args.seq_len, 2, 1_000_000), ("--batch", args.batch, 1, 65_536),
+                                ("--k", args.k, 1, 4096), ("--num-heads", args.num_heads, 1, 65_536)):
+        if value is not None and value < lo:
+            bad(name, value, f"at least {lo}")
+        if value is not None and value > hi:
+            bad(name, value, f"at most {hi} (probing needs neither more; pass a smaller value)")
+    if not (args.input_scale > 0 and math.isfinite(args.input_scale)):
+        bad("--input-scale", args.input_scale, "a positive number")
+    if not (args.max_probe_seconds >= 0 and math.isfinite(args.max_probe_seconds)):
+        bad("--max-probe-seconds", args.max_probe_seconds, "a number of seconds >= 0 (0: no limit)")
+    if args.inputs is not None and not args.inputs.is_file():
+        raise GradscopeError(f"--inputs {str(args.inputs)!r}: no such file; pass a file written with "
+                             f"torch.save(tensor).")
+    if args.model_args is not None:
+        from .checkpoint import _parse_args
+        _parse_args(args.model_args)
 
 
 def _fail_kinds(text: str):
@@ -146,14 +195,18 @@ def _exit_for(findings, fail) -> int:
 
 
 def _report(args) -> int:
+    from ._archive import parse_size
     from .report.checkpoint_report import report_checkpoint
     _check_format(args.format)
     fail = _fail_kinds(args.fail_on)
+    _check_numbers(args)
+    limit = parse_size(args.max_load_bytes)
     rep = report_checkpoint(args.path, unsafe=args.unsafe_load, model_spec=args.model,
                             model_args=args.model_args, rnn_nonlinearity=args.rnn_nonlinearity,
                             num_heads=args.num_heads, seq_len=args.seq_len, batch=args.batch,
                             seed=args.seed, input_scale=args.input_scale, inputs=args.inputs,
                             probe_sites=not args.no_probe, threshold=args.threshold, k=args.k,
+                            max_load_bytes=limit, max_probe_seconds=args.max_probe_seconds or None,
                             train_mode=args.train_mode)
     if args.require_sites and not rep.modules and not args.model:
         raise GradscopeError(f"{args.path}: no recurrent or attention weights found (--require-sites); "
@@ -163,11 +216,20 @@ def _report(args) -> int:
 
 
 def _show(args) -> int:
+    from ._archive import parse_size
     from .analysis.diagnose import diagnose
     from .recording import load
     _check_format(args.format)
     fail = _fail_kinds(args.fail_on)
-    diag = diagnose(load(args.path), threshold=args.threshold)
+    _check_numbers(args)
+    rec = load(args.path, max_load_bytes=parse_size(args.max_load_bytes))
+    try:
+        diag = diagnose(rec, threshold=args.threshold)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # load() checked the schema it knows; deeper probe metadata that breaks diagnose is the file's fault
+        raise GradscopeError(f"{str(args.path)!r} loaded, but its contents do not fit a gradscope recording "
+                             f"({type(e).__name__}: {_one_line(str(e))[:120]}); the file is malformed: "
+                             f"re-save it with Recording.save().") from None
     text = {"text": lambda: str(diag), "markdown": diag.to_markdown, "json": lambda: diag.to_json() + "\n",
             "html": diag.to_html}[args.format]()
     _emit(text, args.output)

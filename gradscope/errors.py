@@ -52,6 +52,14 @@ class ModelSpecError(CheckpointError):
     """A ``--model package.module:factory`` spec cannot be imported, called, or loaded strictly."""
 
 
+class LoadLimitError(CheckpointError, RecordingFormatError):
+    """A file declares more data than the load limit allows, or inflates like a zip bomb.
+
+    Raised before anything is inflated, so memory stays bounded. Raise the limit with
+    ``max_load_bytes=`` (CLI ``--max-load-bytes``) for a file you trust.
+    """
+
+
 class NonFiniteWarning(UserWarning):
     """NaN or inf arose inside a computation; the affected entries of the result are NaN.
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 import zipfile
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._archive import DEFAULT_MAX_LOAD_BYTES, check_file_size, check_limit, inspect_zip, read_npz
 from ._format import jsonable
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError, did_you_mean
 
@@ -385,50 +388,179 @@ class Recording:
         return _read(io.BytesIO(data), what)
 
 
-def load(path) -> Recording:
+def load(path, *, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Recording:
     """Read a Recording written by :meth:`Recording.save`.
 
+    The file is checked before it is inflated: its size, and the size its arrays declare, must fit
+    ``max_load_bytes`` (default 4 GiB; None: no limit), a zip inflating beyond 100:1 past 16 MiB is
+    refused as a zip bomb, every npy header must match its member's size, and CRC-32s must match.
+    Then the schema is checked: metadata types, array dtypes and shapes (``steps`` ``[S]`` integers,
+    grad norms ``[S, T]``, parameter norms ``[S]``), and signs (norms are not negative).
+
     Raises:
-        RecordingFormatError: the file is missing, not a gradscope recording, truncated or
-            corrupt, or written by a newer gradscope (unknown format version).
+        RecordingFormatError: the file is missing, unreadable, not a gradscope recording, truncated,
+            corrupt or malformed (the message names the field), or written by a newer gradscope
+            (unknown format version). Its subclass LoadLimitError: the file declares more than
+            ``max_load_bytes``.
     """
+    limit = check_limit(max_load_bytes)
     path = Path(path)
     hint = "Pass a file written by Recording.save()."
-    if not path.is_file():
-        raise RecordingFormatError(f"no recording at {str(path)!r}: {'a directory' if path.is_dir() else 'no such file'}. {hint}")
-    with open(path, "rb") as fh:
-        return _read(fh, repr(str(path)))
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise RecordingFormatError(f"no recording at {str(path)!r}: no such file. {hint}") from None
+    except OSError as e:
+        raise RecordingFormatError(f"cannot access {str(path)!r} ({e.strerror or e}); check the path "
+                                   f"and its permissions.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RecordingFormatError(f"no recording at {str(path)!r}: a directory. {hint}")
+    if not stat.S_ISREG(st.st_mode):
+        raise RecordingFormatError(f"{str(path)!r} is not a regular file (a pipe, device or socket); "
+                                   f"{hint}")
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise RecordingFormatError(f"cannot read {str(path)!r} ({e.strerror or e}); check its "
+                                   f"permissions.") from None
+    with fh:
+        return _read(fh, repr(str(path)), limit)
 
 
-def _read(fh, what: str) -> Recording:
+def _read(fh, what: str, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Recording:
     hint = "Pass a file written by Recording.save()."
     try:
-        with np.load(fh, allow_pickle=False) as z:
-            if _META_KEY not in z.files:
+        size = fh.seek(0, 2)
+        fh.seek(0)
+        check_file_size(what, size, max_load_bytes)
+        with zipfile.ZipFile(fh) as z:
+            infos = inspect_zip(z, what, size, max_load_bytes, RecordingFormatError)
+            if not any(i.filename in (_META_KEY, _META_KEY + ".npy") for i in infos):
                 raise RecordingFormatError(
                     f"{what} is an npz file but not a gradscope recording (no metadata). {hint}")
-            meta = json.loads(bytes(z[_META_KEY]).decode())
-            if not isinstance(meta, dict) or meta.get("format") != "gradscope.recording":
-                raise RecordingFormatError(f"{what} is not a gradscope recording. {hint}")
-            version = meta.get("version")
-            if version != FORMAT_VERSION:
-                raise RecordingFormatError(
-                    f"{what} has recording format version {version!r}; this gradscope reads "
-                    f"version {FORMAT_VERSION}. Upgrade gradscope (pip install -U gradscope) to read it.")
-            idx = meta["index"]
-            grads = {(s, st): z[k] for s, st, k in idx["grads"]}
-            seq_lens = {s: z[k] for s, k in idx["seq_lens"]}
-            params = {n: z[k] for n, k in idx["params"]}
-            measures = {(s, m): z[k] for s, m, k in idx["measures"]}
-            steps = z["steps"]
+            arrays = read_npz(z, infos, what, RecordingFormatError)
     except RecordingFormatError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError,
-            json.JSONDecodeError, UnicodeDecodeError) as e:
+            zlib.error, NotImplementedError, RuntimeError) as e:
         raise RecordingFormatError(
             f"{what} is not a readable gradscope recording (corrupt or truncated: "
             f"{type(e).__name__}). {hint}") from None
-    return Recording(sites=meta["sites"], steps=steps, grads=grads, seq_lens=seq_lens, params=params,
-                     events=meta.get("events", ()), unsupported=meta.get("unsupported", ()),
-                     notes=meta.get("notes", ()), meta=meta.get("meta", {}), measures=measures,
-                     measure_meta=meta.get("measure_meta", {}))
+    raw = arrays[_META_KEY]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise RecordingFormatError(f"{what}: its metadata (__meta__) is a {raw.dtype} array of shape "
+                                   f"{raw.shape}, expected JSON bytes (uint8, 1-D). {hint}")
+    try:
+        meta = json.loads(raw.tobytes().decode())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RecordingFormatError(f"{what}: its metadata is not valid JSON ({type(e).__name__}). {hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "gradscope.recording":
+        raise RecordingFormatError(f"{what} is not a gradscope recording. {hint}")
+    version = meta.get("version")
+    if version != FORMAT_VERSION:
+        raise RecordingFormatError(
+            f"{what} has recording format version {version!r}; this gradscope reads "
+            f"version {FORMAT_VERSION}. Upgrade gradscope (pip install -U gradscope) to read it.")
+    fields = _validated(meta, arrays, what)
+    try:
+        return Recording(**fields)
+    except RecordingFormatError as e:
+        raise RecordingFormatError(f"{what}: {e}. {hint}") from None
+
+
+# Measures whose arrays gradscope writes: (ndim, first axis is the recorded steps, non-negative).
+_MEASURE_SCHEMA = {
+    "jacobian_norms": (2, False, True), "lyapunov": (2, False, False), "hidden_sv": (1, False, True),
+    "depth_grad_norms": (3, True, True), "depth_jacobian_norms": (2, False, True),
+    "attention_entropy": (2, True, True), "qk_spectral_norm": (2, True, True),
+    "rank_residual": (1, True, True), "token_cosine": (1, True, False),
+    "grad_wq": (1, True, True), "grad_wk": (1, True, True), "grad_wv": (1, True, True),
+}
+
+
+def _bad(what: str, field: str, got: str, expected: str) -> RecordingFormatError:
+    return RecordingFormatError(f"{what}: field {field} is {got}, expected {expected}; the file is malformed "
+                                f"or was not written by Recording.save(): re-save it.")
+
+
+def _kind(v: Any) -> str:
+    return f"a {type(v).__name__} ({' '.join(repr(v).split())[:40]})"
+
+
+def _validated(meta: Dict[str, Any], arrays: Dict[str, np.ndarray], what: str) -> Dict[str, Any]:
+    """Check the metadata and arrays of a loaded recording against the schema Recording.save writes;
+    returns Recording's keyword arguments. Every refusal names the field."""
+    def typed(name, value, types, expected):
+        if not isinstance(value, types):
+            raise _bad(what, name, _kind(value), expected)
+        return value
+
+    sites = typed("sites", meta.get("sites"), dict, "an object of site name -> site info")
+    for s, info in sites.items():
+        typed(f"sites[{s!r}]", info, dict, "an object (kind, states, ...)")
+        states = info.get("states")
+        if not isinstance(states, list) or not all(isinstance(x, str) for x in states):
+            raise _bad(what, f"sites[{s!r}].states", _kind(states), "a list of state names such as ['h', 'c']")
+        if not isinstance(info.get("kind", ""), str):
+            raise _bad(what, f"sites[{s!r}].kind", _kind(info.get("kind")), "a string such as 'lstm'")
+    for name in ("events", "unsupported"):
+        items = typed(name, meta.get(name, []), list, "a list of objects")
+        for i, e in enumerate(items):
+            typed(f"{name}[{i}]", e, dict, "an object")
+    notes = typed("notes", meta.get("notes", []), list, "a list of strings")
+    for i, n in enumerate(notes):
+        typed(f"notes[{i}]", n, str, "a string")
+    typed("meta", meta.get("meta", {}), dict, "an object")
+    measure_meta = typed("measure_meta", meta.get("measure_meta", {}), dict, "an object of site -> object")
+    for s, m in measure_meta.items():
+        typed(f"measure_meta[{s!r}]", m, dict, "an object")
+    index = typed("index", meta.get("index"), dict, "an object with grads, seq_lens, params, measures")
+
+    def entries(name, arity):
+        rows = typed(f"index.{name}", index.get(name, []), list, f"a list of [{arity} strings] rows")
+        for i, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == arity and all(isinstance(x, str) for x in row)):
+                raise _bad(what, f"index.{name}[{i}]", _kind(row), f"a list of {arity} strings")
+            if row[-1] not in arrays:
+                raise _bad(what, f"index.{name}[{i}]", f"a reference to array {row[-1]!r}, which the file lacks",
+                           "the name of one of its arrays")
+        return rows
+
+    def array(field, key, kinds, ndim, length=None, signed=False):
+        a = arrays[key]
+        if a.dtype.kind not in kinds:
+            raise _bad(what, field, f"an array of dtype {a.dtype}", f"{'integers' if kinds == 'iu' else 'real numbers'}")
+        if a.ndim != ndim or (length is not None and a.shape[0] != length):
+            shape = "[" + ", ".join(["S" if length is not None else "n"] + ["n"] * (ndim - 1)) + "]"
+            raise _bad(what, field, f"an array of shape {list(a.shape)}",
+                       f"{ndim}-D {shape}" + (f" with S = {length} recorded steps" if length is not None else ""))
+        if not signed and a.size and bool(np.any(a < 0)):
+            raise _bad(what, field, f"an array with negative values (min {np.nanmin(a):.4g})",
+                       "norms and counts, which are never negative (NaN marks missing values)")
+        return a
+
+    if "steps" not in arrays:
+        raise _bad(what, "steps", "missing", "a 1-D integer array [S] of training-step indices")
+    steps = array("steps", "steps", "iu", 1)
+    n = len(steps)
+    grads = {}
+    for i, (s, st, k) in enumerate(entries("grads", 3)):
+        if s not in sites or st not in sites[s]["states"]:
+            raise _bad(what, f"index.grads[{i}]", f"a reference to site {s!r} state {st!r}",
+                       "a site and state listed under sites")
+        grads[(s, st)] = array(f"grad norms of {s!r}/{st!r} ({k})", k, "fiub", 2, n)
+    seq_lens = {}
+    for i, (s, k) in enumerate(entries("seq_lens", 2)):
+        if s not in sites:
+            raise _bad(what, f"index.seq_lens[{i}]", f"a reference to site {s!r}", "a site listed under sites")
+        seq_lens[s] = array(f"sequence lengths of {s!r} ({k})", k, "iu", 1, n)
+    params = {p: array(f"parameter grad norms of {p!r} ({k})", k, "fiub", 1, n)
+              for p, k in entries("params", 2)}
+    measures = {}
+    for s, m, k in entries("measures", 3):
+        ndim, per_step, positive = _MEASURE_SCHEMA.get(m.split("[")[0], (arrays[k].ndim, False, False))
+        measures[(s, m)] = array(f"measure {m!r} of {s!r} ({k})", k, "fiub", ndim, n if per_step else None,
+                                 signed=not positive)
+    return dict(sites=sites, steps=steps, grads=grads, seq_lens=seq_lens, params=params,
+                events=meta.get("events", []), unsupported=meta.get("unsupported", []), notes=notes,
+                meta=meta.get("meta", {}), measures=measures, measure_meta=measure_meta)

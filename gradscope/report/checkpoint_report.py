@@ -21,7 +21,8 @@ from .. import __version__
 from .._format import fmt, jsonable, text_table
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose
 from ..capture.probe import probe
-from ..checkpoint import build_user_model, find_modules, load_checkpoint, static_analysis
+from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
+                          load_checkpoint, static_analysis)
 from ..errors import GradscopeError
 
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -237,6 +238,9 @@ def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Gene
 def _load_inputs(path: Path):
     if not path.is_file():
         raise GradscopeError(f"--inputs {str(path)!r}: no such file; pass a file written with torch.save(tensor).")
+    if path.stat().st_size > DEFAULT_MAX_LOAD_BYTES:
+        raise GradscopeError(f"--inputs {str(path)!r} is {path.stat().st_size} bytes, more than 4 GiB of inputs; "
+                             f"probing needs a batch of a few dozen sequences: save fewer.")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
@@ -248,25 +252,72 @@ def _load_inputs(path: Path):
     return obj
 
 
+def _check_inputs_fit(model: nn.Module, x, path: Path) -> None:
+    """One forward pass without gradients, so --inputs the model cannot take fail in one clear line."""
+    shapes = ([list(x.shape)] if isinstance(x, torch.Tensor) else
+              [list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+               for v in (x.values() if isinstance(x, dict) else x)])
+    try:
+        with torch.no_grad():
+            model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
+    except Exception as e:  # noqa: BLE001 - the model refused the user's inputs
+        raise GradscopeError(
+            f"--inputs {str(path)!r} (shapes {shapes}) does not fit the model: its forward raised "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:160]}; save inputs of the shape the model's "
+            f"forward expects.") from None
+
+
+def _over_budget(modules: Dict[str, nn.Module], seq_len: int, batch: int, k: Optional[int],
+                 max_seconds: Optional[float]) -> Dict[str, str]:
+    """Modules (by prefix) whose probes are estimated beyond ``max_seconds`` in all, largest first, each
+    with its note."""
+    if not max_seconds:
+        return {}
+    est = {p: estimate_probe_seconds(m, seq_len, batch, k) for p, m in modules.items()}
+    total, out = sum(est.values()), {}
+    for p in sorted(est, key=est.get, reverse=True):
+        if total <= max_seconds:
+            break
+        total -= est[p]
+        m = modules[p]
+        size = getattr(m, "hidden_size", None) or getattr(m, "embed_dim", None)
+        what = type(m).__name__ + (f" {p!r}" if p else "") + (f" (size {size})" if size else "")
+        out[p] = (f"probe skipped for {what}: estimated {_duration(est[p])} at --seq-len {seq_len}, --batch "
+                  f"{batch}, beyond --max-probe-seconds {max_seconds:g}; the static analysis above still "
+                  f"holds. Probe it with a shorter --seq-len, or raise --max-probe-seconds (0: no limit).")
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"~{seconds:.0f} s"
+    return f"~{seconds / 60:.0f} min" if seconds < 7200 else f"~{seconds / 3600:.1f} h"
+
+
 def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] = None,
                       model_args=None, rnn_nonlinearity: str = "tanh", num_heads: Optional[int] = None,
                       seq_len: int = 100, batch: int = 8, seed: int = 0, input_scale: float = 1.0,
                       inputs: Optional[Path] = None, probe_sites: bool = True, threshold: float = 1e-3,
                       k: Optional[int] = None, progress: Optional[bool] = None,
-                      train_mode: bool = False) -> CheckpointReport:
+                      max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES,
+                      max_probe_seconds: Optional[float] = None, train_mode: bool = False) -> CheckpointReport:
     """Load, rebuild, analyse and probe a checkpoint (see the module docstring).
 
-    The model is probed in eval mode (dropout off, batch-norm running statistics) unless
-    ``train_mode``; the report states the mode and the inputs it measured on, and a checkpoint's
-    remedies put what works during training (clipping, truncation, gate-bias adjustment with
-    fine-tuning) before re-initialisation."""
+    ``max_load_bytes`` bounds the checkpoint file (see :func:`load_checkpoint`);
+    ``max_probe_seconds`` skips probing modules whose estimated probe time
+    (:func:`estimate_probe_seconds`) is beyond it, with a note (None: probe everything). The model
+    is probed in eval mode (dropout off, batch-norm running statistics) unless ``train_mode``; the
+    report states the mode and the inputs it measured on, and a checkpoint's remedies put what
+    works during training (clipping, truncation, gate-bias adjustment with fine-tuning) before
+    re-initialisation.
+    """
     for name, v, lo in (("--seq-len", seq_len, 2), ("--batch", batch, 1)):
         if v < lo:
             raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
     if not (input_scale > 0 and math.isfinite(input_scale)):
         raise GradscopeError(f"--input-scale must be a positive number, got {input_scale}.")
     path = Path(path)
-    ckpt = load_checkpoint(path, unsafe=unsafe)
+    ckpt = load_checkpoint(path, unsafe=unsafe, max_load_bytes=max_load_bytes)
     found = find_modules(ckpt.state_dict, rnn_nonlinearity=rnn_nonlinearity, num_heads=num_heads)
     notes: List[str] = list(ckpt.notes)
     info = {"format": ckpt.format, "source_key": ckpt.source_key, "metadata": ckpt.metadata,
@@ -287,12 +338,17 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
         model.train(train_mode)
         if inputs:
             x = _load_inputs(inputs)
+            _check_inputs_fit(model, x, inputs)
             measured.update(inputs=f"the inputs in {inputs}", inputs_synthetic=False)
         else:
             x = _user_inputs(model, seq_len, batch, input_scale, gen)
             if not x.is_floating_point():
                 measured["inputs"] = (f"synthetic uniform token ids of length {seq_len}, batch {batch}, "
                                       f"seed {seed}")
+        over = _over_budget({"": model}, seq_len, batch, k, max_probe_seconds)
+        if over and probe_sites:
+            notes.append(over[""])
+            probe_sites = False
         if probe_sites:
             rec = probe(model, x, k=k, threshold=threshold, progress=progress)
             diag = diagnose(rec._replace(meta=dict(rec.meta, **measured)), threshold=threshold, trained=True)
@@ -307,6 +363,11 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             xs.append(_synthetic_input(m, seq_len, batch, input_scale, gen))
         if inputs:
             notes.append("--inputs is used with --model only; rebuilt modules get synthetic inputs.")
+        if probe_sites:
+            for prefix, note in _over_budget(rebuilt, seq_len, batch, k, max_probe_seconds).items():
+                notes.append(note)
+                xs.pop(list(rebuilt).index(prefix))
+                del rebuilt[prefix]
         if rebuilt and probe_sites:
             if "" in rebuilt:  # a bare module's state dict: probe it as it is
                 m = rebuilt[""]
