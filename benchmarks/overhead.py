@@ -98,6 +98,8 @@ step. The default budget spaces those steps by their measured cost."""
 
 def main(argv=None):
     args, dev, gpu = bench_args(__doc__, argv)
+    if not gpu:  # one intra-op thread: on a shared 2-core machine two threads spin against each other
+        torch.set_num_threads(1)
     large, small = (200, 32, 32, 256), (50, 32, 32, 64)
     lstm = lambda i, h: FusedModel(nn.LSTM, i, h)  # noqa: E731
     gru = lambda i, h: FusedModel(nn.GRU, i, h)  # noqa: E731
@@ -122,7 +124,7 @@ def main(argv=None):
         if every == 1:
             n = 20 if size is large else 60
         else:  # budget and off-schedule rows: long enough for the budget to settle
-            n = 300 if size is large else 2000
+            n = 120 if size is large else 1600
         if gpu and every == 1:
             n *= 3  # GPU steps are short: more of them for a stable median
         if args.quick:
