@@ -397,6 +397,17 @@ def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None)
                 obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as exc:
             bad = [] if unsafe else _unsafe_globals(path, kind, exc)
+            main_classes = [g for g in bad if g.startswith("__main__.")]
+            if unsafe and re.search(r"Can't get attribute '(\w+)' on <module '[\w.]*__main__'", str(exc)):
+                main_classes = ["__main__." + re.search(r"attribute '(\w+)'", str(exc)).group(1)]
+            if main_classes:
+                raise (CheckpointError if unsafe else UnsafeCheckpointError)(
+                    f"cannot load {name!r}: it pickles a whole model whose class "
+                    f"({', '.join(main_classes[:3])}) was defined in the script that saved it, so only "
+                    f"a program that defines that class can unpickle it (with {UNSAFE_HINT}, which runs "
+                    f"code) and the CLI never can; in that script save model.state_dict() and report on "
+                    f"that file, or move the class into an importable module."
+                ) from None
             if bad:
                 raise UnsafeCheckpointError(
                     f"refusing to load {name!r}: it asks to run code from the file "

@@ -427,6 +427,21 @@ def load(path, *, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Rec
         return _read(fh, repr(str(path)), limit)
 
 
+def _not_a_recording(what: str, infos, hint: str) -> str:
+    """The error for a zip archive without gradscope metadata: what it holds, and what to do instead."""
+    names = [i.filename for i in infos]
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        return (f"{what} is a TorchScript archive (torch.jit.save), not a gradscope recording; for a "
+                f"report on the model it holds use `gradscope report` with --unsafe-load (loading "
+                f"TorchScript runs its code).")
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return (f"{what} is a PyTorch checkpoint (torch.save), not a gradscope recording; for a "
+                f"report on the weights it holds use `gradscope report` on it.")
+    kind = (f"a NumPy .npz archive of {len(names)} array(s)"
+            if names and all(n.endswith(".npy") for n in names) else f"a zip archive of {len(names)} member(s)")
+    return f"{what} is {kind} without gradscope metadata, not a gradscope recording. {hint}"
+
+
 def _read(fh, what: str, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Recording:
     hint = "Pass a file written by Recording.save()."
     try:
@@ -436,8 +451,7 @@ def _read(fh, what: str, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES)
         with zipfile.ZipFile(fh) as z:
             infos = inspect_zip(z, what, size, max_load_bytes, RecordingFormatError)
             if not any(i.filename in (_META_KEY, _META_KEY + ".npy") for i in infos):
-                raise RecordingFormatError(
-                    f"{what} is an npz file but not a gradscope recording (no metadata). {hint}")
+                raise RecordingFormatError(_not_a_recording(what, infos, hint))
             arrays = read_npz(z, infos, what, RecordingFormatError)
     except RecordingFormatError:
         raise

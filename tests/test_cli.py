@@ -1,5 +1,6 @@
 """The command line: in-process and as a subprocess; one-line errors, exit codes."""
 import json
+import warnings
 
 import pytest
 import subprocess
@@ -62,3 +63,52 @@ def test_demo_bad_arguments_give_one_line(capsys):
 def test_python_dash_m_works():
     r = subprocess.run([sys.executable, "-m", "gradscope", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("gradscope ")
+
+
+def _show_error(path, capsys):
+    assert main(["show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unexpected" not in err
+    return err
+
+
+def test_show_names_what_a_non_recording_zip_is(tmp_path, capsys):
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "run.pt")
+    err = _show_error(tmp_path / "run.pt", capsys)
+    assert "PyTorch checkpoint" in err and "gradscope report" in err and "npz" not in err
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3), b=np.ones(2))
+    assert "NumPy .npz archive of 2 array(s)" in _show_error(tmp_path / "arrays.npz", capsys)
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as z:
+        z.writestr("a.txt", "hi")
+    assert "zip archive of 1 member(s)" in _show_error(tmp_path / "notes.zip", capsys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.jit"))
+    err = _show_error(tmp_path / "m.jit", capsys)
+    assert "TorchScript archive" in err and "--unsafe-load" in err
+
+
+def test_whole_model_pickled_from_main_says_what_can_help(tmp_path):
+    """A class defined in the saving script's __main__ cannot be imported by any other program:
+    the message says so (PYTHONPATH advice cannot help) and names the class, with and without
+    --unsafe-load."""
+    script = tmp_path / "save.py"
+    script.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.rnn = torch.nn.LSTM(3, 4)\n"
+        "torch.save(Net(), 'whole.pt')\n")
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True)
+    for extra in ([], ["--unsafe-load"]):
+        r = subprocess.run([sys.executable, "-m", "gradscope", "report", "whole.pt", *extra],
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        err = r.stderr.strip()
+        assert "\n" not in err and "Traceback" not in err
+        assert "__main__.Net" in err and "state_dict()" in err and "PYTHONPATH" not in err
