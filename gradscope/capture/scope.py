@@ -504,6 +504,12 @@ class Scope:
             h.remove()
         self._cell_handles = []
 
+    def _reruns_in_backward(self) -> bool:
+        """Whether a pending scheduled pass ran watched modules without gradients (a reentrant
+        checkpoint's first forward): its backward will run them again (probe() then avoids
+        torch.autograd.grad, which reentrant checkpointing refuses)."""
+        return any(p.scheduled and (p.nograd or p.nograd_out) for p in self._pending)
+
     def _maybe_disarm(self) -> None:
         if self._armed is not None and not any(p is self._armed for p in self._pending):
             self._disarm()
@@ -882,7 +888,7 @@ class Scope:
             if p is not None and not p.recomputable and torch.is_grad_enabled() and _saved_hooks_active():
                 p.recomputable = True
             self._discovery_log[name].append((flatten_tensors((args, kwargs)), flatten_tensors(output),
-                                              (args, kwargs), output))
+                                              (args, kwargs), output, torch.is_grad_enabled()))
 
     def _finish_discovery(self, p: _Pass) -> None:
         log, self._discovery_log = self._discovery_log, None
@@ -898,10 +904,14 @@ class Scope:
                                                                         "calls": len(log[name])},
                                         state_outputs=outs, state_inputs=ins)
             # Hooks on this pass's states are registered now: the backward has not run yet.
-            for t, (_, outputs, _, _) in enumerate(log[name]):
-                for sname, i in zip(states, outs):
-                    self._track(p, outputs[i], ("site", name, sname, t))
-                if self._wanted(name) and not any(outputs[i].requires_grad for i in outs):
+            for t, (_, outputs, _, _, grad) in enumerate(log[name]):
+                if grad:
+                    for sname, i in zip(states, outs):
+                        self._track(p, outputs[i], ("site", name, sname, t))
+                elif self._wanted(name):
+                    # Without gradients at the call (a reentrant checkpoint's first forward): recorded
+                    # when recomputed. Its outputs may require grad by now (a checkpoint's outputs):
+                    # a hook there would count the gradient reaching them twice.
                     self._remember_nograd(p, name, t, outputs)
             p.seq_len[name] = len(log[name])
             if p.probe and self._wanted(name):
