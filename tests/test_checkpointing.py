@@ -284,3 +284,27 @@ def test_lstmcell_where_it_is_fused_runs_op_by_op_in_the_recomputation_too(reent
     for state in ("h", "c"):
         np.testing.assert_allclose(scope.recording.grad_norms("cell", state),
                                    np.array([r[("cell", state)] for r in refs]), rtol=RTOL)
+
+
+def test_a_fused_module_run_without_gradients_and_never_recomputed_is_noted():
+    # What cannot be recorded is said, not left as an empty row: here the fused module runs without
+    # gradients inside a forward pass with them and no backward runs it again.
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(I, H)
+            self.head = nn.Linear(H, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                out, _ = self.rnn(x)
+            return self.head(out)
+
+    model = Frozen()
+    with gradscope.watch(model, every=1, probe_every=None) as scope:
+        for _ in range(2):
+            _loss(model(torch.randn(T, B, I))).backward()
+    rec = scope.recording
+    assert scope.step == 2 and rec.grad_norms("rnn.l0").shape == (2, 0)
+    assert any("'rnn.l0' ran without gradients" in n and "checkpoint" in n for n in rec.notes), rec.notes
+    assert_no_hooks(model)
