@@ -308,3 +308,41 @@ def test_a_fused_module_run_without_gradients_and_never_recomputed_is_noted():
     assert scope.step == 2 and rec.grad_norms("rnn.l0").shape == (2, 0)
     assert any("'rnn.l0' ran without gradients" in n and "checkpoint" in n for n in rec.notes), rec.notes
     assert_no_hooks(model)
+
+
+class _AttnCkpt(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        u = self.inp(x)
+        return self.head(self.layer(u) if self.reentrant is None
+                         else checkpoint(self.layer, u, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_attention_block_under_checkpointing_records_what_it_records_without(reentrant):
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    recs, grads = {}, {}
+    for r in (None, reentrant):
+        torch.manual_seed(5)
+        model = _AttnCkpt(r).double()
+        with gradscope.watch(model, every=1, probe_every=None) as scope:
+            for _ in range(2):
+                model.zero_grad()
+                _loss(model(x)).backward()
+        assert scope.step == 2 and not scope.recording.notes
+        assert_no_hooks(model)
+        recs[r], grads[r] = scope.recording, [p.grad for p in model.parameters()]
+    want, got = recs[None], recs[reentrant]
+    assert got.grad_norms("layer").shape == want.grad_norms("layer").shape == (2, 5)
+    np.testing.assert_allclose(got.grad_norms("layer"), want.grad_norms("layer"), rtol=RTOL)
+    assert set(got.measures()) == set(want.measures())
+    for key in want.measures():
+        np.testing.assert_allclose(got.measure(*key), want.measure(*key), rtol=1e-9, err_msg=str(key))
+    for a, b in zip(grads[reentrant], grads[None]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-12)
