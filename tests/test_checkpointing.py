@@ -346,3 +346,25 @@ def test_attention_block_under_checkpointing_records_what_it_records_without(ree
         np.testing.assert_allclose(got.measure(*key), want.measure(*key), rtol=1e-9, err_msg=str(key))
     for a, b in zip(grads[reentrant], grads[None]):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("problem", ["gru", "lstmcell-chunks"])
+def test_default_watch_with_its_probe_under_checkpointing(problem, reentrant):
+    # the default schedule: a deep pass and a probe on the first step, plain steps after
+    torch.manual_seed(6)
+    model = PROBLEMS[problem](reentrant).double()
+    plain = copy.deepcopy(model)
+    xs = [torch.randn(T, B, I, dtype=torch.float64) for _ in range(3)]
+    want_grads, _ = _train(plain, xs)
+    with gradscope.watch(model) as scope:
+        got_grads, _ = _train(model, xs)
+    rec = scope.recording
+    site = "rnn.l0" if problem == "gru" else "cell"
+    assert scope.step == 3 and list(rec.steps) == [0] and not rec.notes
+    assert np.all(rec.grad_norms(site) > 0)
+    assert np.isfinite(rec.measure(site, "jacobian_norms")).all()
+    for g, w in zip(got_grads, want_grads):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-12)
+    assert_no_hooks(model)
