@@ -74,8 +74,6 @@ _TASK_FALLBACK = 0
 
 
 _TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
 _IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
