@@ -820,8 +820,15 @@ class AttentionCapture:
         def forward(*args, **kwargs):
             cap = ref()
             scope = cap.scope if cap is not None else None
-            p = scope._current if scope is not None and not scope.closed else None
-            if p is None or not p.scheduled or not torch.is_grad_enabled():
+            p = scope._pass_now() if scope is not None and not scope.closed else None
+            if p is None or not p.scheduled:
+                return fwd(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                if p is scope._current:  # a reentrant checkpoint's first forward: measured when recomputed
+                    p.nograd.add(name)
+                return fwd(*args, **kwargs)
+            if p is not scope._current and name not in p.nograd:
+                # a non-reentrant checkpoint's recomputation: the first forward's graph is measured
                 return fwd(*args, **kwargs)
             return cap._call(m, name, fwd, p, args, kwargs)
 

@@ -286,7 +286,17 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
             raise GradscopeError(f"the loss must be a scalar tensor, got {type(loss).__name__}"
                                  f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}.")
         params = [p for p in model.parameters() if p.requires_grad]
-        if loss.requires_grad:
+        if loss.requires_grad and scope._reruns_in_backward():
+            # Reentrant torch.utils.checkpoint refuses torch.autograd.grad: a plain backward,
+            # and the .grad it writes is put back (parameters below, input leaves here).
+            leaves = [t for t in flatten_tensors(inputs) if t.requires_grad and t.is_leaf]
+            before = [t.grad for t in leaves]
+            try:
+                loss.backward()
+            finally:
+                for t, g in zip(leaves, before):
+                    t.grad = g
+        elif loss.requires_grad:
             torch.autograd.grad(loss, params, allow_unused=True)
         else:
             raise GradscopeError("the loss does not depend on any parameter that requires grad; "

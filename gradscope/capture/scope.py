@@ -73,6 +73,30 @@ _CURRENT_TASK = getattr(torch._C, "_current_graph_task_id", None)
 _TASK_FALLBACK = 0
 
 
+_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _saved_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active: non-reentrant ``torch.utils.checkpoint`` runs its
+    region under them (so do ``save_on_cpu`` and user hooks: then we merely keep a little more
+    installed until the backward ends). True where torch cannot tell, and while Dynamo traces (it
+    cannot trace this builtin; ``_eager`` would cost ~3 µs a call in eager mode)."""
+    if _TOP_SAVED_HOOKS is None or _IS_COMPILING():
+        return True
+    try:
+        return _TOP_SAVED_HOOKS(False) is not None
+    except Exception:  # pragma: no cover - a changed private signature
+        return True
+
+
+def _backward_task() -> int:
+    """Id of the backward call running on this thread, or -1 outside backward (and on torch < 2.1,
+    which cannot tell: there activation-checkpoint recomputations are not recognised; also while
+    Dynamo traces a forward, which it cannot do inside a backward call)."""
+    return _CURRENT_TASK() if _CURRENT_TASK is not None and not _IS_COMPILING() else -1
+
+
 class _History:
     """The recorded steps in growable numpy arrays (no Python object per value).
 
@@ -143,6 +167,10 @@ class _History:
         return [{"step": int(self.steps[i]), "attn": self.attn[i]} for i in range(self.n)]
 
 
+def _ignore_norms(layer, reverse, norms) -> None:
+    """on_norms of a replay that records nothing (it still takes the fast path, same tensors saved)."""
+
+
 def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
     out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
     out[:a.shape[0]] = a
@@ -153,7 +181,7 @@ class _Pass:
     """One forward pass with gradients enabled, until a backward pass consumes it."""
 
     __slots__ = ("scheduled", "deep", "probe", "calls", "fired", "task", "seq_len", "handles", "attn",
-                 "__weakref__")
+                 "recomputable", "nograd", "nograd_out", "keep", "rc_last", "__weakref__")
 
     def __init__(self, scheduled: bool, probe: bool = False, deep: Optional[bool] = None):
         self.scheduled = scheduled  # hooked and replayed: a deep pass, a probe, or both
@@ -165,6 +193,15 @@ class _Pass:
         self.seq_len: Dict[str, int] = {}
         self.handles: List[Any] = []
         self.attn: Any = None  # attention capture state of a scheduled pass (capture/attention.py)
+        # Activation checkpointing (see Scope._pass_now): whether part of this pass may be run
+        # again inside its backward (saved-tensor hooks were active, or a watched module ran
+        # without gradients), and the sites this scheduled pass ran without
+        # gradients (a reentrant checkpoint's first forward), recorded when recomputed in backward.
+        self.recomputable = False
+        self.nograd: set = set()
+        self.nograd_out: Dict[str, Dict[Tuple, int]] = {}  # cell site -> {(data_ptr, shape): call t}
+        self.keep: List[Any] = []  # those calls' outputs, alive so that their data_ptr stay unique
+        self.rc_last: Dict[str, Tuple[Tuple, int]] = {}  # cell site -> (outputs, t) of its last recomputed call
 
 
 class Scope:
@@ -226,6 +263,7 @@ class Scope:
         self._patched: List[nn.Module] = []
         self._pending: List[_Pass] = []
         self._current: Optional[_Pass] = None
+        self._armed: Optional[_Pass] = None  # the scheduled pass the per-pass forwards stay installed for
         self._bw_queued = False
         self._bw_task = -1
         self._vals: List[Tensor] = []
@@ -345,9 +383,26 @@ class Scope:
 
         def forward(*args, **kwargs):
             scope = scope_ref()
-            p = scope._current if scope is not None and not scope.closed else None
-            if p is None or not p.scheduled or not torch.is_grad_enabled():
+            p = scope._pass_now() if scope is not None and not scope.closed else None
+            if p is None or not p.scheduled:
                 return cls_forward(m, *args, **kwargs)
+            if not torch.is_grad_enabled():
+                # e.g. the first forward of a reentrant checkpoint: its recomputation in backward
+                # replays and records (below); the probe measures this call
+                if p is scope._current:
+                    p.nograd.add(name)
+                    if p.probe:
+                        p.calls.setdefault(name, []).append(((args, kwargs), None))
+                return cls_forward(m, *args, **kwargs)
+            if p is not scope._current:
+                # A checkpoint recomputation inside backward: replay again, so that it saves exactly
+                # the tensors the first forward saved (non-reentrant checkpointing compares them).
+                # It records only what the first forward ran without gradients (reentrant
+                # checkpointing); else the first forward's graph, hooked already, is the one
+                # backpropagated and the recomputed graph is discarded.
+                return scope._replay(m, specs, p, args, kwargs, track=name in p.nograd)
+            if not p.recomputable and _saved_hooks_active():
+                p.recomputable = True
             return scope._replay(m, specs, p, args, kwargs)
 
         # Under torch.compile the replay must run eagerly (it drives its own hooks and autograd
@@ -381,9 +436,11 @@ class Scope:
 
         def forward(input, hx=None):
             scope = scope_ref()
-            p = scope._current if scope is not None and not scope.closed else None
+            p = scope._pass_now() if scope is not None and not scope.closed else None
             if p is None or not p.scheduled or not _fused_cell_device(input.device) or not torch.is_grad_enabled():
                 return cls_forward(m, input, hx)
+            if p is scope._current and not p.recomputable and _saved_hooks_active():
+                p.recomputable = True
             return _lstm_cell_ops(m, input, hx)
 
         disable = getattr(getattr(torch, "compiler", None), "disable", None)
@@ -415,10 +472,70 @@ class Scope:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
         self._claimed.append(m)
 
+    # ------------------------------------------------- activation checkpointing
+    # torch.utils.checkpoint recomputes a checkpointed region inside the backward pass, with
+    # gradients enabled (both kinds). The rule: a forward call made while autograd runs a backward
+    # call that has already reached a pending pass of this watch (its output hook fired with that
+    # graph task id) is a *recomputation of that pass*, not a new step: the root hooks ignore it,
+    # and the per-pass forwards (fused replay, user-cell wrappers, accelerator LSTMCell) — kept
+    # installed from a scheduled pass's forward until its backward ends (``_armed``) — act for
+    # that pass. A reentrant checkpoint around the whole model is the exception that needs no
+    # rule: its first forward runs without gradients (no pass), so its recomputation is the
+    # step's only forward with gradients and counts as the step.
+
+    def _pass_now(self) -> Optional[_Pass]:
+        """The pass a module call belongs to: the forward pass in progress, or — for a checkpoint
+        recomputation inside backward — the pending pass that this backward call reached."""
+        p = self._current
+        if p is not None or self.closed or not torch.is_grad_enabled():
+            return p
+        task = _backward_task()
+        if task < 0:
+            return None
+        for q in reversed(self._pending):
+            if q.fired and q.task == task:
+                return q
+        return None
+
+    def _disarm(self) -> None:
+        """Remove the per-pass forwards and cell hooks once no recomputation can need them."""
+        self._armed = None
+        self._unpatch_cells()
+        for h in self._cell_handles:
+            h.remove()
+        self._cell_handles = []
+
+    def _reruns_in_backward(self) -> bool:
+        """Whether a pending scheduled pass ran watched modules without gradients (a reentrant
+        checkpoint's first forward): its backward will run them again (probe() then avoids
+        torch.autograd.grad, which reentrant checkpointing refuses)."""
+        return any(p.scheduled and (p.nograd or p.nograd_out) for p in self._pending)
+
+    def _maybe_disarm(self) -> None:
+        if self._armed is not None and not any(p is self._armed for p in self._pending):
+            self._disarm()
+
+    def _recompute_index(self, p: _Pass, name: str, args, kwargs) -> int:
+        """Time index of a recomputed call of cell ``name``: one past the call whose output it
+        takes — the previous recomputed call (same objects), or a call of the first forward
+        (reentrant checkpointing hands the region detached views of its inputs: same data)."""
+        leaves = [t for t in flatten_tensors((args, kwargs)) if t.numel()]
+        last = p.rc_last.get(name)
+        if last is not None and any(any(a is o for o in last[0]) for a in leaves):
+            return last[1] + 1
+        seen = p.nograd_out.get(name, {})
+        for a in leaves:
+            t = seen.get((a.data_ptr(), tuple(a.shape)))
+            if t is not None:
+                return t + 1
+        return 0
+
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
-        if self._cell_forwards:  # left by a scheduled pass whose forward raised
-            self._abandon_pass()
+        if self._current is None and self._pass_now() is not None:
+            return  # a checkpoint recomputation of a pending pass inside backward: no new step
+        if self._cell_forwards and (self._armed is None or not any(p is self._armed for p in self._pending)):
+            self._abandon_pass()  # left by a scheduled pass whose forward raised
         if self.closed or self._probing or not torch.is_grad_enabled():
             self._current = None
             return
@@ -426,6 +543,7 @@ class Scope:
             self._settle()
         deep, probe = _eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
+        p.recomputable = p.scheduled and _saved_hooks_active()  # the whole model under checkpoint
         self._current = p
         if p.scheduled:
             if not self._param_handles and self.ddp is None:
@@ -478,21 +596,29 @@ class Scope:
         self._current = None
         if p is None or self.closed:
             return
-        if p.scheduled:
-            self._unpatch_cells()
-            for h in self._cell_handles:
-                h.remove()
-            self._cell_handles = []
-            if self._discovery_log is not None:
-                self._finish_discovery(p)
-            for name, n in self._cell_counter.items():
-                p.seq_len[name] = max(p.seq_len.get(name, 0), n)
-            if p.probe:
-                _eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
         if type(output) is Tensor:  # the common case, without the generic walk
             outs = [output] if output.requires_grad else []
         else:
             outs = [t for t in flatten_tensors(output) if t.requires_grad]
+        if p.scheduled:
+            if self._discovery_log is not None:
+                self._finish_discovery(p)
+            for name, n in self._cell_counter.items():
+                p.seq_len[name] = max(p.seq_len.get(name, 0), n)
+            if outs and (p.recomputable or p.nograd or p.nograd_out):
+                # The per-pass forwards stay until this pass's backward ends (_on_backward_end):
+                # activation checkpointing runs parts of the forward again in there. Cells just
+                # discovered that ran without gradients get their wrapper for that recomputation.
+                self._armed = p
+                wrapped = {id(c[0]) for c in self._cell_forwards}
+                for name in p.nograd_out:
+                    cell = self._module_by_name(self.sites[name].module_name)
+                    if id(cell) not in wrapped:
+                        self._watch_cell(name, cell)
+            else:
+                self._disarm()
+            if p.probe:
+                _eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
         if not outs:
             return
         hook = functools.partial(self._on_output_grad, weakref.ref(p))
@@ -501,6 +627,7 @@ class Scope:
         self._pending.append(p)
         while len(self._pending) > _MAX_PENDING:
             self._drop_pass(self._pending.pop(0))
+        self._maybe_disarm()
 
     def _on_output_grad(self, pref, grad):
         p = pref()
@@ -529,6 +656,7 @@ class Scope:
                 keep.append(p)
         self._pending = keep
         self._step += len(tasks)
+        self._maybe_disarm()
 
     def _on_backward_end(self):
         self._bw_queued = False
@@ -542,6 +670,16 @@ class Scope:
         scheduled = [p for p in fired if p.scheduled]
         for p in fired:
             self._drop_pass(p)
+        self._maybe_disarm()
+        for p in scheduled:
+            for mod in p.nograd:
+                for spec in self._tracked_fused.get(mod, []):
+                    if self._wanted(spec.name) and not p.seq_len.get(spec.name):
+                        self._note(("unrecorded", spec.name),
+                                   f"site {spec.name!r} ran without gradients inside a forward pass with them "
+                                   f"(first at step {step}) and was not run again in its backward pass (as a "
+                                   f"reentrant torch.utils.checkpoint recomputation is): no norms for it in "
+                                   f"such steps.")
         if scheduled:
             if self.ddp is not None:
                 # DDP queues its own end-of-backward callback (wait for the all-reduce, write
@@ -555,6 +693,7 @@ class Scope:
     def _abandon_pass(self) -> None:
         """Forget the current pass of a forward that raised: its per-pass forwards, hooks and ids."""
         self._current = None
+        self._armed = None
         self._unpatch_cells()
         for h in self._cell_handles:
             h.remove()
@@ -624,11 +763,16 @@ class Scope:
         if len(self._raw) >= _NORM_CHUNK:
             self._norm_raw()
 
-    def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs):
-        if p.probe:
-            p.calls.setdefault(self._module_names[id(m)], []).append(((args, kwargs), None))
+    def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs,
+                track: bool = True):
+        """Replay fused module ``m`` for pass ``p``; ``track=False``: the same computation, nothing
+        recorded (a checkpoint recomputation whose first forward recorded already)."""
         input = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if not track:
+            return replay_fused(m, input, hx, None, _ignore_norms)
+        if p.probe and p is self._current:
+            p.calls.setdefault(self._module_names[id(m)], []).append(((args, kwargs), None))
         names = {key: (site, self.sites[site].states) for key, site in specs.items()}
         seen: Dict[str, int] = {}
 
@@ -662,19 +806,47 @@ class Scope:
 
     def _on_cell_call(self, name, module, args, kwargs, output):
         p = self._current
-        if p is None or not p.scheduled:  # a wrapper or hook left by a pass that raised
+        if p is None:
+            p = self._pass_now()
+            if p is None or not p.scheduled or name not in p.nograd_out:
+                # a wrapper left by a pass that raised, or a recomputation whose first forward
+                # ran with gradients (its graph carries the hooks already)
+                return
+            # a reentrant checkpoint's recomputation in backward: this graph is the one
+            # backpropagated (the first forward ran without gradients)
+            t = self._recompute_index(p, name, args, kwargs)
+            self._record_call(name, t, args, kwargs, output, p)
+            p.rc_last[name] = (tuple(flatten_tensors(output)), t)
+            p.seq_len[name] = max(p.seq_len.get(name, 0), t + 1)
+            return
+        if not p.scheduled:
             return
         t = self._cell_counter.get(name, 0)
         self._cell_counter[name] = t + 1
+        if not torch.is_grad_enabled():  # e.g. a reentrant checkpoint's first forward
+            self._remember_nograd(p, name, t, flatten_tensors(output))
+        elif not p.recomputable and _saved_hooks_active():
+            p.recomputable = True
         self._record_call(name, t, args, kwargs, output)
 
-    def _record_call(self, name, t, args, kwargs, output):
-        """Track the states among ``output``, call ``t`` of cell site ``name`` in this pass (also
-        the C++ tap's path for outputs it leaves to Python)."""
-        p = self._current
+    @staticmethod
+    def _remember_nograd(p: _Pass, name: str, t: int, outs) -> None:
+        """Note call ``t`` of cell ``name`` ran without gradients in pass ``p``, by its outputs'
+        memory, so that a recomputation in backward knows its time steps (_recompute_index)."""
+        seen = p.nograd_out.setdefault(name, {})
+        for o in outs:
+            if o.numel():
+                seen[(o.data_ptr(), tuple(o.shape))] = t
+        p.keep.append(outs)
+
+    def _record_call(self, name, t, args, kwargs, output, p: Optional[_Pass] = None):
+        """Track the states among ``output``, call ``t`` of cell site ``name`` in pass ``p`` (default:
+        the forward pass in progress; also the C++ tap's path for outputs it leaves to Python)."""
+        recompute = p is not None
+        p = self._current if p is None else p
         if p is None or not p.scheduled:
             return
-        if p.probe:
+        if p.probe and not recompute:
             p.calls.setdefault(name, []).append(((args, kwargs), output))
         spec = self.sites[name]
         # the common outputs (a tensor, or a tuple of tensors) without the general flattening
@@ -710,9 +882,14 @@ class Scope:
                 functools.partial(self._on_discovery_call, name), with_kwargs=True))
 
     def _on_discovery_call(self, name, module, args, kwargs, output):
-        if self._discovery_log is not None and torch.is_grad_enabled():
+        # calls without gradients inside a pass with them count too (a reentrant checkpoint's
+        # first forward; its recomputation in backward records them)
+        if self._discovery_log is not None and (torch.is_grad_enabled() or self._current is not None):
+            p = self._current
+            if p is not None and not p.recomputable and torch.is_grad_enabled() and _saved_hooks_active():
+                p.recomputable = True
             self._discovery_log[name].append((flatten_tensors((args, kwargs)), flatten_tensors(output),
-                                              (args, kwargs), output))
+                                              (args, kwargs), output, torch.is_grad_enabled()))
 
     def _finish_discovery(self, p: _Pass) -> None:
         log, self._discovery_log = self._discovery_log, None
@@ -728,9 +905,15 @@ class Scope:
                                                                         "calls": len(log[name])},
                                         state_outputs=outs, state_inputs=ins)
             # Hooks on this pass's states are registered now: the backward has not run yet.
-            for t, (_, outputs, _, _) in enumerate(log[name]):
-                for sname, i in zip(states, outs):
-                    self._track(p, outputs[i], ("site", name, sname, t))
+            for t, (_, outputs, _, _, grad) in enumerate(log[name]):
+                if grad:
+                    for sname, i in zip(states, outs):
+                        self._track(p, outputs[i], ("site", name, sname, t))
+                elif self._wanted(name):
+                    # Without gradients at the call (a reentrant checkpoint's first forward): recorded
+                    # when recomputed. Its outputs may require grad by now (a checkpoint's outputs):
+                    # a hook there would count the gradient reaching them twice.
+                    self._remember_nograd(p, name, t, outputs)
             p.seq_len[name] = len(log[name])
             if p.probe and self._wanted(name):
                 p.calls[name] = [(c[2], c[3]) for c in log[name]]
@@ -938,6 +1121,7 @@ class Scope:
         for h in p.handles:
             h.remove()
         p.handles = []
+        p.keep, p.nograd_out, p.rc_last = [], {}, {}
 
     def _settle_open(self) -> None:
         """Count the steps taken since the last count while the watch is open, before the count
