@@ -159,6 +159,8 @@ def param_norms(rec, *, quantity: str = "grad_norm", max_lines: int = 12, ax=Non
         text = label + (f" ({n} params)" if depth and n > 1 else "")
         if np.isnan(v).all() and not bad[label].any():
             text += f" ({missing})"
+        elif m["zero"].any() and not (m["ok"] | bad[label]).any():
+            text += " (always 0)"
         ax.plot(steps, y, color=color, ls=styles[(i // 10) % len(styles)], lw=1.3, marker=marker, ms=3, label=text)
         if m["ok"].any():
             lo, hi = min(lo, float(v[m["ok"]].min())), max(hi, float(v[m["ok"]].max()))
