@@ -267,3 +267,46 @@ def test_malformed_update_entries_are_refused(tmp_path):
     _write(tmp_path / "ref.npz", dict(arrays), meta)
     with pytest.raises(RecordingFormatError, match=r"index.updates\[0\].*'nope'"):
         gradscope.load(tmp_path / "ref.npz")
+
+
+# ------------------------------------------------------------------------ loggers and merging
+def test_scalars_log_the_model_update_ratio():
+    from gradscope.integrations._scalars import summary_scalars, update_ratio_total
+    from gradscope.integrations.tensorboard import recording_to_tensorboard
+
+    rec = _recorded()     # last step not measured yet
+    un, wn = rec.update_norms(), rec.weight_norms()
+    want = np.sqrt(sum(un[n] ** 2 for n in un)) / np.sqrt(sum(wn[n] ** 2 for n in un))
+    tot = update_ratio_total(rec)
+    np.testing.assert_allclose(tot[:2], want[:2], rtol=1e-12)
+    assert np.isnan(tot[2])
+    assert summary_scalars(rec)["gradscope/update_ratio"] == pytest.approx(want[1], rel=1e-12)
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def add_image(self, *a, **k):
+            pass
+
+        def add_text(self, *a, **k):
+            pass
+
+    w = Writer()
+    recording_to_tensorboard(rec, w, images=False, diagnosis=False)
+    got = [(s, v) for tag, v, s in w.scalars if tag == "gradscope/update_ratio"]
+    assert [s for s, _ in got] == [0, 1] and got[1][1] == pytest.approx(want[1], rel=1e-12)
+    assert "gradscope/update_ratio" not in summary_scalars(gradscope.probe(
+        Net(), _batches(1)[0], loss_fn=lambda y: y.pow(2).mean()))
+
+
+def test_ddp_merge_keeps_the_primary_update_norms():
+    from gradscope.capture.distributed import merge_recordings
+
+    a, b = _recorded(), _recorded()
+    m = merge_recordings([a, b])
+    for n, r in a.update_ratios().items():
+        np.testing.assert_array_equal(m.update_ratios()[n], r)
