@@ -310,3 +310,29 @@ def test_ddp_merge_keeps_the_primary_update_norms():
     m = merge_recordings([a, b])
     for n, r in a.update_ratios().items():
         np.testing.assert_array_equal(m.update_ratios()[n], r)
+
+
+def test_no_memory_for_the_copy_stops_measuring_not_training(monkeypatch):
+    from gradscope.capture.updates import UpdateTracker
+
+    model = Net()
+    opt = torch.optim.SGD(model.trained(), lr=0.1)
+    calls = []
+
+    def snapshot(self, step):
+        calls.append(step)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, step)
+
+    real = UpdateTracker.snapshot
+    monkeypatch.setattr(UpdateTracker, "snapshot", snapshot)
+    with gradscope.watch(model, every=1, probe_every=None) as scope:
+        for x in _batches(4):
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+    rec = scope.recording
+    r = rec.update_ratios()["head.weight"]
+    assert r[0] > 0 and np.all(np.isnan(r[1:])) and calls == [0, 1] and len(rec.steps) == 4
+    assert any("update-to-weight ratio not measured from step 1 on" in n for n in rec.notes)

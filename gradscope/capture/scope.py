@@ -270,6 +270,7 @@ class Scope:
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
         self._history = _History(len(self._params))
+        self._update_ratio = update_ratio
         self._updates = UpdateTracker([p for _, p in self._params]) if update_ratio else None
 
         # static sites: every fused recurrent module, one site per layer and direction
@@ -447,7 +448,7 @@ class Scope:
         p = _Pass(deep or probe, probe, deep)
         self._current = p
         if deep and self._updates is not None and not self._updates.pending:
-            _eager(self._updates.snapshot)(self._step)
+            self._snapshot_params()
         if p.scheduled:
             if not self._param_handles and self.ddp is None:
                 for i, (_, prm) in enumerate(self._params):
@@ -471,6 +472,18 @@ class Scope:
             for name, spec in self.sites.items():
                 if spec.kind == "cell" and name not in self._explicit_cells and self._wanted(name):
                     self._watch_cell(name, self._module_by_name(spec.module_name))
+
+    def _snapshot_params(self) -> None:
+        """Copy the parameters for the update ratio; without the memory for a copy, stop measuring it
+        (and say so) rather than fail the user's step."""
+        try:
+            _eager(self._updates.snapshot)(self._step)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self._updates.drop()
+            self._updates = None
+            self._note("update-ratio-oom", f"update-to-weight ratio not measured from step {self._step} on: no "
+                                           f"memory for a copy of the parameters ({type(e).__name__}). "
+                                           f"watch(model, update_ratio=False) skips it from the start.")
 
     def _measure_update(self) -> None:
         """‖Δw‖ and ‖w‖ of the snapshot's step into its history row; frees the snapshot."""
@@ -1001,7 +1014,7 @@ class Scope:
                 grads[(name, sname)] = a
         params = {n: h.params[:S, i].copy() for i, (n, _) in enumerate(self._params)}
         upd, wn = {}, {}
-        if self._updates is not None:
+        if self._update_ratio:
             upd = {n: h.upd[:S, i].copy() for i, (n, _) in enumerate(self._params)}
             wn = {n: h.wn[:S, i].copy() for i, (n, _) in enumerate(self._params)}
         rows = h.rows() if self._attn is not None else None
