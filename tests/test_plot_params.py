@@ -52,7 +52,8 @@ def test_one_line_per_parameter(trained, review_dir):
     ax = gp.param_norms(trained)
     lines = _lines(ax)
     names = list(trained.param_grad_norms())
-    assert [ln.get_label() for ln in lines] == names
+    # spare's gradient is exactly 0 (it enters the loss times 0.0): labelled, drawn as edge marks
+    assert [ln.get_label() for ln in lines] == [n + (" (always 0)" if n.startswith("spare") else "") for n in names]
     assert ax.get_yscale() == "log"
     np.testing.assert_array_equal(lines[0].get_xdata(), trained.steps)
     np.testing.assert_array_equal(lines[0].get_ydata(), trained.param_grad_norms()[names[0]])
@@ -63,7 +64,7 @@ def test_update_ratio(trained, review_dir):
     ax = gp.param_norms(trained, quantity="update_ratio")
     lines = _lines(ax)
     ratios = trained.update_ratios()
-    assert [ln.get_label() for ln in lines] == list(ratios)
+    assert [ln.get_label() for ln in lines] == [n + (" (always 0)" if n.startswith("spare") else "") for n in ratios]
     y = lines[0].get_ydata()
     np.testing.assert_allclose(y, ratios["lstm.weight_ih_l0"])
     assert any(ln.get_label() == "_rule" and ln.get_ydata()[0] == 1e-3 for ln in ax.get_lines())
@@ -79,7 +80,7 @@ def test_update_ratio(trained, review_dir):
 def test_grouped_beyond_max_lines(trained, review_dir):
     ax = gp.param_norms(trained, quantity="update_ratio", max_lines=3)
     labels = [ln.get_label() for ln in _lines(ax)]
-    assert labels == ["lstm (4 params)", "head (2 params)", "spare (2 params)"]
+    assert labels == ["lstm (4 params)", "head (2 params)", "spare (2 params) (always 0)"]
     assert "8 parameters grouped into 3 modules" in ax.get_title(loc="left")
     # a group's ratio is the ratio of its weights taken together
     un, wn = trained.update_norms(), trained.weight_norms()
