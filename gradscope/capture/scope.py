@@ -143,7 +143,8 @@ class _History:
         self.n = len(keep)
 
     def nbytes(self) -> int:
-        return (self.steps.nbytes + self.params.nbytes + self.upd.nbytes + self.wn.nbytes + sum(a.nbytes for a in self.grads.values())
+        return (self.steps.nbytes + self.params.nbytes + self.upd.nbytes + self.wn.nbytes
+                + sum(a.nbytes for a in self.grads.values())
                 + sum(a.nbytes for a in self.seq.values()))
 
     def set_update(self, step: int, upd: np.ndarray, wn: np.ndarray) -> None:

@@ -107,9 +107,10 @@ def summary_scalars(rec, diagnosis=None, *, prefix: str = "gradscope/") -> Dict[
 
     What a training logger shows at one step: the gradient profile of the last recorded step, the
     latest probe measures, the global gradient norm, the latest measured update-to-weight ratio,
-    and from ``diagnosis`` the regime of each site, the number of findings and the worst severity. ``horizon``, ``rate`` and ``lambda1`` come from
-    the latest probe when there is one, otherwise from the evidence the diagnosis used (the watched
-    gradient-norm profile gives a horizon and a rate, not λ₁). Only finite values are included: a
+    and from ``diagnosis`` the regime of each site, the number of findings and the worst severity.
+    ``horizon``, ``rate`` and ``lambda1`` come from the latest probe when there is one, otherwise
+    from the evidence the diagnosis used (the watched gradient-norm profile gives a horizon and a
+    rate, not λ₁). Only finite values are included: a
     horizon of ∞ (the gradient never falls below the threshold within the sequence) is left out.
 
     Args:

@@ -36,4 +36,5 @@ from .flow import depth_heatmap, gradient_heatmap, param_flow
 from .params import param_norms
 
 __all__ = ["gradient_heatmap", "jacobian_decay", "lyapunov_spectrum", "hidden_spectrum", "probe_history",
-           "param_flow", "param_norms", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard", "findings_panel"]
+           "param_flow", "param_norms", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard",
+           "findings_panel"]

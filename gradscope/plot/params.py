@@ -1,7 +1,7 @@
 """Per-parameter time series: the gradient norm, or the update-to-weight ratio, over training."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
