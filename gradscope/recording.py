@@ -74,13 +74,17 @@ class Recording:
                  unsupported: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (),
                  meta: Optional[Mapping[str, Any]] = None,
                  measures: Optional[Mapping[Tuple[str, str], np.ndarray]] = None,
-                 measure_meta: Optional[Mapping[str, Any]] = None):
+                 measure_meta: Optional[Mapping[str, Any]] = None,
+                 update_norms: Optional[Mapping[str, np.ndarray]] = None,
+                 weight_norms: Optional[Mapping[str, np.ndarray]] = None):
         self._site_info = {k: dict(v) for k, v in sites.items()}
         self._steps = _frozen(np.asarray(steps, dtype=np.int64))
         self._grads = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in grads.items()}
         self._seq_lens = {k: _frozen(np.asarray(v, dtype=np.int64)) for k, v in seq_lens.items()}
         self._params = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in params.items()}
         self._measures = {k: _frozen(np.asarray(v)) for k, v in (measures or {}).items()}
+        self._update_norms = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in (update_norms or {}).items()}
+        self._weight_norms = {k: _frozen(np.asarray(v, dtype=np.float64)) for k, v in (weight_norms or {}).items()}
         self._measure_meta = dict(measure_meta or {})
         self.events: Tuple[Dict[str, Any], ...] = tuple(dict(e) for e in events)
         self.unsupported: Tuple[Dict[str, Any], ...] = tuple(dict(u) for u in unsupported)
@@ -97,6 +101,13 @@ class Recording:
             if a.shape != (n,):
                 raise RecordingFormatError(
                     f"parameter norms of {name!r} have shape {a.shape}, expected [{n}]")
+        if set(self._update_norms) != set(self._weight_norms):
+            raise RecordingFormatError("update norms and weight norms name different parameters")
+        for what, d in (("update", self._update_norms), ("weight", self._weight_norms)):
+            for name, a in d.items():
+                if a.shape != (n,):
+                    raise RecordingFormatError(
+                        f"{what} norms of {name!r} have shape {a.shape}, expected [{n}]")
 
     # ---------------------------------------------------------------- queries
     @property
@@ -141,6 +152,35 @@ class Recording:
         """``{name: [S]}`` the gradient norm of every named parameter at every recorded step
         (NaN where the parameter received no gradient)."""
         return dict(self._params)
+
+    def update_ratios(self) -> Dict[str, np.ndarray]:
+        """``{name: [S]}`` the update-to-weight ratio ‖Δw‖/‖w‖ of every parameter at every
+        recorded step: Δw is the change of the parameter between that step's forward pass and the
+        next forward pass with gradients (the optimizer's update, as the model saw it), w its value
+        at that step's forward. Recorded by ``watch(update_ratio=True)`` (the default).
+
+        NaN where not measured (no next forward before the watch closed; older recordings and
+        :func:`gradscope.probe` have none: ``{}``); 0 where the parameter did not change (frozen, not
+        in the optimizer, no optimizer step); inf where an all-zero parameter moved (e.g. a
+        zero-initialised bias on the first step).
+        """
+        out = {}
+        for name, d in self._update_norms.items():
+            w = self._weight_norms[name]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = d / w
+            r[(d == 0) & (w == 0)] = 0.0
+            out[name] = r
+        return out
+
+    def update_norms(self) -> Dict[str, np.ndarray]:
+        """``{name: [S]}`` ‖Δw‖ per parameter and recorded step (see :meth:`update_ratios`)."""
+        return dict(self._update_norms)
+
+    def weight_norms(self) -> Dict[str, np.ndarray]:
+        """``{name: [S]}`` ‖w‖ per parameter at the forward pass of each recorded step where the
+        update was measured (NaN elsewhere; see :meth:`update_ratios`)."""
+        return dict(self._weight_norms)
 
     # probe measures ---------------------------------------------------------
     def has_measure(self, site: str, measure: str) -> bool:
@@ -315,7 +355,8 @@ class Recording:
         fields = dict(sites=self._site_info, steps=self._steps, grads=self._grads,
                       seq_lens=self._seq_lens, params=self._params, events=self.events,
                       unsupported=self.unsupported, notes=self.notes, meta=self.meta,
-                      measures=self._measures, measure_meta=self._measure_meta)
+                      measures=self._measures, measure_meta=self._measure_meta,
+                      update_norms=self._update_norms, weight_norms=self._weight_norms)
         fields.update(changes)
         return Recording(**fields)
 
@@ -366,6 +407,12 @@ class Recording:
         for i, ((site, m), a) in enumerate(self._measures.items()):
             arrays[f"m{i}"] = a
             index["measures"].append([site, m, f"m{i}"])
+        if self._update_norms:  # optional (absent from files of gradscope before it, still read)
+            index["updates"] = []
+            for i, name in enumerate(self._update_norms):
+                arrays[f"u{i}"] = self._update_norms[name]
+                arrays[f"w{i}"] = self._weight_norms[name]
+                index["updates"].append([name, f"u{i}", f"w{i}"])
         meta = {
             "format": "gradscope.recording", "version": FORMAT_VERSION,
             "sites": self._site_info, "events": list(self.events), "unsupported": list(self.unsupported),
@@ -395,7 +442,7 @@ def load(path, *, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Rec
     ``max_load_bytes`` (default 4 GiB; None: no limit), a zip inflating beyond 100:1 past 16 MiB is
     refused as a zip bomb, every npy header must match its member's size, and CRC-32s must match.
     Then the schema is checked: metadata types, array dtypes and shapes (``steps`` ``[S]`` integers,
-    grad norms ``[S, T]``, parameter norms ``[S]``), and signs (norms are not negative).
+    grad norms ``[S, T]``, parameter, update and weight norms ``[S]``), and signs (norms are not negative).
 
     Raises:
         RecordingFormatError: the file is missing, unreadable, not a gradscope recording, truncated,
@@ -575,6 +622,14 @@ def _validated(meta: Dict[str, Any], arrays: Dict[str, np.ndarray], what: str) -
         ndim, per_step, positive = _MEASURE_SCHEMA.get(m.split("[")[0], (arrays[k].ndim, False, False))
         measures[(s, m)] = array(f"measure {m!r} of {s!r} ({k})", k, "fiub", ndim, n if per_step else None,
                                  signed=not positive)
+    update_norms, weight_norms = {}, {}
+    for i, (p, ku, kw) in enumerate(entries("updates", 3)):  # optional: older files lack it
+        if ku not in arrays:
+            raise _bad(what, f"index.updates[{i}]", f"a reference to array {ku!r}, which the file lacks",
+                       "the name of one of its arrays")
+        update_norms[p] = array(f"update norms of {p!r} ({ku})", ku, "fiub", 1, n)
+        weight_norms[p] = array(f"weight norms of {p!r} ({kw})", kw, "fiub", 1, n)
     return dict(sites=sites, steps=steps, grads=grads, seq_lens=seq_lens, params=params,
                 events=meta.get("events", []), unsupported=meta.get("unsupported", []), notes=notes,
-                meta=meta.get("meta", {}), measures=measures, measure_meta=measure_meta)
+                meta=meta.get("meta", {}), measures=measures, measure_meta=measure_meta,
+                update_norms=update_norms, weight_norms=weight_norms)

@@ -127,6 +127,11 @@ def merge_recordings(recordings: Sequence[Recording], *, primary: int = 0,
         full = np.full(S, np.nan)
         full[prow] = a
         params[name] = full
+    # update and weight norms: DDP keeps the weights identical on every rank; the primary's too
+    upd, wts = {}, {}
+    for name, a in first.update_norms().items():
+        upd[name], wts[name] = np.full(S, np.nan), np.full(S, np.nan)
+        upd[name][prow], wts[name][prow] = a, first.weight_norms()[name]
 
     # measures: the primary's as they are (in a DDP run every rank records the same steps)
     measures = first.measures()
@@ -152,7 +157,7 @@ def merge_recordings(recordings: Sequence[Recording], *, primary: int = 0,
     meta = dict(first.meta, merged_ranks=len(recs), world_size=R, primary_rank=primary)
     return Recording(sites=sites, steps=steps, grads=grads, seq_lens=seq_lens, params=params,
                      events=events, unsupported=unsupported, notes=notes, meta=meta,
-                     measures=measures, measure_meta=first.measure_meta)
+                     measures=measures, measure_meta=first.measure_meta, update_norms=upd, weight_norms=wts)
 
 
 def gather_recording(rec: Recording, *, dst: int = 0, group=None) -> Optional[Recording]:

@@ -278,7 +278,7 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
     grads_before = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     opts = dict(jacobians=jacobians, lyapunov=lyapunov, k=k, jacobian_samples=jacobian_samples,
                 threshold=threshold, progress=progress)
-    scope = Scope(model, every=1, sites=sites, probe_every=1, probe_options=opts)
+    scope = Scope(model, every=1, sites=sites, probe_every=1, probe_options=opts, update_ratio=False)
     try:
         out = _call(model, inputs)
         loss = (loss_fn(out) if target is None else loss_fn(out, target)) if loss_fn else default_loss(out, target)

@@ -41,6 +41,7 @@ from ._norms import norm as _norm, norms as _norms
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
+from .updates import UpdateTracker
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
                     unsupported_reason)
 
@@ -110,6 +111,8 @@ class _History:
         self.cap = 64
         self.steps = np.zeros(self.cap, dtype=np.int64)
         self.params = np.full((self.cap, n_params), np.nan)
+        self.upd = np.full((self.cap, n_params), np.nan)  # ‖Δw‖, filled at the next forward (updates.py)
+        self.wn = np.full((self.cap, n_params), np.nan)   # ‖w‖ at the step's forward
         self.grads: Dict[Tuple[str, str], np.ndarray] = {}
         self.seq: Dict[str, np.ndarray] = {}
         self.attn: List[Any] = []
@@ -118,6 +121,8 @@ class _History:
         self.cap *= 2
         self.steps = np.resize(self.steps, self.cap)
         self.params = _grow_rows(self.params, self.cap, np.nan)
+        self.upd = _grow_rows(self.upd, self.cap, np.nan)
+        self.wn = _grow_rows(self.wn, self.cap, np.nan)
         self.grads = {k: _grow_rows(a, self.cap, np.nan) for k, a in self.grads.items()}
         self.seq = {k: _grow_rows(a, self.cap, 0) for k, a in self.seq.items()}
 
@@ -128,6 +133,7 @@ class _History:
         i = self.n
         self.steps[i] = step
         self.params[i] = params
+        self.upd[i] = self.wn[i] = np.nan
         for a in self.grads.values():  # rows past n may hold data from before a thinning
             a[i] = np.nan
         for a in self.seq.values():
@@ -153,14 +159,23 @@ class _History:
         keep = np.arange(0, self.n, 2)
         self.steps[:len(keep)] = self.steps[keep]
         self.params[:len(keep)] = self.params[keep]
+        self.upd[:len(keep)] = self.upd[keep]
+        self.wn[:len(keep)] = self.wn[keep]
         for a in list(self.grads.values()) + list(self.seq.values()):
             a[:len(keep)] = a[keep]
         self.attn = self.attn[::2]
         self.n = len(keep)
 
     def nbytes(self) -> int:
-        return (self.steps.nbytes + self.params.nbytes + sum(a.nbytes for a in self.grads.values())
+        return (self.steps.nbytes + self.params.nbytes + self.upd.nbytes + self.wn.nbytes
+                + sum(a.nbytes for a in self.grads.values())
                 + sum(a.nbytes for a in self.seq.values()))
+
+    def set_update(self, step: int, upd: np.ndarray, wn: np.ndarray) -> None:
+        """The update norms of recorded step ``step`` (dropped if thinning removed its row)."""
+        if self.n and self.steps[self.n - 1] == step:
+            self.upd[self.n - 1] = upd
+            self.wn[self.n - 1] = wn
 
     def rows(self) -> List[Dict[str, Any]]:
         """Per-step dicts for the attention capture (``{"step": …, "attn": …}``)."""
@@ -218,7 +233,7 @@ class Scope:
                  max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
                  probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
                  max_interval: int = DEFAULT_MAX_INTERVAL, on_event: Optional[Callable] = None,
-                 raise_on: Sequence[str] = ()):
+                 raise_on: Sequence[str] = (), update_ratio: bool = True):
         _check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
@@ -253,6 +268,8 @@ class Scope:
         self.probe_every = probe_every
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
         self._on_event, self._raise_on = _check_alerts(on_event, raise_on)
+        if not isinstance(update_ratio, bool):
+            raise GradscopeError(f"update_ratio must be True or False, got {update_ratio!r}.")
         self._alerts: List[Dict[str, Any]] = []   # events of this step not yet delivered
         self.probe_options = dict(probe_options or {})
         self._probe_latest: Optional[Tuple[int, Dict, Dict]] = None
@@ -292,6 +309,8 @@ class Scope:
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
         self._history = _History(len(self._params))
+        self._update_ratio = update_ratio
+        self._updates = UpdateTracker([p for _, p in self._params]) if update_ratio else None
 
         # static sites: every fused recurrent module, one site per layer and direction
         self.sites: Dict[str, SiteSpec] = {}
@@ -541,10 +560,14 @@ class Scope:
             return
         if self._pending:
             self._settle()
+        if self._updates is not None and self._updates.pending and self._step > self._updates.step:
+            self._measure_update()  # before begin(): its time counts towards the recorded step's cost
         deep, probe = _eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
         p.recomputable = p.scheduled and _saved_hooks_active()  # the whole model under checkpoint
         self._current = p
+        if deep and self._updates is not None and not self._updates.pending:
+            self._snapshot_params()
         if p.scheduled:
             if not self._param_handles and self.ddp is None:
                 for i, (_, prm) in enumerate(self._params):
@@ -568,6 +591,23 @@ class Scope:
             for name, spec in self.sites.items():
                 if spec.kind == "cell" and name not in self._explicit_cells and self._wanted(name):
                     self._watch_cell(name, self._module_by_name(spec.module_name))
+
+    def _snapshot_params(self) -> None:
+        """Copy the parameters for the update ratio; without the memory for a copy, stop measuring it
+        (and say so) rather than fail the user's step."""
+        try:
+            _eager(self._updates.snapshot)(self._step)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self._updates.drop()
+            self._updates = None
+            self._note("update-ratio-oom", f"update-to-weight ratio not measured from step {self._step} on: no "
+                                           f"memory for a copy of the parameters ({type(e).__name__}). "
+                                           f"watch(model, update_ratio=False) skips it from the start.")
+
+    def _measure_update(self) -> None:
+        """‖Δw‖ and ‖w‖ of the snapshot's step into its history row; frees the snapshot."""
+        step, upd, wn = _eager(self._updates.measure)()
+        self._history.set_update(step, upd, wn)
 
     def _watch_cell(self, name: str, m: nn.Module) -> None:
         """Record each call of cell ``m`` in this scheduled pass. Normally by wrapping its forward
@@ -1158,6 +1198,10 @@ class Scope:
                     a[:, :w] = stored[:S, :w]
                 grads[(name, sname)] = a
         params = {n: h.params[:S, i].copy() for i, (n, _) in enumerate(self._params)}
+        upd, wn = {}, {}
+        if self._update_ratio:
+            upd = {n: h.upd[:S, i].copy() for i, (n, _) in enumerate(self._params)}
+            wn = {n: h.wn[:S, i].copy() for i, (n, _) in enumerate(self._params)}
         rows = h.rows() if self._attn is not None else None
         notes = list(self._notes)
         if not sites and self._discovered and not any("no recurrent" in n for n in notes):
@@ -1190,7 +1234,8 @@ class Scope:
             meta["attention"] = self._attn.meta()
         return Recording(sites=sites, steps=h.steps[:S].copy(), grads=grads, seq_lens=seq,
                          params=params, events=self._events, unsupported=self._unsupported,
-                         notes=notes, meta=meta, measures=measures, measure_meta=mmeta)
+                         notes=notes, meta=meta, measures=measures, measure_meta=mmeta,
+                         update_norms=upd, weight_norms=wn)
 
     def gather(self, dst: int = 0, group=None) -> Optional[Recording]:
         """Merge the recordings of all ranks of a ``torch.distributed`` run on rank ``dst``.
@@ -1233,6 +1278,10 @@ class Scope:
         if self.closed:
             return
         self._settle()
+        if self._updates is not None and self._updates.pending:
+            if self._step > self._updates.step:  # the last recorded step's update (the loop ended after it)
+                self._measure_update()
+            self._updates.drop()
         self.closed = True
         self._remove_param_hooks()
         for h in self._root_handles + self._discovery_handles + self._cell_handles:
@@ -1386,7 +1435,7 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
           max_interval: int = DEFAULT_MAX_INTERVAL, sites: Optional[Sequence[str]] = None,
           max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
           probe_options: Optional[Dict[str, Any]] = None, on_event: Optional[Callable] = None,
-          raise_on: Sequence[str] = ()) -> Scope:
+          raise_on: Sequence[str] = (), update_ratio: bool = True) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
     By default the watch stays within an overhead budget: the deep passes (per-timestep capture)
@@ -1436,6 +1485,11 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
         raise_on: event kinds (``"nonfinite"``, ``"critical"``) that raise
             :class:`~gradscope.errors.GradscopeAlert` from that ``loss.backward()`` (the step is
             recorded first; the ``with`` block then closes the watch).
+        update_ratio: record the update-to-weight ratio ‖Δw‖/‖w‖ of every parameter on the
+            recorded steps (``rec.update_ratios()``): the parameters are copied at a recorded
+            step's forward pass (one copy on their device, freed at the next forward pass) and
+            compared with their values at the next step's forward pass
+            (:mod:`gradscope.capture.updates`). False: no copy, no ratio.
 
     Returns:
         A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
@@ -1460,4 +1514,4 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
     """
     return Scope(model, every=every, sites=sites, max_steps=max_steps, probe_every=probe_every,
                  probe_options=probe_options, overhead=overhead, max_interval=max_interval,
-                 on_event=on_event, raise_on=raise_on)
+                 on_event=on_event, raise_on=raise_on, update_ratio=update_ratio)

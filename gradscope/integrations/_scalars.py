@@ -7,7 +7,9 @@ Names (without the ``gradscope/`` prefix the writers add):
 * ``grad_norm_mean/<site>``: the mean of ‖∂L/∂h_t‖ over positions;
 * ``horizon/<site>``, ``rate/<site>``, ``lambda1/<site>``, ``memory_time/<site>``: probe measures
   (``watch(..., probe_every=N)`` or :func:`gradscope.probe`);
-* ``param_grad_norm``: the global norm of all parameter gradients.
+* ``param_grad_norm``: the global norm of all parameter gradients;
+* ``update_ratio``: the update-to-weight ratio of all parameters together, ‖Δw‖/‖w‖ over the
+  whole model (``watch(update_ratio=True)``, the default; per parameter: ``rec.update_ratios()``).
 
 :func:`summary_scalars` adds what only a Diagnosis knows: ``regime/<site>`` (−1 vanishing, 0 stable,
 +1 exploding), ``findings`` (how many) and ``severity`` (the worst: 0 none, 1 info, 2 warning,
@@ -21,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["profile_scalars", "probe_series", "param_grad_total", "summary_scalars",
+__all__ = ["profile_scalars", "probe_series", "param_grad_total", "update_ratio_total", "summary_scalars",
            "REGIME_CODES", "SEVERITY_CODES"]
 
 PROBE_KEYS = ("horizon", "rate", "lambda1", "memory_time")
@@ -84,14 +86,31 @@ def param_grad_total(rec) -> np.ndarray:
         return np.sqrt(np.nansum(np.vstack(list(pn.values())) ** 2, axis=0))
 
 
+def update_ratio_total(rec) -> np.ndarray:
+    """The model's update-to-weight ratio √Σ‖Δw_p‖² / √Σ‖w_p‖² of every recorded step, ``[steps]``
+    (NaN where not measured; empty for a recording without update norms)."""
+    un, wn = rec.update_norms(), rec.weight_norms()
+    if not un or not len(rec):
+        return np.zeros(0)
+    d = np.vstack(list(un.values()))
+    w = np.vstack([wn[n] for n in un])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        num = np.sqrt(np.nansum(d ** 2, axis=0))
+        den = np.sqrt(np.nansum(w ** 2, axis=0))
+        r = num / den
+    r[np.isnan(d).all(axis=0)] = np.nan
+    return r
+
+
 def summary_scalars(rec, diagnosis=None, *, prefix: str = "gradscope/") -> Dict[str, float]:
     """The latest value of every scalar, plus the diagnosis' verdict, as one flat dict.
 
     What a training logger shows at one step: the gradient profile of the last recorded step, the
-    latest probe measures, the global gradient norm, and from ``diagnosis`` the regime of each site,
-    the number of findings and the worst severity. ``horizon``, ``rate`` and ``lambda1`` come from
-    the latest probe when there is one, otherwise from the evidence the diagnosis used (the watched
-    gradient-norm profile gives a horizon and a rate, not λ₁). Only finite values are included: a
+    latest probe measures, the global gradient norm, the latest measured update-to-weight ratio,
+    and from ``diagnosis`` the regime of each site, the number of findings and the worst severity.
+    ``horizon``, ``rate`` and ``lambda1`` come from the latest probe when there is one, otherwise
+    from the evidence the diagnosis used (the watched gradient-norm profile gives a horizon and a
+    rate, not λ₁). Only finite values are included: a
     horizon of ∞ (the gradient never falls below the threshold within the sequence) is left out.
 
     Args:
@@ -135,6 +154,10 @@ def summary_scalars(rec, diagnosis=None, *, prefix: str = "gradscope/") -> Dict[
     tot = param_grad_total(rec)
     if tot.size and math.isfinite(tot[-1]):
         out[f"{prefix}param_grad_norm"] = float(tot[-1])
+    ur = update_ratio_total(rec)
+    ur = ur[np.isfinite(ur)]  # the last recorded step is measured only at the next forward pass
+    if ur.size:
+        out[f"{prefix}update_ratio"] = float(ur[-1])
     if diagnosis is not None:
         out[f"{prefix}findings"] = float(len(diagnosis.findings))
         out[f"{prefix}severity"] = SEVERITY_CODES.get(diagnosis.worst, 0.0)

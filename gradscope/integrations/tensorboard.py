@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import GradscopeError
-from ._scalars import param_grad_total, probe_series, profile_scalars
+from ._scalars import param_grad_total, probe_series, profile_scalars, update_ratio_total
 
 __all__ = ["recording_to_tensorboard"]
 
@@ -105,6 +105,9 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
     for s, v in zip(steps, param_grad_total(rec)):
         if math.isfinite(v):
             writer.add_scalar("gradscope/param_grad_norm", float(v), s)
+    for s, v in zip(steps, update_ratio_total(rec)):
+        if math.isfinite(v):
+            writer.add_scalar("gradscope/update_ratio", float(v), s)
     if diagnosis and (len(rec) or rec.measure_meta):
         from ..analysis.diagnose import diagnose
         writer.add_text("gradscope/diagnosis", diagnose(rec).to_markdown(), last)

@@ -20,7 +20,7 @@ import math
 from typing import Any, Dict, Optional
 
 from ..errors import GradscopeError
-from ._scalars import param_grad_total, probe_series, profile_scalars, summary_scalars
+from ._scalars import param_grad_total, probe_series, profile_scalars, summary_scalars, update_ratio_total
 
 __all__ = ["recording_to_wandb"]
 
@@ -80,6 +80,8 @@ def recording_to_wandb(rec, run=None, *, images: bool = True, report: bool = Tru
                 put(int(s), f"{key}/{site}", v)
     for s, v in zip(steps, param_grad_total(rec)):
         put(s, "param_grad_norm", v)
+    for s, v in zip(steps, update_ratio_total(rec)):
+        put(s, "update_ratio", v)
     for s in sorted(rows):
         run.log({"gradscope/step": s, **rows[s]})
     media: Dict[str, Any] = {}

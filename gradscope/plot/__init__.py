@@ -19,7 +19,8 @@ it; a recording with no step raises :class:`~gradscope.GradscopeError`.
 ``lyapunov_spectrum``     the top-k Lyapunov exponents per site
 ``hidden_spectrum``       singular values of the hidden-state matrix per site
 ``probe_history``         λ₁ / horizon / rate / memory time over training (``probe_every``)
-``param_flow``            gradient norm of every parameter (or module) over training
+``param_flow``            gradient norm of every parameter (or module): median and range
+``param_norms``           gradient norm or update-to-weight ratio of every parameter, per step
 ``depth_heatmap``         attention: layer × position (needs ``depth_grad_norms``)
 ``dashboard``             all of the above and the findings, in one Figure
 ``attention_entropy``     attention: normalised entropy of every head over training, per block
@@ -32,6 +33,8 @@ from .attention import attention_entropy, rank_collapse
 from .dashboard import dashboard, findings_panel
 from .dynamics import hidden_spectrum, jacobian_decay, lyapunov_spectrum, probe_history
 from .flow import depth_heatmap, gradient_heatmap, param_flow
+from .params import param_norms
 
 __all__ = ["gradient_heatmap", "jacobian_decay", "lyapunov_spectrum", "hidden_spectrum", "probe_history",
-           "param_flow", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard", "findings_panel"]
+           "param_flow", "param_norms", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard",
+           "findings_panel"]

@@ -68,6 +68,7 @@ _ARRAY_AS = {
     "hidden_spectrum": ("hidden_sv", (1,), "[K] singular values"),
     "depth_heatmap": ("depth_grad_norms", (2, 3), "[L, T] or [S, L, T] gradient norms by layer and position"),
     "param_flow": ("params", (), "{name: [S]} parameter gradient norms"),
+    "param_norms": ("params", (), "{name: [S]} parameter gradient norms"),
 }
 
 
