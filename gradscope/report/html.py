@@ -196,10 +196,13 @@ def _site_figures(rec, site: str) -> List[str]:
     from .. import plot as gp
 
     out = []
-    if len(rec.steps):
+    if len(rec.steps) == 1:  # one pass (a probe): a heatmap would be a single row
+        out.append(_figure(lambda f: gp.gradient_profile(rec, site, ax=f.add_subplot()), (6.0, 3.2),
+                           f"gradient profile of {site}", "‖∂L/∂h_t‖ by time step (log scale), one pass"))
+    elif len(rec.steps):
         out.append(_figure(lambda f: gp.gradient_heatmap(rec, site, ax=f.add_subplot()),
                            (6.4, 2.9 if len(rec.steps) > 2 else 2.2), f"gradient heatmap of {site}",
-                           "‖∂L/∂h_t‖ by time step and training step"))
+                           "‖∂L/∂h_t‖ by time step and training step (this site's colour scale)"))
     if rec.has_measure(site, "jacobian_norms"):
         out.append(_figure(lambda f: gp.jacobian_decay(rec, site, ax=f.add_subplot()), (6.0, 3.6),
                            f"Jacobian norm by lag at {site}", "‖∂h_T/∂h_{T−k}‖ by lag k"))
@@ -294,7 +297,10 @@ def diagnosis_to_html(diag, path=None, *, notes=None) -> str:
         parts.append("<ul>" + "".join(f"<li>{_regime(m.get('regime', 'stable'))} <code>{_e(m['line'])}</code></li>"
                                       for m in diag.modules) + "</ul>")
     if rec is not None and diag.sites:
-        figs = [_try_figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (7.0, 4.0),
+        figs = [_figure(lambda f: gp.gradient_profile(rec, ax=f.add_subplot()), (7.0, 4.0),
+                        "gradient profile, all sites", "‖∂L/∂h_t‖ by time step, all sites (one pass)")
+                if len(rec.steps) == 1 else "",
+                _try_figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (7.0, 4.0),
                             "Jacobian norm by lag, all sites", "Jacobian norm by lag, all probed sites"),
                 _try_figure(lambda f: gp.lyapunov_spectrum(rec, ax=f.add_subplot()), (5.6, 4.0),
                             "Lyapunov spectra, all sites", "Lyapunov spectra, all probed sites"),
@@ -376,6 +382,9 @@ def _small_figure(rec) -> str:
         return ""
     if any(rec.has_measure(s, "jacobian_norms") for s in rec.sites):
         return _figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (6.4, 3.4), "Jacobian norm by lag",
+                       dpi=72)
+    if len(rec.steps) == 1:
+        return _figure(lambda f: gp.gradient_profile(rec, ax=f.add_subplot()), (6.4, 3.4), "gradient profile",
                        dpi=72)
     if len(rec.steps):
         n = len(rec.sites[:4])
