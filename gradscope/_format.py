@@ -5,11 +5,12 @@ Plain Python and numpy only (no torch), so the remedy catalogue and reports can 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Sequence
+import textwrap
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["fmt", "text_table", "jsonable"]
+__all__ = ["fmt", "text_table", "jsonable", "wrap", "wrap_lines", "remedy_index", "unique", "WIDTH"]
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -35,11 +36,28 @@ def fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def text_table(head: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> List[str]:
-    """Lines of a left-aligned plain-text table (columns two spaces apart)."""
+def text_table(head: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "",
+               width: Any = None) -> List[str]:
+    """Lines of a left-aligned plain-text table (columns two spaces apart).
+
+    With ``width``, a last column that would run past it wraps under itself; when even the other
+    columns do not fit, each row becomes ``head=value`` prose wrapped at ``width``.
+    """
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     out = [indent + "  ".join(str(h).ljust(w) for h, w in zip(head, widths)).rstrip()]
     out += [indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if width is None or all(len(line) <= width for line in out):
+        return out
+    start = len(indent) + sum(w + 2 for w in widths[:-1])
+    if width - start < 16:  # the fixed columns alone nearly fill the line
+        return [line for r in rows for line in wrap(", ".join(f"{h}={c}" for h, c in zip(head, r)), indent,
+                                                       "    ", width)]
+    out = []
+    for r in [list(head)] + [list(x) for x in rows]:
+        first = indent + "  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths[:-1])) + "  "
+        last = textwrap.wrap(str(r[-1]), width=width - start, break_on_hyphens=False) or [""]
+        out.append((first + last[0]).rstrip())
+        out += [(" " * start + x).rstrip() for x in last[1:]]
     return out
 
 
@@ -55,3 +73,91 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
+
+
+#: the widest line of a text report, and of the prose of a markdown one
+WIDTH = 100
+
+
+def wrap(text: str, indent: str = "", hang: str = "    ", width: int = WIDTH) -> List[str]:
+    """Prose as lines of at most ``width`` characters: the first indented by ``indent``, the rest
+    by ``indent + hang``. Words longer than a line are broken (a report never runs wider)."""
+    lines = textwrap.wrap(str(text), width=width, initial_indent=indent, subsequent_indent=indent + hang,
+                          break_on_hyphens=False, break_long_words=True)
+    return lines or [indent.rstrip()]
+
+
+def wrap_lines(lines: Sequence[str], width: int = WIDTH) -> List[str]:
+    """Each line wrapped at ``width``, continuing under its own indentation (+2 after a ``- ``
+    bullet, else +4). For prose only: code must never pass through here."""
+    out: List[str] = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        body = line.lstrip(" ")
+        indent = line[:len(line) - len(body)]
+        out += wrap(body, indent, "  " if body.startswith(("- ", "* ")) else "    ", width)
+    return out
+
+
+def _get(r: Any, key: str, default: Any = "") -> Any:
+    return r.get(key, default) if isinstance(r, dict) else getattr(r, key, default)
+
+
+def remedy_index(findings: Sequence[Any]) -> Tuple[List[Dict[str, Any]], List[List[int]]]:
+    """Each remedy of a report once, and, per finding, the numbers of the remedies it points to.
+
+    Two remedies are one when their name and code are the same (the same snippet proposed by
+    several findings, or for several sites). Entries are numbered from 1 in order of first
+    appearance (findings come most severe first, remedies best first), and keep each distinct
+    ``why`` with the site it was written for.
+
+    Returns:
+        ``(entries, refs)``: ``entries`` dicts with ``id``, ``name``, ``title``, ``code``,
+        ``reference``, ``testable``, ``sites`` and ``why`` (a list of ``{"site", "why"}``);
+        ``refs[i]`` the ids, in order, of the remedies of ``findings[i]``.
+
+    Example:
+        >>> class F:
+        ...     site, remedies = "l0", [{"name": "clip", "title": "Clip", "code": "clip()", "why": "w"}]
+        >>> entries, refs = remedy_index([F(), F()])
+        >>> len(entries), refs
+        (1, [[1], [1]])
+    """
+    entries: List[Dict[str, Any]] = []
+    by_key: Dict[Tuple[str, ...], Dict[str, Any]] = {}
+    refs: List[List[int]] = []
+    for f in findings:
+        ids: List[int] = []
+        for r in getattr(f, "remedies", None) or []:
+            name = str(_get(r, "name", "") or "")
+            title = str(_get(r, "title", "") or name or r)
+            code = str(_get(r, "code", "") or "")
+            key = (name, code) if code else (name, title, str(f.site))
+            e = by_key.get(key)
+            if e is None:
+                e = {"id": len(entries) + 1, "name": name, "title": title, "code": code,
+                     "reference": str(_get(r, "reference", "") or ""), "testable": bool(_get(r, "testable", False)),
+                     "sites": [], "why": []}
+                by_key[key] = e
+                entries.append(e)
+            if f.site not in e["sites"]:
+                e["sites"].append(f.site)
+            why = str(_get(r, "why", "") or "")
+            if why and all(w["why"] != why for w in e["why"]):
+                e["why"].append({"site": f.site, "why": why})
+            if e["id"] not in ids:
+                ids.append(e["id"])
+        refs.append(ids)
+    return entries, refs
+
+
+def unique(items: Sequence[str]) -> List[str]:
+    """``items`` without repeats, in order (the one list of notes every format renders)."""
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out

@@ -56,17 +56,21 @@ def test_json_report_schema(ckpt, tmp_path, capsys):
     code, _, err = run(["report", ckpt, "--format", "json", "-o", outp, "--seq-len", "30"], capsys)
     assert code == 0 and "wrote" in err
     d = json.loads(outp.read_text())
-    assert d["schema"] == 1 and d["gradscope_version"] == gradscope.__version__
+    assert d["schema"] == 2 and d["gradscope_version"] == gradscope.__version__
     assert d["checkpoint"]["sha256"] and d["checkpoint"]["metadata"]["epoch"] == 7
     names = [s["name"] for s in d["sites"]]
     assert names == ["enc.l0", "enc.l0_reverse", "enc.l1", "enc.l1_reverse"]
     for s in d["sites"]:
         assert s["regime"] in ("vanishing", "exploding", "stable") and isinstance(s["evidence"], dict)
         assert "gates" in s["static"]
+    remedies = {r["id"]: r for r in d["remedies"]}
+    assert all({"name", "title", "code", "reference", "sites", "why"} <= set(r) for r in remedies.values())
+    assert len({(r["name"], r["code"]) for r in remedies.values()}) == len(remedies)  # each code once
     for f in d["findings"]:
-        assert {"kind", "site", "severity", "evidence", "remedies"} <= set(f)
-        for r in f["remedies"]:
-            assert {"name", "code", "reference"} <= set(r)
+        assert {"kind", "site", "severity", "evidence", "remedies", "remedy_ids"} <= set(f)
+        for r in f["remedies"]:  # pointers into the top-level list, without the code
+            assert {"id", "name", "reference"} <= set(r) and "code" not in r
+            assert remedies[r["id"]]["name"] == r["name"] and f["site"] in remedies[r["id"]]["sites"]
 
 
 def test_markdown_and_fail_on(ckpt, capsys):
@@ -184,7 +188,7 @@ def test_show_recording(tmp_path, capsys):
     code, out, _ = run(["show", path], capsys)
     assert code == 0 and "gradscope diagnosis" in out
     code, out, _ = run(["show", path, "--format", "json"], capsys)
-    assert json.loads(out)["schema"] == 1
+    assert json.loads(out)["schema"] == 2
     (tmp_path / "junk.npz").write_bytes(b"junk")
     code, _, err = run(["show", tmp_path / "junk.npz"], capsys)
     assert code == 2 and err.count("\n") == 1
@@ -194,7 +198,7 @@ def test_report_as_subprocess(ckpt):
     r = subprocess.run([sys.executable, "-m", "gradscope", "report", str(ckpt), "--seq-len", "20",
                         "--format", "json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["schema"] == 1
+    assert json.loads(r.stdout)["schema"] == 2
     r = subprocess.run([sys.executable, "-m", "gradscope", "report", str(ckpt) + ".missing"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1

@@ -124,7 +124,7 @@ def test_rendering_text_markdown_json():
     md = diag.to_markdown()
     assert md.startswith("# gradscope diagnosis") and "| site |" in md and "### " in md
     d = json.loads(diag.to_json())
-    assert d["schema"] == 1 and d["sites"][0]["name"] == "l0" and d["sites"][0]["regime"] == "vanishing"
+    assert d["schema"] == 2 and d["sites"][0]["name"] == "l0" and d["sites"][0]["regime"] == "vanishing"
     assert all({"kind", "site", "severity", "evidence", "remedies"} <= set(f) for f in d["findings"])
     assert repr(diag).startswith("<Diagnosis 1 sites")
 

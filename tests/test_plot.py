@@ -130,10 +130,58 @@ def test_heatmap_small_multiples(watched, review_dir):
     assert isinstance(axes, np.ndarray) and axes.shape == (4,)
     assert [a.get_title().split()[0] for a in axes] == list(watched.sites)
     fig = axes[0].figure
-    assert len(colorbars(fig)) == 1 and len(fig.axes) == 5
-    # one colour scale shared by every panel
-    assert len({(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in axes}) == 1
+    # by default each site has its own colour range and colour bar
+    assert len(colorbars(fig)) == 4 and len(fig.axes) == 8
+    for a in axes:
+        g = watched.grad_norms(a.get_title().split()[0])
+        lg = np.log10(g[np.isfinite(g) & (g > 0)])
+        assert a.images[0].norm.vmin == pytest.approx(lg.min()) and a.images[0].norm.vmax == pytest.approx(lg.max())
     save_and_check(fig, os.path.join(review_dir, "plot_heatmap_multiples.png"))
+
+
+def test_heatmap_small_multiples_shared_scale(watched, review_dir):
+    axes = gp.gradient_heatmap(watched, scale="shared")
+    fig = axes[0].figure
+    assert len(colorbars(fig)) == 1 and len(fig.axes) == 5
+    # one colour scale shared by every panel, and the colour bar says so
+    assert len({(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in axes}) == 1
+    assert "shared by all sites" in colorbars(fig)[0].get_ylabel()
+    save_and_check(fig, os.path.join(review_dir, "plot_heatmap_multiples_shared.png"))
+    with pytest.raises(GradscopeError, match=r"scale must be one of \['site', 'shared'\], got 'sharde'.*Did you mean 'shared'"):
+        gp.gradient_heatmap(watched, scale="sharde")
+
+
+def test_heatmap_scale_per_site_of_very_different_magnitudes(review_dir):
+    """Two sites 10⁶ apart: per site, each spans the full colour range; shared, the small one is dark."""
+    sites = {s: {"kind": "rnn_tanh", "module": "", "states": ["h"], "layer": 0, "direction": "forward"}
+             for s in ("big", "small")}
+    g = 10.0 ** -np.arange(8.0)[::-1] * np.ones((4, 1))  # 1e-7 … 1 along t
+    rec = synthetic(sites=sites, grads={("big", "h"): g, ("small", "h"): g * 1e-6})
+    own = gp.gradient_heatmap(rec)
+    assert [(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in own] == [(-7, 0), (-13, -6)]
+    assert len(colorbars(own[0].figure)) == 2
+    save_and_check(own[0].figure, os.path.join(review_dir, "plot_heatmap_scale_site.png"))
+    shared = gp.gradient_heatmap(rec, scale="shared")
+    assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in shared} == {(-13, 0)}
+    fig = gp.dashboard(rec, scale="shared")
+    assert len(colorbars(fig)) == 1
+    fig = gp.dashboard(rec)
+    assert len(colorbars(fig)) == 2
+
+
+# ---------------------------------------------------------------------------- gradient_profile
+def test_gradient_profile_of_a_probe(probed, review_dir):
+    ax = gp.gradient_profile(probed)
+    assert ax.get_yscale() == "log" and "time step t" in ax.get_xlabel() and "one pass" in ax.get_title(loc="left")
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == list(probed.sites)
+    g = probed.grad_norms(probed.sites[0], "h")[0]
+    np.testing.assert_allclose(lines[0].get_ydata(), np.where(g > 0, g, np.nan))
+    save_and_check(ax.figure, os.path.join(review_dir, "plot_gradient_profile.png"))
+    one = gp.gradient_profile(probed, probed.sites[0])
+    assert len(one.get_lines()) == 1
+    with pytest.raises(GradscopeError, match="unknown site"):
+        gp.gradient_profile(probed, "nope")
 
 
 def test_heatmap_into_given_axes(watched):
@@ -444,8 +492,8 @@ def test_every_function_takes_plain_arrays(review_dir):
 def test_dashboard_watched_with_probes(watched, review_dir):
     fig = gp.dashboard(watched)
     assert isinstance(fig, Figure)
-    # 4 heatmaps + 1 colour bar + Jacobian + Lyapunov + param flow + findings text
-    assert len(fig.axes) == 9 and len(colorbars(fig)) == 1
+    # 4 heatmaps + their 4 colour bars (one scale per site) + Jacobian + Lyapunov + param flow + findings text
+    assert len(fig.axes) == 12 and len(colorbars(fig)) == 4
     text = " ".join(t.get_text() for a in fig.axes for t in a.texts)
     assert "rnn.l0" in text and "vanishing" in text or "stable" in text
     save_and_check(fig, os.path.join(review_dir, "plot_dashboard_watched.png"))
@@ -454,7 +502,11 @@ def test_dashboard_watched_with_probes(watched, review_dir):
 def test_dashboard_of_a_diagnosis_and_of_a_probe(probed, review_dir):
     diag = gradscope.diagnose(probed)
     fig = gp.dashboard(diag)
-    assert len(fig.axes) == 6
+    # one pass: the gradient profile by position (a line per site), not a one-row heatmap
+    assert len(fig.axes) == 5 and not colorbars(fig)
+    prof = fig.axes[0]
+    assert prof.get_yscale() == "log" and not prof.images
+    assert [ln.get_label() for ln in prof.get_lines()] == list(probed.sites)
     texts = [t.get_text() for a in fig.axes for t in a.texts]
     assert any(t.startswith("[") and "vanishing at l0" in t for t in texts)
     save_and_check(fig, os.path.join(review_dir, "plot_dashboard_probe.png"))

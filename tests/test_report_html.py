@@ -163,10 +163,15 @@ def test_report_is_self_contained_and_complete(watched_diag, tmp_path, review_di
 def test_report_remedies_have_copyable_code(vanishing_diag, review_dir):
     page = diagnosis_to_html(vanishing_diag)
     p = parse(page)
-    n_code = sum(1 for f in vanishing_diag.findings for r in f.remedies if getattr(r, "code", ""))
+    codes = {(r.name, r.code) for f in vanishing_diag.findings for r in f.remedies if getattr(r, "code", "")}
+    n_code = len(codes)  # each distinct snippet once, however many findings propose it
     assert n_code > 0
     assert page.count('<button class="copy"') == n_code
     assert page.count("<pre><code>") == n_code
+    n_refs = sum(len(f.remedies) for f in vanishing_diag.findings)  # every finding links to its remedies
+    assert len(re.findall(r'<a href="#remedy-\d+">', page)) == n_refs
+    for i in range(1, n_code + 1):
+        assert page.count(f'id="remedy-{i}"') == 1
     first = next(r for f in vanishing_diag.findings for r in f.remedies if getattr(r, "code", ""))
     assert first.code.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") \
         .replace("'", "&#x27;") in page

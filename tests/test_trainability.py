@@ -107,7 +107,7 @@ def test_every_format_carries_the_verdict():
     diag = gradscope.diagnose(gradscope.probe(nn.RNN(2, 8), torch.randn(40, 2, 2), lyapunov=False))
     t = diag.trainability
     assert f"trainability: {t.verdict}" in str(diag)
-    md = diag.to_markdown()
+    md = " ".join(diag.to_markdown().split())  # prose is wrapped at 100 columns
     assert "## Trainability" in md and f"**{t.verdict}**" in md and "not a measurement" in md
     d = json.loads(diag.to_json())
     assert d["trainability"]["verdict"] == t.verdict and d["trainability"]["reasons"] == t.reasons

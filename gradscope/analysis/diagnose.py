@@ -32,11 +32,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .._format import fmt, jsonable, text_table
+from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
 from ..errors import GradscopeError, did_you_mean
 from .trainability import assess
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SEVERITIES = ("info", "warning", "critical")
 REGIMES = ("vanishing", "exploding", "stable", "inconclusive")
@@ -370,11 +370,25 @@ class Diagnosis:
                        "reason": s["reason"], "evidence": s["evidence"], "evidence_used": s["evidence_used"],
                        "caveats": s["caveats"]} for n, s in self._sites.items()],
             "modules": self.modules,
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": self._finding_dicts(),
+            "remedies": remedy_index(self.findings)[0],
             "trainability": self.trainability.to_dict() if self.trainability is not None else None,
             "schedule": self.meta.get("schedule"), "measured_on": self.meta.get("measured_on"),
-            "notes": self.notes,
+            "notes": list(self.notes),
         })
+
+    def _finding_dicts(self) -> List[Dict[str, Any]]:
+        """Findings for JSON: each remedy as a pointer (``id`` into the top-level ``remedies``, with
+        its name, title, why and reference); the code lives once, in ``remedies``."""
+        _, refs = remedy_index(self.findings)
+        out = []
+        for f, ids in zip(self.findings, refs):
+            d = f.to_dict()
+            d["remedies"] = [dict({k: v for k, v in r.items() if k != "code"}, id=i)
+                             for r, i in zip(d["remedies"], ids)]
+            d["remedy_ids"] = ids
+            out.append(d)
+        return out
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -403,57 +417,74 @@ class Diagnosis:
         return head, rows
 
     def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self, notes: Optional[List[str]] = None) -> str:
+        """The plain-text report (``str(diag)``), no line wider than 100 characters except code
+        lines of a remedy that are longer themselves (code is never wrapped: it must paste).
+
+        Findings point to the remedies ("→ remedy 2: …"), which follow once each, with their code.
+        ``notes`` replaces ``self.notes`` (a checkpoint report adds its own).
+        """
+        notes = self.notes if notes is None else notes
         src = self.meta.get("source", "?")
-        lines = [f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
-                 f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]"]
+        lines = wrap(f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
+                     f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]")
         if self.meta.get("measured_on"):
-            lines.append(f"measured on: {self.meta['measured_on']}")
+            lines += wrap(f"measured on: {self.meta['measured_on']}")
         if self.schedule_line():
-            lines.append(self.schedule_line())
+            lines += wrap(self.schedule_line())
         lines.append("")
         if self._sites:
-            lines += text_table(*self._site_rows())
+            lines += text_table(*self._site_rows(), width=WIDTH)
             lines.append("")
         if self.trainability is not None:
-            lines += str(self.trainability).splitlines()
+            lines += wrap_lines(str(self.trainability).splitlines())
             lines.append("")
         for m in self.modules:
-            lines.append(f"module {m['line']}")
+            lines += wrap(f"module {m['line']}")
         if self.modules:
             lines.append("")
-        shown = set()  # a remedy proposed again for the same site is listed without repeating it
-        for f in self.findings:
-            lines.append(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
+        remedies, refs = remedy_index(self.findings)
+        for f, ids in zip(self.findings, refs):
+            lines += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
             if f.evidence:
-                lines.append("    evidence: " + ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items()))
-            for i, r in enumerate(f.remedies[:3], 1):
-                title = getattr(r, "title", getattr(r, "name", r))
-                key = (f.site, getattr(r, "name", title))
-                if key in shown:
-                    lines.append(f"    {i}. {title} (see above)")
-                    continue
-                shown.add(key)
-                lines.append(f"    {i}. {title} — {getattr(r, 'why', '')}")
-                code = getattr(r, "code", "")
-                for cl in code.splitlines():
-                    lines.append(f"         {cl}")
-                ref = getattr(r, "reference", "")
-                if ref:
-                    lines.append(f"       ({ref})")
+                lines += wrap("evidence: " + ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items()),
+                              "    ", "  ")
+            lines += [x for i in ids for x in wrap(f"→ remedy {i}: {remedies[i - 1]['title']}", "    ", "    ")]
         if not self.findings:
             lines.append("No findings: every site is stable on this evidence." if self._sites
                          else "No recurrent or attention site to diagnose.")
-        for n in self.notes:
-            lines.append(f"note: {n}")
+        if remedies:
+            lines += ["", "remedies (each once; the findings above point to them)"]
+        for r in remedies:
+            lines.append("")
+            head = f"{r['id']}. {r['title']}" + (f" [{r['name']}]" if r["name"] else "")
+            lines += wrap(head + " — for " + ", ".join(r["sites"]), "", "   ")
+            for w in r["why"]:
+                lines += wrap((f"at {w['site']}: " if len(r["sites"]) > 1 else "") + w["why"], "   ", "  ")
+            lines += ["       " + c if c.strip() else "" for c in r["code"].splitlines()]
+            if r["reference"]:
+                lines += wrap(f"({r['reference']})", "   ", " ")
+        if notes:
+            lines.append("")
+        for n in notes:
+            lines += wrap(f"note: {n}", "", "      ")
         return "\n".join(lines).rstrip() + "\n"
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, notes: Optional[List[str]] = None) -> str:
+        """The markdown report: prose wrapped at 100 characters (tables and code are not), the
+        remedies once each under "Remedies" with the findings pointing to them. ``notes``
+        replaces ``self.notes``."""
+        notes = self.notes if notes is None else notes
         src = self.meta.get("source", "?")
-        out = ["# gradscope diagnosis", "",
-               f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
-               f"{self.meta.get('steps', 0)} recorded step(s)." + (f" {self.schedule_line()}." if self.schedule_line()
-                                                                else "")
-               + (f" Measured on: {self.meta['measured_on']}." if self.meta.get("measured_on") else ""), ""]
+        out = ["# gradscope diagnosis", ""]
+        out += wrap(f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
+                    f"{self.meta.get('steps', 0)} recorded step(s)." + (f" {self.schedule_line()}."
+                                                                       if self.schedule_line() else "")
+                    + (f" Measured on: {self.meta['measured_on']}." if self.meta.get("measured_on") else ""),
+                    hang="")
+        out.append("")
         if self._sites:
             head, rows = self._site_rows()
             out.append("| " + " | ".join(head) + " |")
@@ -463,49 +494,67 @@ class Diagnosis:
             out.append("")
         if self.trainability is not None:
             t = self.trainability
-            out += ["## Trainability", "", f"**{t.verdict}** (confidence {t.confidence:.2f}) — a prediction "
-                    "calibrated on labelled training runs, not a measurement.", ""]
-            out += [f"- {r}" for r in t.reasons]
+            out += ["## Trainability", ""]
+            out += wrap(f"**{t.verdict}** (confidence {t.confidence:.2f}) — a prediction calibrated on "
+                        "labelled training runs, not a measurement.", hang="")
+            out.append("")
+            out += [x for r in t.reasons for x in wrap(f"- {r}", hang="  ")]
             out.append("")
         if self.modules:
             out.append("## Modules")
             out.append("")
-            out += [f"- {m['line']}" for m in self.modules]
+            out += [x for m in self.modules for x in wrap(f"- {m['line']}", hang="  ")]
             out.append("")
+        remedies, refs = remedy_index(self.findings)
         if self.findings:
             out.append("## Findings")
             out.append("")
-        for f in self.findings:
+        for f, ids in zip(self.findings, refs):
             out.append(f"### {f.severity}: {f.kind} at `{f.site}`")
             out.append("")
-            out.append(f.explanation)
+            out += wrap(f.explanation, hang="")
             out.append("")
             if f.evidence:
                 out.append("| evidence | value |")
                 out.append("|---|---|")
                 out += [f"| {k} | {fmt(v)} |" for k, v in f.evidence.items()]
                 out.append("")
-            for i, r in enumerate(f.remedies, 1):
-                out.append(f"{i}. **{getattr(r, 'title', getattr(r, 'name', r))}** — {getattr(r, 'why', '')} "
-                           f"_({getattr(r, 'reference', '')})_")
-                code = getattr(r, "code", "")
-                if code:
-                    out += ["", "   ```python", *["   " + c for c in code.splitlines()], "   ```"]
+            for i in ids:
+                out += wrap(f"- → [remedy {i}](#remedy-{i}): {remedies[i - 1]['title']}", hang="  ")
+            if ids:
                 out.append("")
         if not self.findings:
             out.append("No findings." if self._sites else "No recurrent or attention site to diagnose.")
             out.append("")
-        if self.notes:
+        if remedies:
+            out += ["## Remedies", ""]
+        for r in remedies:
+            out += [f'<a id="remedy-{r["id"]}"></a>', ""]
+            out += wrap(f"### {r['id']}. {r['title']}", hang="")
+            out.append("")
+            out += wrap((f"`{r['name']}`, " if r["name"] else "") + "for "
+                        + ", ".join(f"`{s}`" for s in r["sites"]) + ".", hang="")
+            out.append("")
+            for w in r["why"]:
+                out += wrap("- " + (f"at `{w['site']}`: " if len(r["sites"]) > 1 else "") + w["why"], hang="  ")
+            if r["why"]:
+                out.append("")
+            if r["code"]:
+                out += ["```python", *r["code"].rstrip("\n").splitlines(), "```", ""]
+            if r["reference"]:
+                out += wrap(f"_{r['reference']}_", hang="")
+                out.append("")
+        if notes:
             out.append("## Notes")
             out.append("")
-            out += [f"- {n}" for n in self.notes]
+            out += [x for n in notes for x in wrap(f"- {n}", hang="  ")]
         return "\n".join(out).rstrip() + "\n"
 
-    def to_html(self, path=None) -> str:
+    def to_html(self, path=None, notes: Optional[List[str]] = None) -> str:
         """One self-contained HTML report (figures embedded, no network); written to ``path`` if
-        given. Returns the HTML text."""
+        given. Returns the HTML text. ``notes`` replaces ``self.notes``."""
         from ..report.html import diagnosis_to_html
-        return diagnosis_to_html(self, path=path)
+        return diagnosis_to_html(self, path=path, notes=notes)
 
     def _repr_html_(self) -> str:
         from ..report.html import diagnosis_repr_html

@@ -15,6 +15,7 @@ it; a recording with no step raises :class:`~gradscope.GradscopeError`.
 
 ========================  ==================================================================
 ``gradient_heatmap``      ‖∂L/∂h_t‖: time step × training step, per site or as small multiples
+``gradient_profile``      ‖∂L/∂h_t‖ by time step, a line per site (one pass: a probe)
 ``jacobian_decay``        ‖∂h_T/∂h_{T−k}‖ by lag, with fitted rate, horizon and threshold
 ``lyapunov_spectrum``     the top-k Lyapunov exponents per site
 ``hidden_spectrum``       singular values of the hidden-state matrix per site
@@ -32,9 +33,9 @@ from __future__ import annotations
 from .attention import attention_entropy, rank_collapse
 from .dashboard import dashboard, findings_panel
 from .dynamics import hidden_spectrum, jacobian_decay, lyapunov_spectrum, probe_history
-from .flow import depth_heatmap, gradient_heatmap, param_flow
+from .flow import depth_heatmap, gradient_heatmap, gradient_profile, param_flow
 from .params import param_norms
 
-__all__ = ["gradient_heatmap", "jacobian_decay", "lyapunov_spectrum", "hidden_spectrum", "probe_history",
-           "param_flow", "param_norms", "depth_heatmap", "attention_entropy", "rank_collapse", "dashboard",
-           "findings_panel"]
+__all__ = ["gradient_heatmap", "gradient_profile", "jacobian_decay", "lyapunov_spectrum", "hidden_spectrum",
+           "probe_history", "param_flow", "param_norms", "depth_heatmap", "attention_entropy", "rank_collapse",
+           "dashboard", "findings_panel"]

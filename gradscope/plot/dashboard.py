@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import MissingMeasureError
 from . import _common as C
 from .dynamics import jacobian_decay, lyapunov_spectrum
-from .flow import depth_heatmap, param_flow, small_multiples
+from .flow import depth_heatmap, draw_profile, param_flow, small_multiples
 
 __all__ = ["dashboard", "findings_panel"]
 
@@ -97,11 +97,13 @@ def findings_panel(ax, diag, *, max_lines: Optional[int] = None, width: int = 88
     return ax
 
 
-def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS):
+def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS, scale: str = "site"):
     """One figure that sums up a recording: where the gradient goes, how fast it decays, and what to do.
 
-    Rows, top to bottom: the gradient heatmaps of up to ``max_sites`` sites (small multiples, one
-    colour bar); the Jacobian norm by lag and the Lyapunov spectrum of every probed site (or a
+    Rows, top to bottom: the gradient heatmaps of up to ``max_sites`` sites (small multiples, each
+    with its own colour scale unless ``scale="shared"``) — or, for a recording of a single pass
+    (a probe), the gradient profile ‖∂L/∂h_t‖ by time step, a line per site on a log axis; the
+    Jacobian norm by lag and the Lyapunov spectrum of every probed site (or a
     note saying how to record them when the recording has no probe) and, for attention models,
     the depth flow of up to two attention stacks; the parameter gradient flow
     and the findings as text (regime per site, each finding with its key numbers and first remedy).
@@ -111,7 +113,10 @@ def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS):
             :class:`~gradscope.Diagnosis` (its ``recording`` is drawn).
         fig: a Figure to draw into (default: a new pyplot figure). It should have been made with
             ``layout="constrained"``.
-        max_sites: the most heatmaps to draw; the rest are named in the title of the row.
+        max_sites: the most heatmaps (or profile lines) to draw; the rest are named in the title
+            of the row.
+        scale: ``"site"`` (default) or ``"shared"``: the heatmaps' colour ranges (see
+            :func:`~gradscope.plot.gradient_heatmap`).
 
     Returns:
         The Figure.
@@ -138,10 +143,11 @@ def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS):
     sites = list(rec.sites)
     shown = sites[:max_sites]
     S = len(rec.steps)
-    ncols = 1 if len(shown) <= 1 else 2
-    nrows_hm = math.ceil(len(shown) / ncols) if shown and S else 0
+    profile = S == 1  # one pass: a heatmap would be one row; draw the profile by position instead
+    ncols = 1 if len(shown) <= 1 or profile else 2
+    nrows_hm = (1 if profile else math.ceil(len(shown) / ncols)) if shown and S else 0
     row_h = 1.5 if S <= 2 else 2.2
-    hm_h = 0.6 + row_h * nrows_hm
+    hm_h = 3.4 if profile else 0.6 + row_h * nrows_hm
     probed = any(rec.has_measure(s, m) for s in sites for m in ("jacobian_norms", "lyapunov"))
     stacks = list(getattr(rec, "attention_stacks", None) or {})
     mid_h = 3.6 if probed or stacks else 0.7
@@ -156,15 +162,20 @@ def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS):
     subs = list(np.atleast_1d(fig.subfigures(len(heights), 1, height_ratios=heights)))
     if nrows_hm:
         top = subs.pop(0)
-        grid = top.subplots(nrows_hm, ncols, squeeze=False)
-        flat = list(grid.ravel())
-        for extra in flat[len(shown):]:
-            extra.remove()
-        axes = flat[:len(shown)]
-        small_multiples(rec, shown, axes, "h")
         more = "" if len(shown) == len(sites) else f" (first {len(shown)} of {len(sites)} sites)"
-        top.suptitle("Gradient reaching each site, by position t and training step" + more, fontsize=9, x=0.01,
-                     ha="left")
+        if profile:
+            a = draw_profile(top.subplots(), rec, shown, "h")
+            a.set_title(a.get_title(loc="left") + more, fontsize=9, loc="left")
+        else:
+            grid = top.subplots(nrows_hm, ncols, squeeze=False)
+            flat = list(grid.ravel())
+            for extra in flat[len(shown):]:
+                extra.remove()
+            axes = flat[:len(shown)]
+            small_multiples(rec, shown, axes, "h", scale=scale)
+            scale_txt = "each site its own colour scale" if scale == "site" else "one colour scale for all sites"
+            top.suptitle(f"Gradient reaching each site, by position t and training step ({scale_txt})" + more,
+                         fontsize=9, x=0.01, ha="left")
     mid, bot = subs
     panels = []
     if probed:

@@ -12,7 +12,10 @@ import numpy as np
 from ..errors import GradscopeError, MissingMeasureError
 from . import _common as C
 
-__all__ = ["gradient_heatmap", "param_flow", "depth_heatmap"]
+__all__ = ["gradient_heatmap", "gradient_profile", "param_flow", "depth_heatmap", "SCALES"]
+
+#: colour scales of the heatmaps of several sites: each its own range, or one range for all
+SCALES = ("site", "shared")
 
 _STATE_TEX = {"h": r"$\|\partial L/\partial h_t\|$", "c": r"$\|\partial L/\partial c_t\|$"}
 
@@ -121,7 +124,7 @@ def _colorbar(fig, im, axes, state: str, vmin: float, vmax: float):
     return cb
 
 
-def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", ax=None):
+def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", scale: str = "site", ax=None):
     """‖∂L/∂h_t‖ as colour over time step (x) and training step (y), in decades.
 
     Every row is one recorded training step, every column one position t of the sequence
@@ -135,9 +138,12 @@ def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", ax=No
     Args:
         rec: a :class:`~gradscope.Recording` with at least one recorded step, or an array
             ``[S, T]`` of norms (drawn as the forward site ``"array"``).
-        site: one site name; ``None`` draws every site as small multiples with one shared colour
-            scale and one colour bar.
+        site: one site name; ``None`` draws every site as small multiples.
         state: ``"h"``, or ``"c"`` for the cell state of an LSTM site.
+        scale: for small multiples, ``"site"`` (default): each site's colours span its own range,
+            with a colour bar per site, so a site whose gradient is 10⁶ times smaller than another's
+            still shows its structure; ``"shared"``: one range and one colour bar for all sites, to
+            compare magnitudes across sites.
         ax: an Axes to draw into. With ``site=None`` a sequence of Axes, one per site (a single
             Axes is accepted when the recording has one site). Default: a new figure.
 
@@ -146,8 +152,8 @@ def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", ax=No
         ``rec.sites`` order.
 
     Raises:
-        GradscopeError: an empty recording, an unknown site or state (with a suggestion), or the
-            wrong number of Axes.
+        GradscopeError: an empty recording, an unknown site, state or scale (with a suggestion),
+            or the wrong number of Axes.
 
     Example:
         >>> import torch, gradscope
@@ -159,6 +165,7 @@ def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", ax=No
     """
     rec = C.as_recording(rec, "gradient_heatmap")
     _check_steps(rec, "gradient_heatmap")
+    _check_scale(scale, "gradient_heatmap")
     sites = C.sites_of(rec, site, "gradient_heatmap")
     for s in sites:
         rec.grad_norms(s, state)  # unknown state: the Recording's error, with a suggestion
@@ -173,12 +180,21 @@ def gradient_heatmap(rec, site: Optional[str] = None, *, state: str = "h", ax=No
         C.bad_legend(ax, present, anchor=(0.0, -0.22))
         return ax
     axes = _axes_for(ax, len(sites), "gradient_heatmap", rows_height=2.3 if len(rec.steps) > 2 else 1.6)
-    small_multiples(rec, sites, axes, state)
+    small_multiples(rec, sites, axes, state, scale=scale)
     return np.array(axes, dtype=object)
 
 
-def small_multiples(rec, sites: Sequence[str], axes: Sequence, state: str = "h") -> None:
-    """Heatmaps of ``sites`` into ``axes`` (one each) with one shared colour scale and colour bar.
+def _check_scale(scale: str, what: str) -> None:
+    if scale not in SCALES:
+        from ..errors import did_you_mean
+
+        raise GradscopeError(f"{what}: scale must be one of {list(SCALES)}, got {scale!r}."
+                             f"{did_you_mean(str(scale), SCALES)}")
+
+
+def small_multiples(rec, sites: Sequence[str], axes: Sequence, state: str = "h", *, scale: str = "site") -> None:
+    """Heatmaps of ``sites`` into ``axes`` (one each), each with its own colour range and colour
+    bar (``scale="site"``) or with one shared range and colour bar (``scale="shared"``).
 
     The building block of :func:`gradient_heatmap` with ``site=None``, for layouts of your own
     (the dashboard draws a subset of the sites this way).
@@ -188,26 +204,119 @@ def small_multiples(rec, sites: Sequence[str], axes: Sequence, state: str = "h")
         sites: site names, one per Axes.
         axes: the Axes, in the order of ``sites``.
         state: ``"h"`` or ``"c"``.
+        scale: ``"site"`` or ``"shared"`` (see :func:`gradient_heatmap`).
 
     Example:
         >>> import torch, gradscope
         >>> from matplotlib.figure import Figure
         >>> rec = gradscope.probe(torch.nn.GRU(2, 4, num_layers=2), torch.randn(9, 2, 2))
         >>> axes = Figure(layout="constrained").subplots(1, 2)
-        >>> small_multiples(rec, ["l0", "l1"], axes)
+        >>> small_multiples(rec, ["l0", "l1"], axes, scale="shared")
         >>> len(axes[0].figure.axes)  # two heatmaps and their shared colour bar
         3
     """
-    vmin, vmax = _limits(rec, sites, state)
+    _check_scale(scale, "small_multiples")
     ims, present = [], set()
-    for a, s in zip(axes, sites):
-        im, pr = _heatmap_site(a, rec, s, state, vmin, vmax)
-        ims.append(im)
-        present.update(pr)
-    im = next((i for i in ims if i is not None), None)
-    if im is not None:
-        _colorbar(axes[0].figure, im, list(axes), state, vmin, vmax)
+    if scale == "shared":
+        vmin, vmax = _limits(rec, sites, state)
+        for a, s in zip(axes, sites):
+            im, pr = _heatmap_site(a, rec, s, state, vmin, vmax)
+            ims.append(im)
+            present.update(pr)
+        im = next((i for i in ims if i is not None), None)
+        if im is not None:
+            cb = _colorbar(axes[0].figure, im, list(axes), state, vmin, vmax)
+            cb.set_label(cb.ax.get_ylabel() + ", shared by all sites", fontsize=8)
+    else:
+        for a, s in zip(axes, sites):
+            vmin, vmax = _limits(rec, [s], state)
+            im, pr = _heatmap_site(a, rec, s, state, vmin, vmax)
+            present.update(pr)
+            if im is not None:
+                cb = _colorbar(a.figure, im, a, state, vmin, vmax)
+                cb.set_label(_STATE_TEX.get(state, f"‖∂L/∂{state}_t‖") + ", this site's scale", fontsize=7)
     C.bad_legend(axes[-1], [k for k in ("zero", "nonfinite", "notrun") if k in present], anchor=(0.0, -0.3))
+
+
+def gradient_profile(rec, site: Optional[str] = None, *, state: str = "h", ax=None):
+    """‖∂L/∂h_t‖ against the time step t, one line per site, on a logarithmic y axis.
+
+    The picture of a recording with a single pass (a probe, or one watched step), where a heatmap
+    would be one row of colour: the line shows how many decades the gradient loses along the
+    sequence. With several recorded steps each line is the median over them (of the logarithms).
+    Zeros, NaN and inf are left out of the lines and counted in the title. The x label says which
+    way the gradient travels (← for forward sites).
+
+    Args:
+        rec: a :class:`~gradscope.Recording` with at least one recorded step, or an array
+            ``[S, T]`` (or ``[T]``) of norms (drawn as the forward site ``"array"``).
+        site: one site name; ``None`` draws every site.
+        state: ``"h"``, or ``"c"`` for the cell state of an LSTM site.
+        ax: an Axes to draw into (default: a new figure).
+
+    Returns:
+        The Axes.
+
+    Raises:
+        GradscopeError: an empty recording, or an unknown site or state (with a suggestion).
+
+    Example:
+        >>> import torch, gradscope
+        >>> rec = gradscope.probe(torch.nn.LSTM(2, 8, num_layers=2), torch.randn(20, 3, 2))
+        >>> ax = gradscope.plot.gradient_profile(rec)
+        >>> len(ax.get_lines()), ax.get_yscale()
+        (2, 'log')
+    """
+    rec = C.as_recording(rec, "gradient_profile")
+    _check_steps(rec, "gradient_profile")
+    sites = C.sites_of(rec, site, "gradient_profile")
+    for s in sites:
+        rec.grad_norms(s, state)  # unknown state: the Recording's error, with a suggestion
+    return draw_profile(C.new_axes(ax, (7.0, 3.4)), rec, sites, state)
+
+
+def draw_profile(ax, rec, sites: Sequence[str], state: str = "h"):
+    """The lines of :func:`gradient_profile` for ``sites`` into ``ax`` (for layouts of your own:
+    the dashboard draws a subset of the sites this way). Returns the Axes."""
+    S = len(rec.steps)
+    dirs, bad, drawn = set(), 0, 0
+    for i, s in enumerate(sites):
+        g = np.asarray(rec.grad_norms(s, state), dtype=np.float64)
+        if g.ndim == 1:
+            g = g[None, :]
+        lens = rec.seq_lens(s)
+        valid = np.arange(g.shape[1])[None, :] < np.asarray(lens)[:, None] if g.shape[1] else g.astype(bool)
+        g = np.where(valid, g, np.nan)
+        masks = C.classify(g, valid)
+        bad += int(masks["zero"].sum() + masks["nonfinite"].sum())
+        med = C.log_quantiles(np.where(masks["ok"], g, np.nan))[0] if g.shape[1] else np.array([])
+        if not np.isfinite(med).any():
+            continue
+        dirs.add(C.direction_of(rec, s))
+        ax.plot(np.arange(len(med)), med, lw=1.4, marker="." if len(med) <= 40 else None, ms=3,
+                color=f"C{i % 10}", label=s)
+        drawn += 1
+    ax.set_yscale("log")
+    what = _STATE_TEX.get(state, f"‖∂L/∂{state}_t‖")
+    ax.set_ylabel(what, fontsize=8)
+    travel = C.travel_text(dirs.pop()) if len(dirs) == 1 else "forward sites: ←, reverse sites: →"
+    ax.set_xlabel(f"time step t    {travel}", fontsize=8)
+    one = "one pass" if S == 1 else f"median over {S} recorded steps"
+    ax.set_title(f"Gradient reaching each position ({one})" + (f"; {bad} zero/NaN/inf value(s) left out"
+                                                                if bad else ""), fontsize=9, loc="left")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, which="major")
+    if drawn:
+        lo, hi = ax.get_ylim()
+        if hi / lo < 100:  # at least two decades, so that a flat profile looks flat
+            mid = math.sqrt(lo * hi)
+            lo, hi = mid / 10, mid * 10
+            ax.set_ylim(lo, hi)
+        C.decade_ticks(ax.yaxis, lo, hi)
+        ax.legend(fontsize=7, ncols=1 if drawn <= 4 else 2, loc="best", framealpha=0.85)
+    else:
+        C.message(ax, "no finite, non-zero gradient reached any site", backgroundcolor="white")
+    return ax
 
 
 def _axes_for(ax, n: int, what: str, rows_height: float) -> List:

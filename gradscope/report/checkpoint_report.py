@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._format import fmt, jsonable, text_table
+from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose
 from ..capture.probe import probe
 from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
@@ -114,6 +114,11 @@ class CheckpointReport:
     def findings(self):
         return self.diagnosis.findings if self.diagnosis is not None else []
 
+    @property
+    def all_notes(self) -> List[str]:
+        """The one list of notes every format renders: the report's, then the diagnosis's."""
+        return unique(self.notes + (list(self.diagnosis.notes) if self.diagnosis is not None else []))
+
     def to_dict(self) -> Dict[str, Any]:
         d = self.diagnosis.to_dict() if self.diagnosis is not None else {"sites": [], "findings": [], "notes": []}
         static_by_site = {r["site"]: r for r in self.static}
@@ -132,7 +137,7 @@ class CheckpointReport:
                        "checkpoint": dict(self.checkpoint, path=self.path, sha256=self.sha256),
                        "modules": self.modules, "sites": sites, "findings": d["findings"],
                        "measured_on": d.get("measured_on"), "trainability": d.get("trainability"),
-                       "notes": self.notes + d.get("notes", [])})
+                       "remedies": d.get("remedies", []), "notes": self.all_notes})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -155,16 +160,16 @@ class CheckpointReport:
 
     def _header(self) -> List[str]:
         c = self.checkpoint
-        lines = [f"checkpoint {self.path}", f"  sha256 {self.sha256}",
-                 f"  format {c.get('format')}, state dict at {c.get('source_key')}, "
-                 f"{c.get('num_tensors')} tensors, {c.get('num_parameters')} parameters"]
+        lines = wrap(f"checkpoint {self.path}") + [f"  sha256 {self.sha256}"]
+        lines += wrap(f"format {c.get('format')}, state dict at {c.get('source_key')}, "
+                      f"{c.get('num_tensors')} tensors, {c.get('num_parameters')} parameters", "  ")
         if c.get("metadata"):
-            lines.append("  metadata: " + ", ".join(f"{k}={v}" for k, v in list(c["metadata"].items())[:12]))
+            lines += wrap("metadata: " + ", ".join(f"{k}={v}" for k, v in list(c["metadata"].items())[:12]), "  ")
         for m in self.modules:
-            lines.append(f"  found {m['kind']} at {m['prefix'] or '(root)'}: "
-                         + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
+            lines += wrap(f"found {m['kind']} at {m['prefix'] or '(root)'}: "
+                          + ", ".join(f"{k}={v}" for k, v in m["config"].items()), "  ")
             for n in m.get("notes", []):
-                lines.append(f"    note: {n}")
+                lines += wrap(f"note: {n}", "    ", "      ")
         return lines
 
     def to_text(self) -> str:
@@ -172,12 +177,12 @@ class CheckpointReport:
         head, rows = self._static_rows()
         if rows:
             out.append("static analysis of the recurrent weights (per gate block of W_hh)")
-            out += text_table(head, rows, indent="  ")
+            out += text_table(head, rows, indent="  ", width=WIDTH)
             out.append("")
         if self.diagnosis is not None:
-            out.append(str(self.diagnosis))
-        for n in self.notes:
-            out.append(f"note: {n}")
+            out.append(self.diagnosis.to_text(notes=self.all_notes))
+        else:
+            out += [x for n in self.all_notes for x in wrap(f"note: {n}", "", "      ")]
         return "\n".join(out).rstrip() + "\n"
 
     def to_markdown(self) -> str:
@@ -188,10 +193,10 @@ class CheckpointReport:
             out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
             out.append("")
         if self.diagnosis is not None:
-            md = self.diagnosis.to_markdown().replace("# gradscope diagnosis", "## Diagnosis", 1)
+            md = self.diagnosis.to_markdown(notes=self.all_notes).replace("# gradscope diagnosis", "## Diagnosis", 1)
             out.append(md)
-        if self.notes:
-            out += ["## Report notes", ""] + [f"- {n}" for n in self.notes]
+        elif self.all_notes:
+            out += ["## Notes", ""] + [x for n in self.all_notes for x in wrap(f"- {n}", hang="  ")]
         return "\n".join(out).rstrip() + "\n"
 
     def to_html(self) -> str:
@@ -199,8 +204,11 @@ class CheckpointReport:
         import html as _html
         head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
         if self.diagnosis is None:
-            return f"<!doctype html><html><body><h1>gradscope checkpoint report</h1>{head}</body></html>"
-        page = diagnosis_to_html(self.diagnosis)
+            notes = "".join(f"<li>{_html.escape(n)}</li>" for n in self.all_notes)
+            notes = f'<h2 id="notes">Notes</h2><ul class="notes">{notes}</ul>' if notes else ""
+            return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradscope checkpoint '
+                    f"report</title></head><body><h1>gradscope checkpoint report</h1>{head}{notes}</body></html>")
+        page = diagnosis_to_html(self.diagnosis, notes=self.all_notes)
         marker = '<main class="gs">' if '<main class="gs">' in page else "<body>"
         i = page.find(marker)
         block = f"<section class='checkpoint'><h2>Checkpoint</h2>{head}</section>"

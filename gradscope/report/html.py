@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Sequence
 
-from .._format import fmt
+from .._format import fmt, remedy_index
 from ..errors import GradscopeError
 
 __all__ = ["diagnosis_to_html", "diagnosis_repr_html", "recording_repr_html", "trials_repr_html",
@@ -46,6 +46,7 @@ _CSS = """
 .gs figure{margin:.4em 0;display:inline-block;vertical-align:top;max-width:100%}
 .gs figure img{max-width:100%;height:auto;border:1px solid #eaeef2}
 .gs figcaption{font-size:12px;color:#57606a}.gs .figs{display:flex;flex-wrap:wrap;gap:10px}
+.gs .remedy{border-left:4px solid #d0d7de;padding:.1em .9em;margin:.8em 0}.gs ul.refs{list-style:none;padding-left:.4em}
 .gs nav a{margin-right:.9em}.gs ul.notes li{margin:.2em 0}.gs details{margin:.3em 0}
 .gs summary{cursor:pointer}
 """
@@ -132,21 +133,31 @@ def _code_block(code: str, copy: bool) -> str:
     return f'<div class="code">{btn}<pre><code>{_e(code)}</code></pre></div>'
 
 
-def _remedies(remedies: Sequence[Any], copy: bool) -> str:
-    if not remedies:
+def _remedy_refs(ids: Sequence[int], remedies: Sequence[Dict[str, Any]], link: bool) -> str:
+    """The finding's pointers to the remedies section ("→ remedy 2: …")."""
+    if not ids:
         return ""
     items = []
+    for i in ids:
+        label = f"remedy {i}: {remedies[i - 1]['title']}"
+        items.append(f'<li>→ <a href="#remedy-{i}">{_e(label)}</a></li>' if link else f"<li>→ {_e(label)}</li>")
+    return '<ul class="refs">' + "".join(items) + "</ul>"
+
+
+def _remedy_list(remedies: Sequence[Dict[str, Any]], copy: bool) -> str:
+    """Every remedy of the report once: title, the sites and why, the code, the source."""
+    items = []
     for r in remedies:
-        title = getattr(r, "title", getattr(r, "name", r))
-        why = getattr(r, "why", "")
-        ref = getattr(r, "reference", "")
-        code = getattr(r, "code", "")
-        name = getattr(r, "name", "")
+        sites = ", ".join(f"<code>{_e(s)}</code>" for s in r["sites"])
+        whys = "".join(f"<li>{(_e('at ' + w['site'] + ': ') if len(r['sites']) > 1 else '')}{_e(w['why'])}</li>"
+                       for w in r["why"])
         items.append(
-            f"<li><b>{_e(title)}</b>" + (f" <code class=\"ref\">{_e(name)}</code>" if name else "")
-            + (f" — {_e(why)}" if why else "") + (f' <span class="ref">({_e(ref)})</span>' if ref else "")
-            + (_code_block(code, copy) if code else "") + "</li>")
-    return "<p><b>Remedies</b></p><ol>" + "".join(items) + "</ol>"
+            f'<div class="remedy" id="remedy-{r["id"]}"><h3>{r["id"]}. {_e(r["title"])}'
+            + (f' <code class="ref">{_e(r["name"])}</code>' if r["name"] else "") + "</h3>"
+            + f'<p class="ref">for {sites}</p>' + (f"<ul>{whys}</ul>" if whys else "")
+            + (_code_block(r["code"], copy) if r["code"] else "")
+            + (f'<p class="ref">({_e(r["reference"])})</p>' if r["reference"] else "") + "</div>")
+    return "".join(items)
 
 
 def _evidence_table(ev: Dict[str, Any]) -> str:
@@ -156,11 +167,11 @@ def _evidence_table(ev: Dict[str, Any]) -> str:
     return f"<table><thead><tr><th>evidence</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _finding(f, copy: bool) -> str:
+def _finding(f, ids: Sequence[int], remedies: Sequence[Dict[str, Any]]) -> str:
     used = f" <span class=\"ref\">(from {_e(', '.join(f.evidence_used))})</span>" if f.evidence_used else ""
     return (f'<div class="finding {_e(f.severity)}-b"><h3><span class="sev {_e(f.severity)}">{_e(f.severity)}</span> '
             f"{_e(f.kind)} at <code>{_e(f.site)}</code>{used}</h3><p>{_e(f.explanation)}</p>"
-            + _evidence_table(f.evidence) + _remedies(f.remedies, copy) + "</div>")
+            + _evidence_table(f.evidence) + _remedy_refs(ids, remedies, link=True) + "</div>")
 
 
 def _notes(notes: Iterable[str]) -> str:
@@ -185,10 +196,13 @@ def _site_figures(rec, site: str) -> List[str]:
     from .. import plot as gp
 
     out = []
-    if len(rec.steps):
+    if len(rec.steps) == 1:  # one pass (a probe): a heatmap would be a single row
+        out.append(_figure(lambda f: gp.gradient_profile(rec, site, ax=f.add_subplot()), (6.0, 3.2),
+                           f"gradient profile of {site}", "‖∂L/∂h_t‖ by time step (log scale), one pass"))
+    elif len(rec.steps):
         out.append(_figure(lambda f: gp.gradient_heatmap(rec, site, ax=f.add_subplot()),
                            (6.4, 2.9 if len(rec.steps) > 2 else 2.2), f"gradient heatmap of {site}",
-                           "‖∂L/∂h_t‖ by time step and training step"))
+                           "‖∂L/∂h_t‖ by time step and training step (this site's colour scale)"))
     if rec.has_measure(site, "jacobian_norms"):
         out.append(_figure(lambda f: gp.jacobian_decay(rec, site, ax=f.add_subplot()), (6.0, 3.6),
                            f"Jacobian norm by lag at {site}", "‖∂h_T/∂h_{T−k}‖ by lag k"))
@@ -216,21 +230,24 @@ def _meta_line(diag, rec) -> str:
 
 
 # ------------------------------------------------------------------------------------ public
-def diagnosis_to_html(diag, path=None) -> str:
+def diagnosis_to_html(diag, path=None, *, notes=None) -> str:
     """One self-contained HTML report of a Diagnosis (figures embedded, no network access).
 
     Sections: the summary table of sites (regime coloured, names link to their section), module
     lines, overview figures (Jacobian decay, Lyapunov and hidden-state spectra of all probed sites;
     depth flow of attention stacks),
-    findings (explanation, evidence table, remedies with copyable code), one section per site
-    with its caveats and figures (gradient heatmap, Jacobian decay, Lyapunov spectrum, λ₁ over
-    training), the parameter gradient flow, non-finite events, and the notes. Figures
+    findings (explanation, evidence table, links to their remedies), the remedies once each
+    (the sites and why, copyable code, source), one section per site with its caveats and
+    figures (the gradient heatmap over training, or for a probe the gradient profile by
+    position; Jacobian decay, Lyapunov spectrum, λ₁ over training), the parameter gradient
+    flow, non-finite events, and the notes (the same list as the text, markdown and JSON). Figures
     come from :mod:`gradscope.plot` and need ``diag.recording``; without it the report has
     tables only.
 
     Args:
         diag: a :class:`~gradscope.Diagnosis`.
         path: if given, the HTML is also written there (UTF-8).
+        notes: the notes to show (default ``diag.notes``; a checkpoint report adds its own).
 
     Returns:
         The HTML text.
@@ -255,14 +272,18 @@ def diagnosis_to_html(diag, path=None) -> str:
         raise GradscopeError(f"cannot write the HTML report to {str(path)!r}: the folder "
                              f"{str(Path(path).parent)!r} does not exist.")
     rec = diag.recording
+    notes = list(diag.notes if notes is None else notes)
+    remedies, refs = remedy_index(diag.findings)
     title = "gradscope diagnosis" + (f" — {rec.meta['model']}" if rec is not None and rec.meta.get("model") else "")
     parts = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(_meta_line(diag, rec))}</p>']
     nav = ['<a href="#summary">Summary</a>', '<a href="#findings">Findings</a>']
+    if remedies:
+        nav.append('<a href="#remedies">Remedies</a>')
     if diag.sites:
         nav.append('<a href="#sites">Sites</a>')
     if rec is not None and len(rec.steps):
         nav.append('<a href="#parameters">Parameters</a>')
-    if diag.notes:
+    if notes:
         nav.append('<a href="#notes">Notes</a>')
     parts.append("<nav>" + "".join(nav) + "</nav>")
 
@@ -276,7 +297,10 @@ def diagnosis_to_html(diag, path=None) -> str:
         parts.append("<ul>" + "".join(f"<li>{_regime(m.get('regime', 'stable'))} <code>{_e(m['line'])}</code></li>"
                                       for m in diag.modules) + "</ul>")
     if rec is not None and diag.sites:
-        figs = [_try_figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (7.0, 4.0),
+        figs = [_figure(lambda f: gp.gradient_profile(rec, ax=f.add_subplot()), (7.0, 4.0),
+                        "gradient profile, all sites", "‖∂L/∂h_t‖ by time step, all sites (one pass)")
+                if len(rec.steps) == 1 else "",
+                _try_figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (7.0, 4.0),
                             "Jacobian norm by lag, all sites", "Jacobian norm by lag, all probed sites"),
                 _try_figure(lambda f: gp.lyapunov_spectrum(rec, ax=f.add_subplot()), (5.6, 4.0),
                             "Lyapunov spectra, all sites", "Lyapunov spectra, all probed sites"),
@@ -292,10 +316,14 @@ def diagnosis_to_html(diag, path=None) -> str:
 
     parts.append('<h2 id="findings">Findings</h2>')
     if diag.findings:
-        parts += [_finding(f, copy=True) for f in diag.findings]
+        parts += [_finding(f, ids, remedies) for f, ids in zip(diag.findings, refs)]
     else:
         parts.append("<p>No findings: every site is stable on this evidence.</p>" if diag.sites
                      else "<p>No findings.</p>")
+
+    if remedies:
+        parts.append('<h2 id="remedies">Remedies</h2><p class="sub">Each remedy once; the findings above '
+                     "point to it.</p>" + _remedy_list(remedies, copy=True))
 
     if diag.sites:
         parts.append('<h2 id="sites">Sites</h2>')
@@ -328,8 +356,8 @@ def diagnosis_to_html(diag, path=None) -> str:
                              + (f" state {_e(e.get('state'))} at t = {_e(e.get('t'))}" if e.get("site") else "")
                              + f"</td><td>{_e(e.get('value', ''))}</td></tr>" for e in events) + "</tbody></table>")
 
-    if diag.notes:
-        parts.append('<h2 id="notes">Notes</h2>' + _notes(diag.notes))
+    if notes:
+        parts.append('<h2 id="notes">Notes</h2>' + _notes(notes))
     parts.append(f'<p class="sub">Generated by gradscope {_e(diag.meta.get("gradscope_version") or "")}. '
                  "This file is self-contained: no network access is needed to view it.</p>")
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -354,6 +382,9 @@ def _small_figure(rec) -> str:
         return ""
     if any(rec.has_measure(s, "jacobian_norms") for s in rec.sites):
         return _figure(lambda f: gp.jacobian_decay(rec, ax=f.add_subplot()), (6.4, 3.4), "Jacobian norm by lag",
+                       dpi=72)
+    if len(rec.steps) == 1:
+        return _figure(lambda f: gp.gradient_profile(rec, ax=f.add_subplot()), (6.4, 3.4), "gradient profile",
                        dpi=72)
     if len(rec.steps):
         n = len(rec.sites[:4])
@@ -399,12 +430,16 @@ def diagnosis_repr_html(diag) -> str:
     parts.append(_trainability(diag))
     for m in diag.modules:
         parts.append(f"<div>{_regime(m.get('regime', 'stable'))} <code>{_e(m['line'])}</code></div>")
+    remedies, refs = remedy_index(diag.findings)
     if diag.findings:
-        for f in diag.findings:
+        for f, ids in zip(diag.findings, refs):
             parts.append(f'<details><summary><span class="sev {_e(f.severity)}">{_e(f.severity)}</span> '
                          f"{_e(f.kind)} at <code>{_e(f.site)}</code></summary>"
                          f"<p>{_e(f.explanation)}</p>" + _evidence_table(f.evidence)
-                         + _remedies(f.remedies, copy=False) + "</details>")
+                         + _remedy_refs(ids, remedies, link=False) + "</details>")
+        if remedies:
+            parts.append(f"<details><summary>remedies ({len(remedies)})</summary>"
+                         + _remedy_list(remedies, copy=False) + "</details>")
     else:
         parts.append("<p>No findings.</p>")
     if rec is not None:
