@@ -1191,6 +1191,12 @@ class AttentionCapture:
                           (calls[i]["y"] is not None and calls[i + 1]["x"].shape == calls[i]["y"].shape and
                            torch.equal(calls[i + 1]["x"].detach(), calls[i]["y"].detach()))
                           for i in range(len(calls) - 1))
+            if not all(bool(torch.isfinite(t).all()) for b in blks
+                       for t in list(b.module.parameters()) + list(b.module.buffers()) + [calls[0]["x"]]
+                       if t.is_floating_point()):
+                notes.append(f"attention stack {label!r}: not measured: its weights or inputs hold NaN or inf; "
+                             f"depth Jacobians need finite values.")
+                continue
             try:
                 arr, info = self._depth_jacobians(blks, calls, jacobian_samples, progress)
             except Exception as e:  # noqa: BLE001 - the user's run goes on
