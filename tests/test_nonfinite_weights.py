@@ -291,3 +291,23 @@ def test_attention_with_nan_weights_is_unmeasured_not_stable(tmp_path, capfd):
     assert code == 0 and [s["regime"] for s in d["sites"]] == ["unmeasured"]
     assert [(f["kind"], f["site"]) for f in d["findings"]] == [("nonfinite", "attn")]
     assert "attn.in_proj_weight holds 1 NaN (of 768 values)" in d["findings"][0]["explanation"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_attention_stack_depth_jacobians_in_float32(dtype):
+    def enc():
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+    torch.manual_seed(0)
+    half = enc().to(dtype)
+    ref = enc()
+    ref.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x = torch.randn(2, 10, 16).to(dtype)
+    rec = gradscope.probe(half, x)
+    name = str(dtype).replace("torch.", "")
+    assert rec.meta["precision"] == {"stored": name, "measured": "float32"}
+    assert f"attention stack 'layers': weights stored in {name}; depth Jacobians measured in float32." in rec.notes
+    key = ("layers", "depth_jacobian_norms")
+    np.testing.assert_allclose(rec.measures()[key], gradscope.probe(ref, x.float()).measures()[key], rtol=1e-5)
+    assert half.layers[0].self_attn.in_proj_weight.dtype == dtype

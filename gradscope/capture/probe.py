@@ -429,7 +429,8 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
                 inputs=f"the batch given to probe() ({_describe(inputs)})",
                 mode="train" if model.training else "eval")
     meta.pop("schedule", None)  # one measurement, no watch schedule
-    stored = sorted({m["stored_dtype"] for m in rec.measure_meta.values() if "stored_dtype" in m})
+    stored = sorted({m.get("stored_dtype") or (m.get("depth_jacobian") or {}).get("stored_dtype")
+                     for m in rec.measure_meta.values()} - {None})
     if stored:
         meta["precision"] = {"stored": ", ".join(stored), "measured": str(WORKING_DTYPE).replace("torch.", "")}
     if nonfinite:
