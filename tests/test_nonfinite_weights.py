@@ -311,3 +311,17 @@ def test_half_precision_attention_stack_depth_jacobians_in_float32(dtype):
     key = ("layers", "depth_jacobian_norms")
     np.testing.assert_allclose(rec.measures()[key], gradscope.probe(ref, x.float()).measures()[key], rtol=1e-5)
     assert half.layers[0].self_attn.in_proj_weight.dtype == dtype
+
+
+def test_saved_recording_keeps_the_finding_through_show(tmp_path, capfd):
+    m = nn.LSTM(4, 8)
+    with torch.no_grad():
+        m.weight_hh_l0[3, 2] = float("nan")
+    gradscope.probe(m, torch.randn(20, 2, 4)).save(tmp_path / "rec.npz")
+    rec = gradscope.load(tmp_path / "rec.npz")
+    assert rec.meta["nonfinite_weights"] == [{"name": "weight_hh_l0", "nan": 1, "inf": 0, "numel": 256}]
+    code = main(["show", str(tmp_path / "rec.npz"), "--format", "json", "--fail-on", "nonfinite"])
+    out, err = capfd.readouterr()
+    d = json.loads(out)
+    assert code == 1 and [(f["kind"], f["site"]) for f in d["findings"]] == [("nonfinite", "l0")]
+    assert [s["regime"] for s in d["sites"]] == ["unmeasured"]
