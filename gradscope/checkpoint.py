@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import _archive, _ckpt_io, _ckpt_tree
 from ._archive import DEFAULT_MAX_LOAD_BYTES
 from ._ckpt_io import INSTALL_HINT, one_line
-from .errors import CheckpointError, ModelSpecError, UnsafeCheckpointError, did_you_mean
+from .errors import CheckpointError, LoadLimitError, ModelSpecError, UnsafeCheckpointError, did_you_mean
 
 __all__ = [
     "Checkpoint",
@@ -168,8 +168,33 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False,
     metadata.update(extra)
     if stripped:
         more_notes.append(f"stripped the prefix {stripped!r} carried by every key")
+    sd = _densified(p, sd, more_notes, max_load_bytes)
     return Checkpoint(path=str(path), format=fmt, state_dict=sd, source_key=source, metadata=metadata,
                       stripped_prefix=stripped, unsafe=unsafe, notes=notes + more_notes)
+
+
+def _densified(p: Path, sd: Dict[str, Any], notes: List[str], max_load_bytes: Optional[int]) -> Dict[str, Any]:
+    """The state dict with sparse tensors made dense (the modules and the analysis need dense weights),
+    each one's dense size checked against ``max_load_bytes`` first; a note names them."""
+    sparse = [k for k, v in sd.items() if isinstance(v, Tensor) and v.layout != torch.strided]
+    if not sparse:
+        return sd
+    out = dict(sd)
+    for key in sparse:
+        t = sd[key]
+        size = t.numel() * t.element_size()
+        if max_load_bytes is not None and size > max_load_bytes:
+            raise LoadLimitError(
+                f"{str(p)!r}: the sparse tensor {key!r} {list(t.shape)} is {size} bytes once dense, more than "
+                f"--max-load-bytes {max_load_bytes}; raise the limit for a file you trust.")
+        try:
+            out[key] = t.to_dense()
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{str(p)!r}: the sparse tensor {key!r} cannot be made dense "
+                                  f"({one_line(str(exc), 80)}); the file is damaged.") from None
+    notes.append(f"sparse tensors made dense before analysis: {', '.join(sparse[:6])}"
+                 f"{f' and {len(sparse) - 6} more' if len(sparse) > 6 else ''}")
+    return out
 
 
 #: Effective speed assumed for probe estimates; a rough CPU figure (measured 2.5–20 GFLOP/s for
@@ -407,6 +432,8 @@ def _tensor(state_dict: Mapping[str, Tensor], key: str, ndim: int) -> Tensor:
     t = state_dict[key]
     if not isinstance(t, Tensor):
         raise CheckpointError(f"{key!r} is a {type(t).__name__}, expected a tensor.")
+    if t.layout != torch.strided:  # a sparse weight: the module and the analysis need it dense
+        t = t.to_dense()
     if t.dim() != ndim:
         raise CheckpointError(
             f"{key!r} has shape {_shape(t)}, expected a {ndim}-D tensor; the checkpoint is corrupt "
@@ -710,6 +737,8 @@ def _bias_stats(b: np.ndarray, name: str) -> Dict[str, float]:
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    if t is not None and t.layout != torch.strided:
+        t = t.to_dense()
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 

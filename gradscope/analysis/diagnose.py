@@ -39,7 +39,7 @@ from .trainability import assess
 SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SEVERITIES = ("info", "warning", "critical")
-REGIMES = ("vanishing", "exploding", "stable", "inconclusive")
+REGIMES = ("vanishing", "exploding", "stable", "inconclusive", "unmeasured")
 INCONCLUSIVE_PROFILE = (
     "the watched gradient-norm profile does not fall below the threshold, but a profile cannot show "
     "stability: a flat one comes both from a long reach and from gradient injected along the way (a "
@@ -140,7 +140,8 @@ def _site_evidence(rec, site: str, rules: Rules) -> Tuple[Dict[str, float], List
             ev["horizon"] = float(jac["horizon"])
             ev["explosion_lag"] = float(jac["explosion_lag"])
             jn = rec.jacobian_norms(site)
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN lag: noted as non-finite already
                 med = np.exp(np.nanmedian(np.log(jn), axis=0))
             under = np.flatnonzero(med < FLOAT32_EPS)
             ev["underflow_lag"] = float(under[0]) if under.size else math.inf
@@ -340,8 +341,9 @@ class Diagnosis:
         return site
 
     def regime(self, site: str) -> str:
-        """``"vanishing"``, ``"exploding"``, ``"stable"`` or ``"inconclusive"`` (watch-only evidence
-        that cannot show stability: see ``site_summary(site)["reason"]``)."""
+        """``"vanishing"``, ``"exploding"``, ``"stable"``, ``"inconclusive"`` (watch-only evidence
+        that cannot show stability: see ``site_summary(site)["reason"]``) or ``"unmeasured"`` (its
+        weights or inputs hold NaN/inf, so the probe measured nothing)."""
         return self._sites[self._check(site)]["regime"]
 
     def site_summary(self, site: str) -> Dict[str, Any]:
@@ -586,7 +588,7 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
         detail = ", ".join(f"{r} in {c}/{len(names)} site(s)" for r, c in counts.items())
         if hs:
             detail += f"; horizons {fmt(min(hs))}–{fmt(max(hs))} of {fmt(T)} steps"
-        worst = next((r for r in ("exploding", "vanishing", "inconclusive") if r in counts), "stable")
+        worst = next((r for r in ("unmeasured", "exploding", "vanishing", "inconclusive") if r in counts), "stable")
         out.append({"module": mod or "(model)", "regime": worst, "counts": counts,
                     "line": f"{mod or '(model)'}{shape}: {detail}"})
     return out
@@ -600,13 +602,67 @@ REINITIALISING = ("orthogonal_init", "irnn", "critical_init", "chrono_init", "xa
 
 
 def _measured_on(rec) -> str:
-    """What the evidence was measured on: the inputs and the module's mode (from the Recording)."""
+    """What the evidence was measured on: the inputs, the module's mode and, for half-precision
+    weights, the working precision (from the Recording)."""
     bits = []
     if isinstance(rec.meta.get("inputs"), str):
         bits.append(rec.meta["inputs"])
     if rec.meta.get("mode") in ("train", "eval"):
         bits.append(f"{rec.meta['mode']} mode")
+    prec = rec.meta.get("precision")
+    if isinstance(prec, dict) and prec.get("stored"):
+        bits.append(f"weights stored in {prec['stored']}, measured in {prec.get('measured', 'float32')}")
     return ", ".join(bits)
+
+
+def _owner_site(rec, name: str) -> Optional[str]:
+    """The site whose weights include the parameter ``name`` (``enc.weight_hh_l0`` → ``enc.l0``), or None."""
+    for site in rec.sites:
+        mod = rec.site_info(site).get("module", site)
+        pre = f"{mod}." if mod else ""
+        if not name.startswith(pre):
+            continue
+        if site == mod:  # a cell or an attention module: every parameter under it
+            return site
+        local, suffix = name[len(pre):], site[len(pre):]
+        if any(local == f"{stem}_{suffix}" for stem in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")):
+            return site
+    return None
+
+
+def _count(b: Dict[str, Any]) -> str:
+    parts = [f"{b['nan']} NaN" if b.get("nan") else "", f"{b['inf']} inf" if b.get("inf") else ""]
+    return f"{b['name']} holds {' and '.join(p for p in parts if p)} (of {b.get('numel')} values)"
+
+
+def nonfinite_weight_findings(bad: List[Dict[str, Any]], groups: Dict[str, List[Dict[str, Any]]],
+                              sites: Dict[str, Dict[str, Any]], folded: int = 0) -> List[Finding]:
+    """One critical ``nonfinite`` finding per site (or ``"(model)"``/``"(checkpoint)"``) whose weights
+    hold NaN or inf, naming the tensors and counting their bad values.
+
+    ``bad`` as from :func:`gradscope.capture.probe.nonfinite_tensors`; ``groups`` maps a site to its
+    entries of ``bad``; ``folded`` counts the probe's NaN/inf events that these weights caused.
+    """
+    out = []
+    for n, (site, items) in enumerate(groups.items()):
+        names = "; ".join(_count(b) for b in items[:8]) + (f"; and {len(items) - 8} more tensor(s)"
+                                                           if len(items) > 8 else "")
+        where = (f" {site} was not measured: its Jacobians, exponents and spectra would be NaN."
+                 if sites.get(site, {}).get("regime") == "unmeasured" else "")
+        after = (f" In the probe's pass NaN/inf then reached {folded} state(s) or gradient(s); they are not "
+                 f"listed separately." if folded and n == 0 else "")
+        ev = {"tensors": float(len(items)), "nan": float(sum(b.get("nan", 0) for b in items)),
+              "inf": float(sum(b.get("inf", 0) for b in items))}
+        kind = sites.get(site, {}).get("kind") or "cell"
+        kind = kind if kind in ("rnn_tanh", "rnn_relu", "lstm", "gru", "cell", "attention") else "cell"
+        out.append(Finding("nonfinite", site, "critical", ev,
+                           f"The weights hold non-finite values: {names}. Training diverged before this was "
+                           f"saved (or the file is damaged); every output and gradient these weights touch "
+                           f"is NaN or inf.{where} Restore the last finite checkpoint and train on from there."
+                           + after,
+                           _remedies("nonfinite", kind, {}, site, sites.get(site, {}).get("module") or site),
+                           ["weights"]))
+    return out
 
 
 def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
@@ -627,6 +683,12 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
             :class:`~gradscope.analysis.attention_rules.AttentionRules` (default: its defaults).
         trained: the weights are trained (a checkpoint): remedies that re-initialise weights or
             change the architecture are listed after those that work during training.
+
+    A site whose weights or inputs hold NaN/inf was not measured by the probe: its regime is
+    ``"unmeasured"``. Non-finite weights listed by the probe (``meta["nonfinite_weights"]``) give
+    one critical ``nonfinite`` finding per site (or ``"(model)"`` for tensors outside every site)
+    naming the tensors and counting their bad values; the probe's own NaN/inf events they caused
+    are folded into it.
 
     Returns:
         :class:`Diagnosis`.
@@ -672,6 +734,13 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
         if site in sites:
             continue
         info = rec.site_info(site)
+        skipped = rec.measure_meta.get(site, {}).get("skipped")
+        if skipped:  # the probe could not measure it (non-finite weights or inputs)
+            sites[site] = {"kind": info.get("kind"), "module": info.get("module", site), "regime": "unmeasured",
+                           "reason": f"not measured: {skipped}",
+                           "evidence": {"seq_len": float(rec.measure_meta[site].get("seq_len", math.nan))},
+                           "evidence_used": [], "caveats": [f"not measured: {skipped}"]}
+            continue
         ev, used, caveats = _site_evidence(rec, site, rules)
         if not used:
             regime, reason = "stable", "no usable evidence"
@@ -685,8 +754,27 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
         findings += _site_findings(site, info, ev, used, regime, reason, rules)
         if site not in rec.measure_meta:
             missing_probe.append(site)
-    # model-wide: non-finite events and gradient-norm spikes
-    for e in rec.events:
+    # model-wide: non-finite weights, non-finite events and gradient-norm spikes
+    bad_weights = rec.meta.get("nonfinite_weights") or []
+    events = list(rec.events)
+    if bad_weights:
+        # a site whose own weights hold NaN/inf has no regime, whatever its captured numbers say
+        # (attention capture measures on: NaN in, NaN out)
+        groups: Dict[str, List[Dict[str, Any]]] = {}
+        for b in bad_weights:
+            groups.setdefault(_owner_site(rec, b["name"]) or "(model)", []).append(b)
+        owners = set(groups) & set(sites)
+        for site in owners:
+            if sites[site]["regime"] != "unmeasured":
+                sites[site].update(regime="unmeasured", reason="not measured: its weights hold NaN or inf",
+                                   evidence_used=[],
+                                   caveats=sites[site]["caveats"] + ["not measured: its weights hold NaN or inf"])
+        findings = [f for f in findings if f.site not in owners]
+        # in a probe, the NaN/inf events downstream of the weights are one finding, not dozens
+        folded = [e for e in events if e.get("kind") == "nonfinite"] if rec.meta.get("source") == "probe" else []
+        events = [e for e in events if not any(e is f for f in folded)]
+        findings += nonfinite_weight_findings(bad_weights, groups, sites, len(folded))
+    for e in events:
         if e.get("kind") == "nonfinite":
             where = e.get("site") or e.get("param")
             what = (f"state {e.get('state')} at position {e.get('t')}" if e.get("site") else "parameter gradient")

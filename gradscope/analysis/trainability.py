@@ -167,6 +167,11 @@ def assess(recording, sites: Optional[Dict[str, Dict[str, Any]]] = None) -> Trai
     if not recurrent:
         return Trainability("uncertain", 0.5, ["no recurrent site: the trainability prediction covers "
                                                 "recurrent models only."])
+    skipped = [s for s in recurrent if recording.measure_meta.get(s, {}).get("skipped")]
+    if not per and skipped:
+        return Trainability("uncertain", 0.5, [
+            f"no Jacobian norms could be measured: {', '.join(skipped)} hold NaN/inf weights or inputs, "
+            f"so no prediction is made."])
     if not per:
         return Trainability("uncertain", 0.5, [
             "no Jacobian norms were measured, so how far the gradient reaches across the sequence is "

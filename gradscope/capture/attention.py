@@ -1198,6 +1198,12 @@ class AttentionCapture:
                           (calls[i]["y"] is not None and calls[i + 1]["x"].shape == calls[i]["y"].shape and
                            torch.equal(calls[i + 1]["x"].detach(), calls[i]["y"].detach()))
                           for i in range(len(calls) - 1))
+            if not all(bool(torch.isfinite(t).all()) for b in blks
+                       for t in list(b.module.parameters()) + list(b.module.buffers()) + [calls[0]["x"]]
+                       if t.is_floating_point()):
+                notes.append(f"attention stack {label!r}: not measured: its weights or inputs hold NaN or inf; "
+                             f"depth Jacobians need finite values.")
+                continue
             try:
                 arr, info = self._depth_jacobians(blks, calls, jacobian_samples, progress)
             except Exception as e:  # noqa: BLE001 - the user's run goes on
@@ -1206,6 +1212,9 @@ class AttentionCapture:
             fit = decay_rate(arr, threshold=threshold)
             info.update({"rate": fit.rate, "horizon": fit.horizon, "explosion_lag": fit.explosion_lag,
                          "threshold": threshold, "chained": bool(chained)})
+            if info.get("stored_dtype"):
+                notes.append(f"attention stack {label!r}: weights stored in {info['stored_dtype']}; depth "
+                             f"Jacobians measured in {info['working_dtype']}.")
             if not chained:
                 notes.append(f"attention stack {label!r}: something runs between its blocks (block ℓ+1 does "
                              f"not receive block ℓ's output), so the depth Jacobians compose the blocks alone.")
@@ -1221,6 +1230,16 @@ class AttentionCapture:
         first = calls[0]
         bf = first["bf"]
         x0 = _bpe(first["x"].detach(), bf)
+        # half-precision blocks run from float32 copies of their weights (the modules are left as they
+        # are): products of Jacobians need float32's range and resolution
+        low = (torch.float16, torch.bfloat16)
+        stored = next((t.dtype for b in blks for t in list(b.module.parameters()) + [x0] if t.dtype in low), None)
+        params32 = None
+        if stored is not None:
+            params32 = [{n: (t.detach().float() if t.dtype in low else t)
+                         for n, t in list(b.module.named_parameters()) + list(b.module.named_buffers())}
+                        for b in blks]
+            x0 = x0.float()
         B, P = x0.shape[0], x0.shape[1]
         feat = x0.shape[2:]
         nb = max(1, min(B, samples, 2))
@@ -1235,6 +1254,8 @@ class AttentionCapture:
 
         def fit_batch(obj, r, name=""):
             """Slice an argument to the probed samples and repeat it for the folded batch."""
+            if isinstance(obj, Tensor) and params32 is not None and obj.dtype in low:
+                obj = obj.float()
             if isinstance(obj, Tensor) and obj.dim() >= 1:
                 if obj.dim() == 2 and name in _SQUARE_MASKS:
                     return obj  # [T, S] masks shared by every sample
@@ -1266,7 +1287,11 @@ class AttentionCapture:
                 args = tuple(xin if (i == idx[1] or c["args"][i] is old) else a for i, a in enumerate(args))
             else:
                 kwargs = {k: (xin if (k == idx[1] or c["kwargs"][k] is old) else v) for k, v in kwargs.items()}
-            out = blks[layer].module(*args, **kwargs)
+            if params32 is None:
+                out = blks[layer].module(*args, **kwargs)
+            else:
+                from torch.func import functional_call
+                out = functional_call(blks[layer].module, params32[layer], tuple(args), dict(kwargs))
             y = [t for t in flatten_tensors(out) if t.is_floating_point()][0]
             yb = _bpe(y, bf)
             if keep is not None:
@@ -1285,6 +1310,8 @@ class AttentionCapture:
                 arr = jacobian_norms(step, h0, inputs, ord="fro", method="probes", probes=_PROBES, progress=progress)
                 info = {"norm": "rms", "exact": False, "probes": _PROBES, "samples": nb, "state_size": N}
             arr = arr / math.sqrt(N)
+            if stored is not None:
+                info.update(stored_dtype=str(stored).replace("torch.", ""), working_dtype="float32")
         finally:
             for m, t in modes:
                 m.training = t

@@ -18,9 +18,13 @@ from ..estimators._util import progress_iter
 from ..recording import Recording
 from .scope import Scope, _check_model
 from .sites import FUSED_TYPES, flatten_tensors
-from .trajectories import Trajectory, cell_trajectory, fused_trajectories
+from .trajectories import CellStep, Trajectory, cell_trajectory, fused_trajectories
 
-__all__ = ["probe", "default_loss"]
+__all__ = ["probe", "default_loss", "nonfinite_tensors"]
+
+# Half precision has too little range and resolution for products of T Jacobians (and torch's
+# linear algebra refuses it): such sites are measured in float32, and the Recording says so.
+WORKING_DTYPE = torch.float32
 
 
 def default_loss(output, target=None) -> Tensor:
@@ -80,12 +84,112 @@ def _fused_args(args, kwargs):
     return input, hx
 
 
+@torch.no_grad()
+def nonfinite_tensors(named) -> List[Dict[str, Any]]:
+    """``[{"name", "nan", "inf", "numel"}, …]`` for the floating tensors of ``named`` that hold NaN or inf.
+
+    ``named`` yields ``(name, tensor)`` pairs (``model.named_parameters()``, a state dict's items).
+    Sparse tensors count their stored values.
+
+    Example:
+        >>> nonfinite_tensors([("w", torch.tensor([1.0, float("nan"), float("inf")])), ("b", torch.ones(2))])
+        [{'name': 'w', 'nan': 1, 'inf': 1, 'numel': 3}]
+    """
+    out = []
+    for name, t in named:
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        v = t.detach()
+        if v.layout == torch.sparse_coo:
+            v = v.coalesce().values()
+        elif v.layout != torch.strided:
+            v = v.to_dense()
+        nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        if nan or inf:
+            out.append({"name": str(name), "nan": nan, "inf": inf, "numel": int(t.numel())})
+    return out
+
+
+def _step_tensors(step) -> List[Tensor]:
+    if isinstance(step, CellStep):
+        return list(step.module.parameters()) + list(step.module.buffers())
+    return [w for w in (getattr(step, n, None) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+            if isinstance(w, Tensor)]
+
+
+def _all_finite(x) -> bool:
+    parts = x if isinstance(x, (tuple, list)) else (x,)
+    return all(bool(torch.isfinite(p).all()) for p in parts
+               if isinstance(p, Tensor) and (p.is_floating_point() or p.is_complex()))
+
+
+def _unmeasurable(tr: Trajectory) -> Optional[str]:
+    """Why no estimator can run on this trajectory (non-finite weights or inputs), or None."""
+    if not _all_finite(_step_tensors(tr.step)):
+        return "its weights hold NaN or inf"
+    if not (_all_finite(tr.inputs) and _all_finite(tr.h0)):
+        return "its inputs or initial state hold NaN or inf (from non-finite weights upstream, or in the batch)"
+    return None
+
+
+class _Float32Cell:
+    """``step(h, x)`` of a user cell whose weights are half precision, run with float32 copies of its
+    parameters and buffers (``torch.func.functional_call``: the module itself is left as it is)."""
+
+    def __init__(self, step: CellStep):
+        self.step = step
+        m = step.module
+        self.params = {n: (t.detach().to(WORKING_DTYPE) if t.is_floating_point() else t)
+                       for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+        self.leaves = [v.to(WORKING_DTYPE) if isinstance(v, Tensor) and v.dtype in _LOW else v for v in step.leaves]
+
+    def __call__(self, h, x):
+        from torch.func import functional_call
+        from torch.utils._pytree import tree_unflatten
+
+        st = self.step
+        hs = h if isinstance(h, tuple) else (h,)
+        leaves = list(self.leaves)
+        for p, v in zip(st.state_pos, hs):
+            leaves[p] = v
+        leaves[st.x_pos] = x
+        args, kwargs = tree_unflatten(leaves, st.spec)
+        outs = flatten_tensors(functional_call(st.module, self.params, tuple(args), dict(kwargs)))
+        out = tuple(outs[i] for i in st.out_idx)
+        return out if len(out) > 1 else out[0]
+
+
+def _stored_dtype(tr: Trajectory) -> Optional[torch.dtype]:
+    """The half-precision dtype a trajectory's weights or states are stored in, or None."""
+    for t in _step_tensors(tr.step) + [tr.states]:
+        if isinstance(t, Tensor) and t.dtype in _LOW:
+            return t.dtype
+    return None
+
+
+def _working_precision(tr: Trajectory) -> Tuple[Trajectory, Optional[torch.dtype]]:
+    """The trajectory in float32 when its weights or states are half precision: (trajectory, stored
+    dtype or None). Built-in steps are cast by the estimators; a user cell gets float32 copies."""
+    stored = _stored_dtype(tr)
+    step = tr.step
+    if stored is not None and isinstance(step, CellStep):
+        step = _Float32Cell(step)
+    return Trajectory(tr.site, step, _upcast(tr.h0), _upcast(tr.inputs), _upcast(tr.states), tr.gate_stats), stored
+
+
 def measure_trajectory(tr: Trajectory, *, jacobians: bool, lyapunov: bool, k: Optional[int],
                        jacobian_samples: int, threshold: float, progress) -> Tuple[Dict, Dict]:
-    """Run the estimators on one trajectory: (arrays, metadata) for the Recording."""
+    """Run the estimators on one trajectory: (arrays, metadata) for the Recording.
+
+    Half-precision trajectories (float16, bfloat16) are measured in float32; the metadata keeps
+    ``stored_dtype`` and ``working_dtype``.
+    """
     arrays: Dict[str, np.ndarray] = {}
-    tr = Trajectory(tr.site, tr.step, _upcast(tr.h0), _upcast(tr.inputs), _upcast(tr.states), tr.gate_stats)
+    tr, stored = _working_precision(tr)
     meta: Dict[str, Any] = {"seq_len": int(tr.inputs.shape[0]), "batch": int(tr.inputs.shape[1])}
+    if stored is not None:
+        meta["stored_dtype"] = str(stored).replace("torch.", "")
+        meta["working_dtype"] = str(WORKING_DTYPE).replace("torch.", "")
     T, B = tr.inputs.shape[0], tr.inputs.shape[1]
     nb = min(B, jacobian_samples)
     sub = lambda s: s[:nb]  # noqa: E731
@@ -110,8 +214,10 @@ def measure_trajectory(tr: Trajectory, *, jacobians: bool, lyapunov: bool, k: Op
         t0 = time.perf_counter()
         ly = lyapunov_spectrum(tr.step, h0, x, k=kk, warmup=warm, progress=progress)
         arrays["lyapunov"] = ly
-        meta["lyapunov"] = {"k": kk, "warmup": warm, "samples": nb,
-                            "lambda1": float(np.nanmedian(ly[:, 0])) if ly.size else math.nan,
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # every sample NaN: noted as non-finite already
+            lam1 = float(np.nanmedian(ly[:, 0])) if ly.size else math.nan
+        meta["lyapunov"] = {"k": kk, "warmup": warm, "samples": nb, "lambda1": lam1,
                             "seconds": time.perf_counter() - t0}
     hs = hidden_spectrum(tr.states)
     arrays["hidden_sv"] = hs.singular_values
@@ -213,6 +319,13 @@ def _measure_sites(mods, site_specs, wanted, calls, *, jacobians, lyapunov, k, j
     work = sum(float(t.inputs.shape[0]) * float(t.states.shape[-1]) ** 3 * min(jacobian_samples, t.inputs.shape[1])
                for t in trajectories) if jacobians else 0.0
     for tr in progress_iter(trajectories, len(trajectories), progress, work, desc="gradscope probe"):
+        why = _unmeasurable(tr)
+        if why is not None:  # NaN in, NaN out: nothing to measure, and the SVDs would refuse it
+            notes.append(f"site {tr.site!r}: not measured: {why}; Jacobians, exponents, spectra and gate "
+                         f"statistics need finite values.")
+            mmeta[tr.site] = {"seq_len": int(tr.inputs.shape[0]), "batch": int(tr.inputs.shape[1]),
+                              "skipped": why}
+            continue
         # Non-finite values inside a recurrence are findings, not crashes: the estimators mark
         # the affected entries NaN and warn; the warning text goes into the recording's notes.
         with warnings.catch_warnings(record=True) as caught:
@@ -226,6 +339,9 @@ def _measure_sites(mods, site_specs, wanted, calls, *, jacobians, lyapunov, k, j
                 meta.setdefault("warnings", []).append(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if "stored_dtype" in meta:
+            notes.append(f"site {tr.site!r}: weights stored in {meta['stored_dtype']}; measured in "
+                         f"{meta['working_dtype']}.")
         for key, a in arrays.items():
             measures[(tr.site, key)] = a
         mmeta[tr.site] = meta
@@ -245,6 +361,12 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
     fifth of the sequence), the hidden-state spectrum, gate statistics (LSTM/GRU: share of gate
     activations below 0.1 / above 0.9, mean forget/update gate and its memory time τ = −1/ln f)
     and the dead-unit share of ReLU RNNs, plus ‖W_hh‖₂ and the spectral radius.
+
+    Half-precision weights (float16, bfloat16) are measured in float32 (noted per site, and
+    ``meta["precision"]``). Non-finite weights are listed in ``meta["nonfinite_weights"]``
+    (:func:`~gradscope.diagnose` turns them into a critical finding per site naming the tensors);
+    sites whose weights or inputs hold NaN/inf are not measured (noted; ``measure_meta[site]
+    ["skipped"]`` says why). Sparse parameters are refused (:class:`~gradscope.GradscopeError`).
 
     Args:
         model: any ``nn.Module``; it is left unchanged (parameters, ``.grad``, hooks, mode).
@@ -275,6 +397,12 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
         raise GradscopeError(
             f"probe() got inputs of dtype {inputs.dtype} for a model without an embedding; "
             f"recurrent layers need floating-point inputs.")
+    sparse = [n for n, p in model.named_parameters() if p.layout != torch.strided]
+    if sparse:
+        raise GradscopeError(
+            f"parameter {sparse[0]!r} is a sparse tensor ({model.get_parameter(sparse[0]).layout}); gradscope "
+            f"measures dense weights: replace it with torch.nn.Parameter(p.to_dense()) before probing.")
+    nonfinite = nonfinite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
     grads_before = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     opts = dict(jacobians=jacobians, lyapunov=lyapunov, k=k, jacobian_samples=jacobian_samples,
                 threshold=threshold, progress=progress)
@@ -311,6 +439,12 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
                 inputs=f"the batch given to probe() ({_describe(inputs)})",
                 mode="train" if model.training else "eval")
     meta.pop("schedule", None)  # one measurement, no watch schedule
+    stored = sorted({m.get("stored_dtype") or (m.get("depth_jacobian") or {}).get("stored_dtype")
+                     for m in rec.measure_meta.values()} - {None})
+    if stored:
+        meta["precision"] = {"stored": ", ".join(stored), "measured": str(WORKING_DTYPE).replace("torch.", "")}
+    if nonfinite:
+        meta["nonfinite_weights"] = nonfinite
     measures = {k: v for k, v in rec.measures().items() if not k[1].startswith("probe_")}
     mmeta = {site: {k: v for k, v in m.items() if k != "probe_step"} for site, m in rec.measure_meta.items()}
     return rec._replace(measures=measures, measure_meta=mmeta, meta=meta)

@@ -19,10 +19,10 @@ from torch import nn
 
 from .. import __version__
 from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
-from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose
-from ..capture.probe import probe
-from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
-                          load_checkpoint, static_analysis)
+from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, Finding, diagnose, nonfinite_weight_findings
+from ..capture.probe import nonfinite_tensors, probe
+from ..checkpoint import (_FUSED_KEY, CELL_KINDS, DEFAULT_MAX_LOAD_BYTES, _site, build_user_model,
+                          estimate_probe_seconds, find_modules, load_checkpoint, static_analysis)
 from ..errors import GradscopeError
 
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -109,10 +109,11 @@ class CheckpointReport:
     static: List[Dict[str, Any]]
     diagnosis: Optional[Diagnosis]
     notes: List[str] = field(default_factory=list)
+    extra_findings: List[Finding] = field(default_factory=list)  # without a probe: non-finite weights
 
     @property
     def findings(self):
-        return self.diagnosis.findings if self.diagnosis is not None else []
+        return (self.diagnosis.findings if self.diagnosis is not None else []) + self.extra_findings
 
     @property
     def all_notes(self) -> List[str]:
@@ -131,11 +132,13 @@ class CheckpointReport:
         known = {s["name"] for s in sites}
         for r in self.static:  # sites with static analysis only (e.g. attention, no probe)
             if r["site"] not in known:
-                sites.append({"name": r["site"], "kind": r.get("kind"), "regime": None,
+                bad = any(f.site == r["site"] for f in self.extra_findings)
+                sites.append({"name": r["site"], "kind": r.get("kind"), "regime": "unmeasured" if bad else None,
                               "evidence": {}, "static": r})
         return jsonable({"schema": SCHEMA_VERSION, "gradscope_version": __version__,
                        "checkpoint": dict(self.checkpoint, path=self.path, sha256=self.sha256),
-                       "modules": self.modules, "sites": sites, "findings": d["findings"],
+                       "modules": self.modules, "sites": sites,
+                       "findings": d["findings"] + [f.to_dict() for f in self.extra_findings],
                        "measured_on": d.get("measured_on"), "trainability": d.get("trainability"),
                        "remedies": d.get("remedies", []), "notes": self.all_notes})
 
@@ -147,15 +150,18 @@ class CheckpointReport:
         rows = []
         for r in self.static:
             gates = r.get("gates") or {}
+            # NaN/inf weights have no spectrum: say so instead of printing nan
+            f_ = fmt if r.get("finite", True) else (lambda v: "non-finite" if v is None or not math.isfinite(v)
+                                                    else fmt(v))
             for g, v in gates.items():
                 tau = bias = "—"
                 if g in (r.get("memory_gate"),):
-                    tau = fmt(r.get("memory_time"))
-                    bias = fmt(r.get("forget_bias", r.get("update_bias")))
-                rows.append([r["site"], r.get("kind", ""), g, fmt(v.get("spectral_norm")),
-                             fmt(v.get("spectral_radius")), bias, tau])
+                    tau = f_(r.get("memory_time"))
+                    bias = f_(r.get("forget_bias", r.get("update_bias")))
+                rows.append([r["site"], r.get("kind", ""), g, f_(v.get("spectral_norm")),
+                             f_(v.get("spectral_radius")), bias, tau])
             if "qk_spectral_norm_max" in r:
-                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", fmt(r["qk_spectral_norm_max"]), "—", "—", "—"])
+                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", f_(r["qk_spectral_norm_max"]), "—", "—", "—"])
         return head, rows
 
     def _header(self) -> List[str]:
@@ -181,7 +187,9 @@ class CheckpointReport:
             out.append("")
         if self.diagnosis is not None:
             out.append(self.diagnosis.to_text(notes=self.all_notes))
-        else:
+        for f in self.extra_findings:
+            out += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}", "", "    ")
+        if self.diagnosis is None:
             out += [x for n in self.all_notes for x in wrap(f"note: {n}", "", "      ")]
         return "\n".join(out).rstrip() + "\n"
 
@@ -195,7 +203,11 @@ class CheckpointReport:
         if self.diagnosis is not None:
             md = self.diagnosis.to_markdown(notes=self.all_notes).replace("# gradscope diagnosis", "## Diagnosis", 1)
             out.append(md)
-        elif self.all_notes:
+        if self.extra_findings:
+            out += ["## Findings", ""] + [x for f in self.extra_findings
+                                          for x in wrap(f"- **{f.severity}: {f.kind} at `{f.site}`** — "
+                                                        f"{f.explanation}", hang="  ")] + [""]
+        if self.all_notes and self.diagnosis is None:
             out += ["## Notes", ""] + [x for n in self.all_notes for x in wrap(f"- {n}", hang="  ")]
         return "\n".join(out).rstrip() + "\n"
 
@@ -204,10 +216,14 @@ class CheckpointReport:
         import html as _html
         head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
         if self.diagnosis is None:
+            extra = "".join(f"<p><b>{_html.escape(f.severity)}: {_html.escape(f.kind)} at "
+                            f"<code>{_html.escape(f.site)}</code></b> {_html.escape(f.explanation)}</p>"
+                            for f in self.extra_findings)
             notes = "".join(f"<li>{_html.escape(n)}</li>" for n in self.all_notes)
             notes = f'<h2 id="notes">Notes</h2><ul class="notes">{notes}</ul>' if notes else ""
             return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradscope checkpoint '
-                    f"report</title></head><body><h1>gradscope checkpoint report</h1>{head}{notes}</body></html>")
+                    f"report</title></head><body><h1>gradscope checkpoint report</h1>{head}{extra}{notes}"
+                    "</body></html>")
         page = diagnosis_to_html(self.diagnosis, notes=self.all_notes)
         marker = '<main class="gs">' if '<main class="gs">' in page else "<body>"
         i = page.find(marker)
@@ -325,9 +341,10 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
     if not (input_scale > 0 and math.isfinite(input_scale)):
         raise GradscopeError(f"--input-scale must be a positive number, got {input_scale}.")
     path = Path(path)
-    ckpt = load_checkpoint(path, unsafe=unsafe, max_load_bytes=max_load_bytes)
+    ckpt = load_checkpoint(path, unsafe=unsafe, max_load_bytes=max_load_bytes)  # sparse tensors made dense
     found = find_modules(ckpt.state_dict, rnn_nonlinearity=rnn_nonlinearity, num_heads=num_heads)
     notes: List[str] = list(ckpt.notes)
+    bad = nonfinite_tensors(ckpt.state_dict.items())  # NaN/inf anywhere in the state dict
     info = {"format": ckpt.format, "source_key": ckpt.source_key, "metadata": ckpt.metadata,
             "num_tensors": len(ckpt.state_dict), "num_parameters": ckpt.num_parameters,
             "stripped_prefix": ckpt.stripped_prefix, "unsafe_load": unsafe}
@@ -359,7 +376,8 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             probe_sites = False
         if probe_sites:
             rec = probe(model, x, k=k, threshold=threshold, progress=progress)
-            diag = diagnose(rec._replace(meta=dict(rec.meta, **measured)), threshold=threshold, trained=True)
+            diag = diagnose(rec._replace(meta=dict(_with_bad(rec.meta, bad), **measured)), threshold=threshold,
+                            trained=True)
     else:
         rebuilt, xs = {}, []
         for f in found:
@@ -386,9 +404,38 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
                 root = _Rebuilt(rebuilt).train(train_mode)
                 rec = probe(root, tuple(xs), loss_fn=_sum_loss, k=k, threshold=threshold, progress=progress)
             # name the report after the file, not the internal container module
-            diag = diagnose(rec._replace(meta=dict(rec.meta, model=path.name, **measured)), threshold=threshold,
-                            trained=True)
+            diag = diagnose(rec._replace(meta=dict(_with_bad(rec.meta, bad), model=path.name, **measured)),
+                            threshold=threshold, trained=True)
+    extra: List[Finding] = []
+    if diag is None and bad:  # no probe (--no-probe, nothing to rebuild, over budget): still a finding
+        owner = _static_owners(found)
+        groups: Dict[str, List[Dict[str, Any]]] = {}
+        for b in bad:
+            groups.setdefault(owner.get(b["name"], "(checkpoint)"), []).append(b)
+        extra = nonfinite_weight_findings(bad, groups, {})
     if not found and not model_spec:
         notes.append("no recurrent or attention weights found in this checkpoint (keys of nn.RNN/LSTM/GRU, "
                      "their cells, or nn.MultiheadAttention); nothing to probe.")
-    return CheckpointReport(str(path), sha256(path), info, modules, static, diag, notes)
+    return CheckpointReport(str(path), sha256(path), info, modules, static, diag, notes, extra_findings=extra)
+
+
+def _with_bad(meta: Dict[str, Any], bad: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The probe's metadata with the checkpoint's own list of non-finite tensors (every tensor of the
+    state dict, also those no rebuilt module holds)."""
+    meta = {k: v for k, v in meta.items() if k != "nonfinite_weights"}
+    if bad:
+        meta["nonfinite_weights"] = bad
+    return meta
+
+
+def _static_owners(found) -> Dict[str, str]:
+    """State-dict key → the site (as in the static analysis) whose weights it is."""
+    out = {}
+    for f in found:
+        for local, key in f.keys.items():
+            m = _FUSED_KEY.match(local)
+            if f.kind in CELL_KINDS or f.kind == "MultiheadAttention" or m is None:
+                out[key] = f.prefix or "(checkpoint)"
+            else:
+                out[key] = _site(f.prefix, int(m.group(2)), m.group(3) or "")
+    return out

@@ -20,8 +20,10 @@ from ..errors import GradscopeError
 __all__ = ["diagnosis_to_html", "diagnosis_repr_html", "recording_repr_html", "trials_repr_html",
            "figure_to_data_uri"]
 
-_REGIME_BG = {"vanishing": "#dbe9f6", "exploding": "#f9d9d9", "stable": "#dcefdc", "inconclusive": "#eeeeee"}
-_REGIME_FG = {"vanishing": "#174a7c", "exploding": "#8a1414", "stable": "#1d5e1d", "inconclusive": "#555555"}
+_REGIME_BG = {"vanishing": "#dbe9f6", "exploding": "#f9d9d9", "stable": "#dcefdc", "inconclusive": "#eeeeee",
+              "unmeasured": "#f9d9d9"}
+_REGIME_FG = {"vanishing": "#174a7c", "exploding": "#8a1414", "stable": "#1d5e1d", "inconclusive": "#555555",
+              "unmeasured": "#8a1414"}
 _SEV_FG = {"critical": "#b00020", "warning": "#a35200", "info": "#555555"}
 
 _CSS = """
