@@ -17,6 +17,11 @@ from gradscope import GradscopeError
 from gradscope.cli import main
 
 
+def _flat(text):
+    """Report text with its wrapping undone (phrases may break across lines at 100 columns)."""
+    return " ".join(text.split())
+
+
 def lstm_state(**kw):
     torch.manual_seed(0)
     return nn.LSTM(4, 8, **kw).state_dict()
@@ -62,22 +67,22 @@ def test_report_never_crashes_on_diverged_or_low_precision_weights(tmp_path, cap
     assert ("[critical] nonfinite at l0" in out) == bad
     assert out.count("[critical] nonfinite") == (1 if bad else 0)   # one finding for the site, not one per event
     if bad:
-        assert "l0    lstm  unmeasured" in out and "site 'l0': not measured: its weights hold NaN or inf" in out
+        assert "l0    lstm  unmeasured" in out and "site 'l0': not measured: its weights hold NaN or inf" in _flat(out)
         assert " nan " not in out.split("gradscope diagnosis")[1]   # no table of nan numbers
         assert "non-finite  non-finite" in out   # the static table says so instead of printing nan
     if case == "nan":
-        assert "weight_hh_l0 holds 1 NaN (of 256 values)" in out
+        assert "weight_hh_l0 holds 1 NaN (of 256 values)" in _flat(out)
     if case == "inf":
         for key in ("weight_ih_l0 holds 128 inf", "weight_hh_l0 holds 256 inf", "bias_ih_l0 holds 32 inf",
                     "bias_hh_l0 holds 32 inf"):
-            assert key in out
+            assert key in _flat(out)
     if case in ("fp16", "bf16"):
         stored = {"fp16": "float16", "bf16": "bfloat16"}[case]
-        assert f"site 'l0': weights stored in {stored}; measured in float32." in out
-        assert f"weights stored in {stored}, measured in float32" in out.split("\n\n")[2]   # the measured-on line
+        assert f"site 'l0': weights stored in {stored}; measured in float32." in _flat(out)
+        assert f"weights stored in {stored}, measured in float32" in " ".join(out.split("\n\n")[2].split())   # the measured-on line
         assert "l0    lstm  vanishing" in out or "l0    lstm  stable" in out
     if case == "sparse":
-        assert "sparse tensors made dense before analysis: weight_hh_l0" in out
+        assert "sparse tensors made dense before analysis: weight_hh_l0" in _flat(out)
         assert "l0    lstm  vanishing" in out or "l0    lstm  stable" in out
     code, out, err = report(path, capfd)   # without --fail-on: exit 0 whatever was found
     assert code == 0 and err == ""
@@ -90,7 +95,7 @@ def test_every_format_carries_the_critical_finding(tmp_path, capfd, fmt, probe):
     code, out, err = report(tmp_path / "nan.pt", capfd, "--format", fmt, "--fail-on", "nonfinite",
                             *([] if probe else ["--no-probe"]))
     assert code == 1
-    assert "weight_hh_l0 holds 1 NaN (of 256 values)" in out
+    assert "weight_hh_l0 holds 1 NaN (of 256 values)" in _flat(out)
     if fmt == "json":
         d = json.loads(out)
         assert [(f["kind"], f["site"], f["severity"]) for f in d["findings"]] == [("nonfinite", "l0", "critical")]
@@ -106,7 +111,7 @@ def test_safetensors_checkpoint_with_nan(tmp_path, capfd):
     st.save_file({k: v.contiguous() for k, v in with_nan(lstm_state()).items()}, str(tmp_path / "nan.safetensors"))
     for extra in ([], ["--no-probe"]):
         code, out, err = report(tmp_path / "nan.safetensors", capfd, "--fail-on", "nonfinite", *extra)
-        assert code == 1 and "[critical] nonfinite at l0" in out and "weight_hh_l0 holds 1 NaN" in out
+        assert code == 1 and "[critical] nonfinite at l0" in _flat(out) and "weight_hh_l0 holds 1 NaN" in _flat(out)
 
 
 def test_nonfinite_json_and_nan_outside_the_recurrent_modules(tmp_path, capfd):
@@ -133,7 +138,7 @@ def test_nonfinite_json_and_nan_outside_the_recurrent_modules(tmp_path, capfd):
     # without a probe the findings are still there: per static site, the rest for the checkpoint
     code, out, err = report(tmp_path / "gru.pt", capfd, "--no-probe", "--fail-on", "nonfinite")
     assert code == 1 and "[critical] nonfinite at enc.l1" in out and "[critical] nonfinite at (checkpoint)" in out
-    assert "head.weight holds 10 NaN (of 10 values)" in out
+    assert "head.weight holds 10 NaN (of 10 values)" in _flat(out)
 
 
 def test_report_subprocess_has_a_clean_stderr(tmp_path):
