@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import GradscopeAlert, GradscopeError, did_you_mean
+from ..measure.sites import measure_sites
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from ._norms import norm as _norm, norms as _norms
@@ -234,7 +235,7 @@ class Scope:
                  probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
                  max_interval: int = DEFAULT_MAX_INTERVAL, on_event: Optional[Callable] = None,
                  raise_on: Sequence[str] = (), update_ratio: bool = True):
-        _check_model(model)
+        check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
         # site and parameter names carry no "_orig_mod." prefix.
@@ -251,7 +252,7 @@ class Scope:
                 model = model.module
             else:
                 break
-        _check_model(model)
+        check_model(model)
         check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
                             probe_options=probe_options, overhead=overhead, max_interval=max_interval)
         for m in model.modules():
@@ -972,8 +973,6 @@ class Scope:
         Runs at the end of the forward pass, before the backward and the optimizer step, so the
         weights and inputs are the ones this step uses.
         """
-        from .probe import measure_sites  # probe imports this module
-
         mods = dict(self.model.named_modules())
         wanted = {n for n in self.sites if self._wanted(n) and self.sites[n].kind != "attention"}
         with torch.no_grad():
@@ -1410,7 +1409,7 @@ def _check_alerts(on_event, raise_on):
     return on_event, raise_on
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if isinstance(model, type) and issubclass(model, nn.Module):
         raise GradscopeError(
             f"watch() received the class {model.__name__} instead of a model; instantiate it first, "
