@@ -58,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _hf
 from ._forwards import PatchedForward, remove_leaf_hooks
+from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm, wide as _wide
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
@@ -792,7 +793,7 @@ class AttentionCapture:
         self.layout = layout
         self.wanted_blocks: Dict[str, Block] = {}
         self.wanted_attn: Dict[str, AttnModule] = {}
-        self._patched: List[Tuple[nn.Module, Any]] = []
+        self._forward_handles: List[ForwardHandle] = []
         self._param_handles: List[Any] = []
         self._hooked_params: List[torch.Tensor] = []
         self._qk_v: Dict[str, Tensor] = {}
@@ -833,8 +834,7 @@ class AttentionCapture:
             return cap._call(m, name, fwd, p, args, kwargs)
 
         # an object: copies of the model run unwatched; the signature is the module's own
-        m.forward = PatchedForward(forward, m, prev, fwd)
-        self._patched.append((m, prev))
+        self._forward_handles.append(swap_forward(m, PatchedForward(forward, m, prev, fwd), restore=prev))
         self.scope._claim(m)
 
     def start_pass(self, p) -> None:
@@ -877,14 +877,7 @@ class AttentionCapture:
 
     def close(self) -> None:
         self.end_step()
-        for m, prev in self._patched:
-            cur = m.__dict__.get("forward")
-            if getattr(cur, "__gradscope__", False):
-                if prev is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.forward = prev
-        self._patched = []
+        remove_all(self._forward_handles)
 
     # ---------------------------------------------------------------- forward
     def _fail(self, where: str, e: BaseException) -> None:

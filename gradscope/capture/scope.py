@@ -38,6 +38,7 @@ from ..errors import GradscopeAlert, GradscopeError, did_you_mean
 from ..measure.sites import measure_sites
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
+from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm, norms as _norms
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
@@ -278,7 +279,7 @@ class Scope:
         self.closed = False
         self._step = 0  # backward passes that reached the model, counted so far (_settle)
         self._root_handles: List[Any] = []
-        self._patched: List[nn.Module] = []
+        self._forward_handles: List[ForwardHandle] = []  # forwards installed for the whole watch
         self._pending: List[_Pass] = []
         self._current: Optional[_Pass] = None
         self._armed: Optional[_Pass] = None  # the scheduled pass the per-pass forwards stay installed for
@@ -303,7 +304,8 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
-        self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
+        self._pass_handles: List[ForwardHandle] = []  # those and the LSTMCells', installed for a pass
+        self._cell_forwards: List[ForwardHandle] = []  # user cells' per-pass wrappers
 
         names = dict(model.named_modules())
         self._module_names = {id(m): n for n, m in names.items()}
@@ -431,15 +433,16 @@ class Scope:
         if disable is not None:
             forward = disable(forward)
         forward.__gradscope__ = True  # type: ignore[attr-defined]
-        self._patched.append(m)  # close() removes the instance attribute wherever it is installed
         self._claim(m)
+        # The replay runs the class's forward: removing it deletes the instance attribute (restore=None).
         if m is self.model and self.compiled is None:
             # The root's forward is looked up before its pre-hook runs: installed for good (as an
             # object whose copies run unwatched)
-            m.forward = PatchedForward(forward, m, None, functools.partial(cls_forward, m))
+            self._forward_handles.append(swap_forward(
+                m, PatchedForward(forward, m, None, functools.partial(cls_forward, m)), restore=None))
         elif self.compiled is not None:
             # Dynamo would guard on (and recompile for) a forward that changes between passes
-            m.forward = forward
+            self._forward_handles.append(swap_forward(m, forward, restore=None))
         else:
             # Installed by _root_pre for scheduled passes only: off schedule the module runs with
             # no wrapper at all.
@@ -472,21 +475,8 @@ class Scope:
     def _unpatch_cells(self) -> None:
         """Remove the per-pass forwards (fused submodules, accelerator LSTMCells). One left behind
         by a forward pass that raised falls back to the module's own forward off schedule."""
-        for m, ours, prev in reversed(self._cell_forwards):
-            if m.__dict__.get("forward") is ours:
-                if prev is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = prev
-        self._cell_forwards = []
-        for m in self._pass_forwards:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
-        for m in self._lstm_cells:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
+        remove_all(self._cell_forwards)
+        remove_all(self._pass_handles)
 
     def _claim(self, m: nn.Module) -> None:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
@@ -583,10 +573,10 @@ class Scope:
                 h.remove()
             self._cell_handles = []
             for m, fwd in self._pass_forwards.items():
-                m.forward = fwd
+                self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for m, fwd in self._lstm_cells.items():
                 if _fused_cell_device(m.weight_ih.device):
-                    m.forward = fwd
+                    self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for name, m in self._explicit_cells.items():
                 self._watch_cell(name, m)
             for name, spec in self.sites.items():
@@ -619,7 +609,6 @@ class Scope:
             self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
                                                               with_kwargs=True))
             return
-        prev = m.__dict__.get("forward")
         base = m.forward
         on_call = self._on_cell_call
 
@@ -628,9 +617,8 @@ class Scope:
             on_call(name, m, args, kwargs, out)
             return out
 
-        forward.__gradscope__ = True  # type: ignore[attr-defined]
-        m.forward = forward
-        self._cell_forwards.append((m, forward, prev))
+        # only_this: a wrapper replaced meanwhile (by the user) is left alone, as a user's forward is
+        self._cell_forwards.append(swap_forward(m, forward, only_this=True))
 
     def _root_post(self, module, args, output):
         p = self._current
@@ -651,7 +639,7 @@ class Scope:
                 # activation checkpointing runs parts of the forward again in there. Cells just
                 # discovered that ran without gradients get their wrapper for that recomputation.
                 self._armed = p
-                wrapped = {id(c[0]) for c in self._cell_forwards}
+                wrapped = {id(h.module) for h in self._cell_forwards}
                 for name in p.nograd_out:
                     cell = self._module_by_name(self.sites[name].module_name)
                     if id(cell) not in wrapped:
@@ -1294,11 +1282,7 @@ class Scope:
         self._discovery_log = None
         self._vals, self._keys, self._raw, self._keys_raw = [], [], [], []
         self._unpatch_cells()
-        for m in self._patched:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
-        self._patched = []
+        remove_all(self._forward_handles)
         for m in self._claimed:
             ref = _ACTIVE.get(m)
             if ref is not None and ref() is self:
