@@ -713,7 +713,7 @@ def test_state_gradients_are_normed_in_chunks_during_backward(monkeypatch):
     held = []
     with gradscope.watch(model, every=1) as scope:
         real = scope._on_state_grad
-        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._raw))] and None)
+        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._collector.kept))] and None)
         model(x).pow(2).sum().backward()
     assert held and max(held) < 3
     for state in ("h", "c"):

@@ -48,7 +48,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from . import _hf
 from ._forwards import PatchedForward, remove_leaf_hooks
 from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm, wide as _wide
+from .collector import AttentionKey, Collector, SiteKey
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
 __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_norms",
@@ -770,7 +771,7 @@ class _PassState:
 
     def __init__(self):
         self.vals: List[Tensor] = []
-        self.keys: List[Tuple] = []
+        self.keys: List[AttentionKey] = []
         self.pad: Dict[str, Optional[Tensor]] = {}
         self.shape: Dict[str, Tuple[int, int, int, int]] = {}
         self.calls: Dict[str, Dict[str, Any]] = {}
@@ -781,15 +782,39 @@ class _PassState:
         self.keys.append(key)
 
 
+class Host(Protocol):
+    """What :class:`AttentionCapture` gets from the Scope that owns it, and all it uses of it."""
+
+    model: nn.Module
+    collector: Collector
+
+    @property
+    def closed(self) -> bool: ...
+
+    def pass_now(self) -> Any:
+        """The pass a module call belongs to (the forward in progress, or the pending pass a
+        checkpoint recomputation inside backward belongs to), or None."""
+
+    def is_current(self, p) -> bool:
+        """Whether ``p`` is the forward pass in progress (not one recomputed inside backward)."""
+
+    def claim(self, module: nn.Module) -> None:
+        """Mark ``module`` as watched (a second watch on it is refused)."""
+
+    def note(self, key, text: str) -> None:
+        """A note for the Recording, once per ``key``."""
+
+
 class AttentionCapture:
     """The Scope's attention part: owns its patched forwards and parameter hooks.
 
-    Values are reduced on the device and handed to the Scope, which copies them to the host
-    together with every other value of the step (one transfer per device and dtype).
+    Values are reduced on the device and added to the host's :class:`~.collector.Collector`, which
+    copies them to the host together with every other value of the step (one transfer per device).
     """
 
-    def __init__(self, scope, layout: AttentionLayout):
-        self.scope = scope
+    def __init__(self, host: Host, layout: AttentionLayout):
+        self.host = host
+        self.collector = host.collector
         self.layout = layout
         self.wanted_blocks: Dict[str, Block] = {}
         self.wanted_attn: Dict[str, AttnModule] = {}
@@ -820,22 +845,22 @@ class AttentionCapture:
 
         def forward(*args, **kwargs):
             cap = ref()
-            scope = cap.scope if cap is not None else None
-            p = scope._pass_now() if scope is not None and not scope.closed else None
+            host = cap.host if cap is not None else None
+            p = host.pass_now() if host is not None and not host.closed else None
             if p is None or not p.scheduled:
                 return fwd(*args, **kwargs)
             if not torch.is_grad_enabled():
-                if p is scope._current:  # a reentrant checkpoint's first forward: measured when recomputed
+                if host.is_current(p):  # a reentrant checkpoint's first forward: measured when recomputed
                     p.nograd.add(name)
                 return fwd(*args, **kwargs)
-            if p is not scope._current and name not in p.nograd:
+            if not host.is_current(p) and name not in p.nograd:
                 # a non-reentrant checkpoint's recomputation: the first forward's graph is measured
                 return fwd(*args, **kwargs)
             return cap._call(m, name, fwd, p, args, kwargs)
 
         # an object: copies of the model run unwatched; the signature is the module's own
         self._forward_handles.append(swap_forward(m, PatchedForward(forward, m, prev, fwd), restore=prev))
-        self.scope._claim(m)
+        self.host.claim(m)
 
     def start_pass(self, p) -> None:
         p.attn = _PassState()
@@ -862,14 +887,12 @@ class AttentionCapture:
                                       tuple(slices))))
 
     def _on_qkv_grad(self, site, rel, slices, grad):
-        scope = self.scope
-        if scope.closed or grad is None:  # None: an output of a multi-output node got no gradient
+        if self.host.closed or grad is None:  # None: an output of a multi-output node got no gradient
             return
         g = grad.detach()
         for which, dim, s0, s1 in slices:
             part = g[s0:s1] if dim == 0 else g[:, s0:s1]
-            scope._vals.append(_norm(part))
-            scope._keys.append(("attn", site, rel, f"grad_w{which}", "avg"))
+            self.collector.add(AttentionKey(site, rel, f"grad_w{which}", "avg"), _norm(part))
 
     def end_step(self) -> None:
         remove_leaf_hooks(self._param_handles, self._hooked_params)
@@ -881,7 +904,7 @@ class AttentionCapture:
 
     # ---------------------------------------------------------------- forward
     def _fail(self, where: str, e: BaseException) -> None:
-        self.scope._note(("attention-error", where, type(e).__name__),
+        self.host.note(("attention-error", where, type(e).__name__),
                          f"attention measure at {where!r} failed ({type(e).__name__}: {e}); the run itself "
                          f"is unaffected. Please report this with the model's class.")
 
@@ -960,7 +983,7 @@ class AttentionCapture:
         site = blk.site
         p.seq_len[site] = max(p.seq_len.get(site, 0), P)
         valid = torch.full((P,), float(B), device=x.device) if pad is None else (~pad).sum(0).float()
-        st.push(("attn", site, "", "valid", "sum"), valid)
+        st.push(AttentionKey(site, "", "valid", "sum"), valid)
         if x.requires_grad:
             p.handles.append(x.register_hook(functools.partial(self._on_input_grad, site, bf, pad,
                                                                weakref.ref(x))))
@@ -977,17 +1000,16 @@ class AttentionCapture:
                 yb = _bpe(y.detach(), bf)
                 if yb is not None and yb.shape[:2] == xb.shape[:2]:
                     r, c, n = _token_sums(yb, None if pad is None else ~pad)
-                    st.push(("attn", site, "", "rank_residual", "sum"), r)
-                    st.push(("attn", site, "", "rank_residual", "cnt"), n)
-                    st.push(("attn", site, "", "token_cosine", "sum"), c)
-                    st.push(("attn", site, "", "token_cosine", "cnt"), n)
+                    st.push(AttentionKey(site, "", "rank_residual", "sum"), r)
+                    st.push(AttentionKey(site, "", "rank_residual", "cnt"), n)
+                    st.push(AttentionKey(site, "", "token_cosine", "sum"), c)
+                    st.push(AttentionKey(site, "", "token_cosine", "cnt"), n)
         if p.probe:
             st.calls.setdefault(site, {"args": args, "kwargs": kwargs, "idx": pre["idx"], "x": x,
                                        "y": y, "bf": bf, "pad": pad})
 
     def _on_input_grad(self, site, bf, pad, xref, grad):
-        scope = self.scope
-        if grad is None or scope.closed or (self._vjp_root is not None and xref() is self._vjp_root):
+        if grad is None or self.host.closed or (self._vjp_root is not None and xref() is self._vjp_root):
             return  # the root of our own vector-Jacobian product: counted by the ordinary pass
         with torch.no_grad():
             g = _bpe(grad.detach(), bf)
@@ -997,11 +1019,10 @@ class AttentionCapture:
             sq = g.pow(2).sum(-1)
             if pad is not None and pad.shape == sq.shape:
                 sq = sq.masked_fill(pad, 0)
-            scope._vals.append(sq.sum(0).sqrt())
-            scope._keys.append(("vec", site, "h"))
+            self.collector.add(SiteKey(site, "h"), sq.sum(0).sqrt())
 
     def _vjp_input(self, y, x, grad):
-        if grad is None or self.scope.closed or x.grad_fn is None:
+        if grad is None or self.host.closed or x.grad_fn is None:
             return
         if torch._C._will_engine_execute_node(x.grad_fn):
             return  # the ordinary backward reaches the input: its hook fires by itself
@@ -1020,7 +1041,7 @@ class AttentionCapture:
         rel = "" if att.name == blk.primary else att.rel
         evs = _pick(events)
         if not evs:
-            self.scope._note(("attention-noprob", att.name),
+            self.host.note(("attention-noprob", att.name),
                              f"attention module {att.name or type(att.module).__name__!r} "
                              f"({type(att.module).__name__}) made no call to F.multi_head_attention_forward, "
                              f"F.scaled_dot_product_attention or softmax that gradscope can see (a custom or "
@@ -1041,8 +1062,8 @@ class AttentionCapture:
             tot, cnt = sc.entropy_sums(pad)
             if att.heads is None:
                 att.heads = sc.H
-            st.push(("attn", blk.site, rel, "attention_entropy", "sum"), tot)
-            st.push(("attn", blk.site, rel, "attention_entropy", "cnt"), cnt)
+            st.push(AttentionKey(blk.site, rel, "attention_entropy", "sum"), tot)
+            st.push(AttentionKey(blk.site, rel, "attention_entropy", "cnt"), cnt)
             if att.name not in st.qk_done and att.qkv is not None and "k" in att.qkv.parts:
                 st.qk_done.add(att.name)
                 scale = sc.scale if sc.probs is None else float(getattr(att.module, "scaling", 0.0) or 0.0)
@@ -1055,12 +1076,12 @@ class AttentionCapture:
                     v0 = self._qk_v.get(att.name)
                     norms, v = qk_spectral_norms(wq, wk, H, scale, v0, _POWER_WARM if v0 is not None else _POWER_COLD)
                     self._qk_v[att.name] = v
-                    st.push(("attn", blk.site, rel, "qk_spectral_norm", "avg"), norms)
+                    st.push(AttentionKey(blk.site, rel, "qk_spectral_norm", "avg"), norms)
 
     def _hf_hint(self, att: AttnModule) -> str:
         if att.origin != "hf":
             return ""
-        root = self.scope.model
+        root = self.host.model
         impl = _hf.attn_implementation(root)
         return (f"; this Hugging Face model uses attn_implementation={impl!r}: load it with "
                 f"attn_implementation='sdpa' or 'eager' to measure attention probabilities")
@@ -1070,29 +1091,28 @@ class AttentionCapture:
         out: Dict[str, Any] = {"stacks": {s: [self.layout.blocks[b].site for b in bs if b in self.wanted_blocks]
                                           for s, bs in self.layout.stacks.items()}}
         if any(a.origin == "hf" for a in self.wanted_attn.values()):
-            out["hf_attn_implementation"] = _hf.attn_implementation(self.scope.model)
+            out["hf_attn_implementation"] = _hf.attn_implementation(self.host.model)
             out["probabilities"] = ("recomputed from the query, key, mask and scale each attention module passed "
                                     "to scaled_dot_product_attention, or read from its softmax (eager); the "
                                     "model and its config are unchanged")
         return out
 
     # -------------------------------------------------------------- finalize
-    def pass_values(self, passes) -> Tuple[List[Tensor], List[Tuple]]:
-        vals, keys = [], []
+    def add_pass_values(self, passes) -> None:
+        """Hand the values measured during the passes' forwards to the collector."""
         for p in passes:
             st = getattr(p, "attn", None)
             if st is not None:
-                vals += st.vals
-                keys += st.keys
+                for v, k in zip(st.vals, st.keys):
+                    self.collector.add(k, v)
                 st.vals, st.keys = [], []
-        return vals, keys
 
     def finalize_row(self, step: int, items, grads: Dict[Tuple[str, str], np.ndarray]) -> Dict[Tuple[str, str], Any]:
         """Turn this step's host values into measures; NaN the depth flow of all-padding positions."""
         acc: Dict[Tuple[str, str, str, str], Any] = {}
         navg: Dict[Tuple, int] = {}
         for key, v in items:
-            _, site, rel, name, mode = key
+            site, rel, name, mode = key
             k = (site, rel, name, mode)
             v = np.asarray(v, dtype=np.float64)
             if k in acc and acc[k].shape == v.shape:

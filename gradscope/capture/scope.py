@@ -39,7 +39,8 @@ from ..measure.sites import measure_sites
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from .patching import ForwardHandle, remove_all, swap_forward
-from ._norms import norm as _norm, norms as _norms
+from ._norms import norm as _norm
+from .collector import AttentionKey, Collector, ParamKey, SiteKey, StateKey
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
@@ -221,6 +222,32 @@ class _Pass:
         self.rc_last: Dict[str, Tuple[Tuple, int]] = {}  # cell site -> (outputs, t) of its last recomputed call
 
 
+class _Host:
+    """The part of a Scope its attention capture sees (:class:`~.attention.Host`): the collector,
+    which pass a call belongs to, claiming a module, notes."""
+
+    __slots__ = ("_scope", "model", "collector")
+
+    def __init__(self, scope: "Scope"):
+        self._scope, self.model, self.collector = scope, scope.model, scope._collector
+
+    @property
+    def closed(self) -> bool:
+        return self._scope.closed
+
+    def pass_now(self):
+        return self._scope._pass_now()
+
+    def is_current(self, p) -> bool:
+        return p is self._scope._current
+
+    def claim(self, module: nn.Module) -> None:
+        self._scope._claim(module)
+
+    def note(self, key, text: str) -> None:
+        self._scope._note(key, text)
+
+
 class Scope:
     """A live watch on one model. Use as a context manager or call :meth:`close` yourself.
 
@@ -285,10 +312,7 @@ class Scope:
         self._armed: Optional[_Pass] = None  # the scheduled pass the per-pass forwards stay installed for
         self._bw_queued = False
         self._bw_task = -1
-        self._vals: List[Tensor] = []
-        self._keys: List[Tuple] = []
-        self._raw: List[Tensor] = []  # state gradients of this step, normed in _finalize
-        self._keys_raw: List[Tuple] = []
+        self._collector = Collector(_NORM_CHUNK)  # this step's values; normed in batches, one host copy
         self._param_handles: List[Any] = []
         self._history = _History(0)  # re-made once the parameters are known (below)
         self._events: List[Dict[str, Any]] = []
@@ -357,7 +381,7 @@ class Scope:
             self._lstm_cells = {m: self._lstm_cell_forward(m) for m in names.values()
                                 if getattr(type(m), "forward", None) is nn.LSTMCell.forward}
             if self._attn_layout.blocks:
-                self._attn = AttentionCapture(self, self._attn_layout)
+                self._attn = AttentionCapture(_Host(self), self._attn_layout)
                 self._attn.install(self._wanted)
         except BaseException:  # KeyboardInterrupt too: a failed setup leaves the model untouched
             self.close()
@@ -742,12 +766,11 @@ class Scope:
         for i, (_, prm) in enumerate(self._params):
             g = prm.grad
             if g is not None and not g.is_sparse:
-                self._vals.append(_norm(g.detach()))
-                self._keys.append(("param", i))
+                self._collector.add(ParamKey(i), _norm(g.detach()))
         self._finalize(step, passes)
 
     # ----------------------------------------------------------- state hooks
-    def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
+    def _track(self, p: _Pass, tensor: Tensor, key: StateKey) -> None:
         if tensor.requires_grad:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
 
@@ -756,26 +779,7 @@ class Scope:
         # backward pass in one batched op per shape (cheaper than one norm call per hook). A None
         # gradient (an output no later op used, e.g. the last c of a fused CUDA cell) adds nothing.
         if grad is not None and not self.closed:
-            self._raw.append(grad.detach())
-            self._keys_raw.append(key)
-            if len(self._raw) >= _NORM_CHUNK:
-                self._norm_raw()
-
-    def _norm_raw(self) -> None:
-        """Norms of the state gradients kept so far, in one multi-tensor op per dtype and device;
-        run every ``_NORM_CHUNK`` gradients during the backward pass (so they are not all held
-        until its end) and once more at its end."""
-        raw, raw_keys = self._raw, self._keys_raw
-        self._raw, self._keys_raw = [], []
-        groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
-        for i, g in enumerate(raw):
-            groups_raw[(g.dtype, g.device)].append(i)
-        for key, idx in groups_raw.items():
-            # one multi-tensor kernel over the whole list, no copy of the gradients; float64
-            # accumulation (a finite gradient never gets an overflowed norm)
-            norms = _norms([raw[i] for i in idx])
-            self._vals.append(norms)
-            self._keys.append(("multi", [raw_keys[i] for i in idx]))
+            self._collector.add_gradient(key, grad)
 
     def _on_param_grad(self, i, grad):
         if grad is None or self.closed or not self._bw_queued:
@@ -783,14 +787,10 @@ class Scope:
             # off-schedule pass while the hooks of a scheduled pass that raised are still on)
             return
         if grad.is_sparse:  # e.g. nn.Embedding(sparse=True): duplicate indices summed first
-            self._vals.append(_norm(grad.detach().coalesce()._values()))
-            self._keys.append(("param", i))
+            self._collector.add(ParamKey(i), _norm(grad.detach().coalesce()._values()))
             return
         # normed with the state gradients, one multi-tensor op (no norm call per parameter)
-        self._raw.append(grad.detach())
-        self._keys_raw.append(("param", i))
-        if len(self._raw) >= _NORM_CHUNK:
-            self._norm_raw()
+        self._collector.add_gradient(ParamKey(i), grad)
 
     def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs,
                 track: bool = True):
@@ -814,16 +814,15 @@ class Scope:
                 seen[site] = t + 1
             if isinstance(state, tuple):
                 for sname, s in zip(states, state):
-                    self._track(p, s, ("site", site, sname, t))
+                    self._track(p, s, StateKey(site, sname, t))
             else:
-                self._track(p, state, ("site", site, "h", t))
+                self._track(p, state, StateKey(site, "h", t))
 
         def on_norms(layer, reverse, norms):
             entry = names.get((layer, reverse))
             if entry is not None and not self.closed:
                 for sname, v in norms.items():
-                    self._vals.append(v)
-                    self._keys.append(("vec", entry[0], sname))
+                    self._collector.add(SiteKey(entry[0], sname), v)
 
         out = replay_fused(m, input, hx, on_state, on_norms)
         if not seen:  # fast path: every selected layer ran over the whole (dense) sequence
@@ -890,7 +889,7 @@ class Scope:
             spec.states = state_names(len(idx))
         pairs = [(outs[i], sname) for sname, i in zip(spec.states, idx) if i < len(outs)]
         for o, sname in pairs:
-            self._track(p, o, ("site", name, sname, t))
+            self._track(p, o, StateKey(name, sname, t))
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
@@ -937,7 +936,7 @@ class Scope:
             for t, (_, outputs, _, _, grad) in enumerate(log[name]):
                 if grad:
                     for sname, i in zip(states, outs):
-                        self._track(p, outputs[i], ("site", name, sname, t))
+                        self._track(p, outputs[i], StateKey(name, sname, t))
                 elif self._wanted(name):
                     # Without gradients at the call (a reentrant checkpoint's first forward): recorded
                     # when recomputed. Its outputs may require grad by now (a checkpoint's outputs):
@@ -989,37 +988,13 @@ class Scope:
 
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
-        self._norm_raw()
-        vals, keys = self._vals, self._keys
-        self._vals, self._keys = [], []
-        attn_items: List[Tuple[Tuple, Any]] = []
+        self._collector.flush()
+        attn_items: List[Tuple[AttentionKey, Any]] = []
         if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
-            av, ak = self._attn.pass_values(passes)
-            vals, keys = vals + av, keys + ak
+            self._attn.add_pass_values(passes)
             self._attn.end_step()
         self._remove_param_hooks()
-        # One host copy per device and step: every value (scalars: one state at one position, one
-        # parameter; vectors: a whole site state from the fast replay, a batch of norms) goes into
-        # one float64 buffer on its device, then a single copy to the host. No .item() per value;
-        # accumulation then runs on Python floats, far cheaper than numpy scalars.
-        host: List[Any] = [None] * len(vals)
-        groups: Dict[Any, List[int]] = defaultdict(list)
-        for i, v in enumerate(vals):
-            groups[v.device].append(i)
-        for idx in groups.values():
-            wide = torch.float32 if idx and vals[idx[0]].device.type == "mps" else torch.float64  # MPS: no float64
-            flat = torch.cat([vals[i].reshape(-1) for i in idx]).to(wide).cpu().numpy()
-            lst = flat.tolist() if any(vals[i].dim() == 0 for i in idx) else None
-            pos = 0
-            for i in idx:
-                v = vals[i]
-                if v.dim() == 0:
-                    host[i] = lst[pos]
-                    pos += 1
-                else:
-                    n = v.numel()
-                    host[i] = flat[pos:pos + n]
-                    pos += n
+        items = self._collector.take()  # one host copy per device
 
         seq_len: Dict[str, int] = {}
         for p in passes:
@@ -1029,16 +1004,10 @@ class Scope:
         fired_sites = set()
         params = [0.0] * len(self._params)
         got_param = np.zeros(len(self._params), dtype=bool)
-        flat_items = []
-        for v, key in zip(host, keys):
-            if key[0] == "multi":
-                flat_items += zip(v.tolist(), key[1])
-            else:
-                flat_items.append((v, key))
-        for v, key in flat_items:
-            kind = key[0]
-            if kind == "site":
-                _, site, sname, t = key
+        for v, key in items:
+            kind = type(key)
+            if kind is StateKey:
+                site, sname, t = key
                 arr = sumsq.get((site, sname))
                 if arr is None:
                     arr = sumsq[(site, sname)] = [0.0] * max(seq_len.get(site, 0), t + 1)
@@ -1046,11 +1015,11 @@ class Scope:
                     arr.extend([0.0] * (t + 1 - len(arr)))
                 arr[t] += v * v
                 fired_sites.add(site)
-            elif kind == "param":
-                params[key[1]] += v * v
-                got_param[key[1]] = True
-            elif kind == "vec":  # all positions of one site state at once (fast replay)
-                _, site, sname = key
+            elif kind is ParamKey:
+                params[key.index] += v * v
+                got_param[key.index] = True
+            elif kind is SiteKey:  # all positions of one site state at once (fast replay, attention)
+                site, sname = key
                 sq = (v * v).tolist()
                 arr = sumsq.get((site, sname))
                 if arr is None:
@@ -1061,7 +1030,7 @@ class Scope:
                     for t, x in enumerate(sq):
                         arr[t] += x
                 fired_sites.add(site)
-            elif kind == "attn":
+            elif kind is AttentionKey:
                 attn_items.append((key, v))
         for (site, _), arr in sumsq.items():
             if len(arr) > seq_len.get(site, 0):
@@ -1280,7 +1249,7 @@ class Scope:
         if self._attn is not None:
             self._attn.close()
         self._discovery_log = None
-        self._vals, self._keys, self._raw, self._keys_raw = [], [], [], []
+        self._collector.clear()
         self._unpatch_cells()
         remove_all(self._forward_handles)
         for m in self._claimed:
