@@ -40,7 +40,9 @@ from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm
+from ._autograd import backward_task, eager, graph_task_id, saved_hooks_active
 from .collector import AttentionKey, Collector, ParamKey, SiteKey, StateKey
+from .history import History
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
@@ -57,142 +59,8 @@ _NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
-def _eager(fn):
-    """``fn`` run eagerly under ``torch.compile`` (Dynamo would try to trace gradscope's own work —
-    the probe's estimators took minutes to trace); ``fn`` itself where torch has no compiler API."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-def _graph_task_id() -> int:
-    """Id of the running backward call (torch ≥ 2.1); a fresh number per call where missing."""
-    global _TASK_FALLBACK
-    if _CURRENT_TASK is not None:
-        return _CURRENT_TASK()
-    _TASK_FALLBACK += 1
-    return _TASK_FALLBACK
-
-
-_CURRENT_TASK = getattr(torch._C, "_current_graph_task_id", None)
-_TASK_FALLBACK = 0
-
-
-_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-def _saved_hooks_active() -> bool:
-    """Whether saved-tensor hooks are active: non-reentrant ``torch.utils.checkpoint`` runs its
-    region under them (so do ``save_on_cpu`` and user hooks: then we merely keep a little more
-    installed until the backward ends). True where torch cannot tell, and while Dynamo traces (it
-    cannot trace this builtin; ``_eager`` would cost ~3 µs a call in eager mode)."""
-    if _TOP_SAVED_HOOKS is None or _IS_COMPILING():
-        return True
-    try:
-        return _TOP_SAVED_HOOKS(False) is not None
-    except Exception:  # pragma: no cover - a changed private signature
-        return True
-
-
-def _backward_task() -> int:
-    """Id of the backward call running on this thread, or -1 outside backward (and on torch < 2.1,
-    which cannot tell: there activation-checkpoint recomputations are not recognised; also while
-    Dynamo traces a forward, which it cannot do inside a backward call)."""
-    return _CURRENT_TASK() if _CURRENT_TASK is not None and not _IS_COMPILING() else -1
-
-
-class _History:
-    """The recorded steps in growable numpy arrays (no Python object per value).
-
-    One float64 array ``[capacity, T]`` per site state (NaN right-padding, widened when a longer
-    sequence arrives), one int array of sequence lengths per site, one ``[capacity, P]`` array of
-    parameter norms, and the attention rows (dicts) only when the model has attention sites.
-    """
-
-    def __init__(self, n_params: int):
-        self.n = 0
-        self.cap = 64
-        self.steps = np.zeros(self.cap, dtype=np.int64)
-        self.params = np.full((self.cap, n_params), np.nan)
-        self.upd = np.full((self.cap, n_params), np.nan)  # ‖Δw‖, filled at the next forward (updates.py)
-        self.wn = np.full((self.cap, n_params), np.nan)   # ‖w‖ at the step's forward
-        self.grads: Dict[Tuple[str, str], np.ndarray] = {}
-        self.seq: Dict[str, np.ndarray] = {}
-        self.attn: List[Any] = []
-
-    def _grow(self) -> None:
-        self.cap *= 2
-        self.steps = np.resize(self.steps, self.cap)
-        self.params = _grow_rows(self.params, self.cap, np.nan)
-        self.upd = _grow_rows(self.upd, self.cap, np.nan)
-        self.wn = _grow_rows(self.wn, self.cap, np.nan)
-        self.grads = {k: _grow_rows(a, self.cap, np.nan) for k, a in self.grads.items()}
-        self.seq = {k: _grow_rows(a, self.cap, 0) for k, a in self.seq.items()}
-
-    def append(self, step: int, grads: Dict[Tuple[str, str], np.ndarray], seq: Dict[str, int],
-               params: np.ndarray, attn) -> None:
-        if self.n == self.cap:
-            self._grow()
-        i = self.n
-        self.steps[i] = step
-        self.params[i] = params
-        self.upd[i] = self.wn[i] = np.nan
-        for a in self.grads.values():  # rows past n may hold data from before a thinning
-            a[i] = np.nan
-        for a in self.seq.values():
-            a[i] = 0
-        for key, row in grads.items():
-            a = self.grads.get(key)
-            if a is None:
-                a = self.grads[key] = np.full((self.cap, len(row)), np.nan)
-            elif a.shape[1] < len(row):  # a longer sequence: widen, padding earlier rows with NaN
-                wide = np.full((self.cap, len(row)), np.nan)
-                wide[:, :a.shape[1]] = a
-                a = self.grads[key] = wide
-            a[i, :len(row)] = row
-        for site, n in seq.items():
-            if site not in self.seq:
-                self.seq[site] = np.zeros(self.cap, dtype=np.int64)
-            self.seq[site][i] = n
-        self.attn.append(attn)
-        self.n += 1
-
-    def thin(self) -> None:
-        """Keep every other recorded step (the first included)."""
-        keep = np.arange(0, self.n, 2)
-        self.steps[:len(keep)] = self.steps[keep]
-        self.params[:len(keep)] = self.params[keep]
-        self.upd[:len(keep)] = self.upd[keep]
-        self.wn[:len(keep)] = self.wn[keep]
-        for a in list(self.grads.values()) + list(self.seq.values()):
-            a[:len(keep)] = a[keep]
-        self.attn = self.attn[::2]
-        self.n = len(keep)
-
-    def nbytes(self) -> int:
-        return (self.steps.nbytes + self.params.nbytes + self.upd.nbytes + self.wn.nbytes
-                + sum(a.nbytes for a in self.grads.values())
-                + sum(a.nbytes for a in self.seq.values()))
-
-    def set_update(self, step: int, upd: np.ndarray, wn: np.ndarray) -> None:
-        """The update norms of recorded step ``step`` (dropped if thinning removed its row)."""
-        if self.n and self.steps[self.n - 1] == step:
-            self.upd[self.n - 1] = upd
-            self.wn[self.n - 1] = wn
-
-    def rows(self) -> List[Dict[str, Any]]:
-        """Per-step dicts for the attention capture (``{"step": …, "attn": …}``)."""
-        return [{"step": int(self.steps[i]), "attn": self.attn[i]} for i in range(self.n)]
-
-
 def _ignore_norms(layer, reverse, norms) -> None:
     """on_norms of a replay that records nothing (it still takes the fast path, same tensors saved)."""
-
-
-def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
-    out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
-    out[:a.shape[0]] = a
-    return out
 
 
 class _Pass:
@@ -314,7 +182,7 @@ class Scope:
         self._bw_task = -1
         self._collector = Collector(_NORM_CHUNK)  # this step's values; normed in batches, one host copy
         self._param_handles: List[Any] = []
-        self._history = _History(0)  # re-made once the parameters are known (below)
+        self._history = History(0)  # re-made once the parameters are known (below)
         self._events: List[Dict[str, Any]] = []
         self._event_keys: set = set()
         self._notes: List[str] = []
@@ -335,7 +203,7 @@ class Scope:
         self._module_names = {id(m): n for n, m in names.items()}
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
-        self._history = _History(len(self._params))
+        self._history = History(len(self._params))
         self._update_ratio = update_ratio
         self._updates = UpdateTracker([p for _, p in self._params]) if update_ratio else None
 
@@ -447,7 +315,7 @@ class Scope:
                 # checkpointing); else the first forward's graph, hooked already, is the one
                 # backpropagated and the recomputed graph is discarded.
                 return scope._replay(m, specs, p, args, kwargs, track=name in p.nograd)
-            if not p.recomputable and _saved_hooks_active():
+            if not p.recomputable and saved_hooks_active():
                 p.recomputable = True
             return scope._replay(m, specs, p, args, kwargs)
 
@@ -486,7 +354,7 @@ class Scope:
             p = scope._pass_now() if scope is not None and not scope.closed else None
             if p is None or not p.scheduled or not _fused_cell_device(input.device) or not torch.is_grad_enabled():
                 return cls_forward(m, input, hx)
-            if p is scope._current and not p.recomputable and _saved_hooks_active():
+            if p is scope._current and not p.recomputable and saved_hooks_active():
                 p.recomputable = True
             return _lstm_cell_ops(m, input, hx)
 
@@ -523,7 +391,7 @@ class Scope:
         p = self._current
         if p is not None or self.closed or not torch.is_grad_enabled():
             return p
-        task = _backward_task()
+        task = backward_task()
         if task < 0:
             return None
         for q in reversed(self._pending):
@@ -577,9 +445,9 @@ class Scope:
             self._settle()
         if self._updates is not None and self._updates.pending and self._step > self._updates.step:
             self._measure_update()  # before begin(): its time counts towards the recorded step's cost
-        deep, probe = _eager(self._schedule.begin)(self._step)
+        deep, probe = eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
-        p.recomputable = p.scheduled and _saved_hooks_active()  # the whole model under checkpoint
+        p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
         self._current = p
         if deep and self._updates is not None and not self._updates.pending:
             self._snapshot_params()
@@ -611,7 +479,7 @@ class Scope:
         """Copy the parameters for the update ratio; without the memory for a copy, stop measuring it
         (and say so) rather than fail the user's step."""
         try:
-            _eager(self._updates.snapshot)(self._step)
+            eager(self._updates.snapshot)(self._step)
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             self._updates.drop()
             self._updates = None
@@ -621,7 +489,7 @@ class Scope:
 
     def _measure_update(self) -> None:
         """‖Δw‖ and ‖w‖ of the snapshot's step into its history row; frees the snapshot."""
-        step, upd, wn = _eager(self._updates.measure)()
+        step, upd, wn = eager(self._updates.measure)()
         self._history.set_update(step, upd, wn)
 
     def _watch_cell(self, name: str, m: nn.Module) -> None:
@@ -671,7 +539,7 @@ class Scope:
             else:
                 self._disarm()
             if p.probe:
-                _eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
+                eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
         if not outs:
             return
         hook = functools.partial(self._on_output_grad, weakref.ref(p))
@@ -687,7 +555,7 @@ class Scope:
         if p is None or self.closed or p.fired:
             return
         p.fired = True
-        p.task = _graph_task_id()
+        p.task = graph_task_id()
         # Off schedule nothing more happens here: the step is counted when the next forward pass
         # starts (or the step is read), from the distinct backward calls that reached pending passes
         # (_settle). A scheduled pass is finished at the end of its backward call.
@@ -853,7 +721,7 @@ class Scope:
         self._cell_counter[name] = t + 1
         if not torch.is_grad_enabled():  # e.g. a reentrant checkpoint's first forward
             self._remember_nograd(p, name, t, flatten_tensors(output))
-        elif not p.recomputable and _saved_hooks_active():
+        elif not p.recomputable and saved_hooks_active():
             p.recomputable = True
         self._record_call(name, t, args, kwargs, output)
 
@@ -914,7 +782,7 @@ class Scope:
         # first forward; its recomputation in backward records them)
         if self._discovery_log is not None and (torch.is_grad_enabled() or self._current is not None):
             p = self._current
-            if p is not None and not p.recomputable and torch.is_grad_enabled() and _saved_hooks_active():
+            if p is not None and not p.recomputable and torch.is_grad_enabled() and saved_hooks_active():
                 p.recomputable = True
             self._discovery_log[name].append((flatten_tensors((args, kwargs)), flatten_tensors(output),
                                               (args, kwargs), output, torch.is_grad_enabled()))
