@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Dict, List, NamedTuple, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._norms import norms as _norms
 
-__all__ = ["StateKey", "SiteKey", "ParamKey", "AttentionKey", "Key", "Collector"]
+__all__ = ["StateKey", "SiteKey", "ParamKey", "AttentionKey", "Key", "Collector", "sum_squares"]
 
 
 class StateKey(NamedTuple):
@@ -131,3 +132,58 @@ class Collector:
 
     def clear(self) -> None:
         self._vals, self._keys, self.kept, self._kept_keys = [], [], [], []
+
+
+def sum_squares(items: List[Tuple[Any, Key]], seq_len: Dict[str, int], n_params: int):
+    """Sums of squared norms over the values of one step (its passes together).
+
+    Args:
+        items: :meth:`Collector.take`'s ``(value, key)`` pairs.
+        seq_len: site -> the longest sequence the step's passes ran; raised where a site's values
+            reach further (updated in place).
+        n_params: number of watched parameters.
+
+    Returns:
+        ``(sumsq, fired, params, got_param, attention)``: per ``(site, state)`` a list of sums per
+        position ``t``; the sites any gradient reached; per parameter the sum of squares
+        (``[P]`` float64) and whether it got a gradient (``[P]`` bool); the attention values as
+        ``(AttentionKey, value)`` pairs, for the attention capture to combine.
+    """
+    sumsq: Dict[Tuple[str, str], Any] = {}  # (site, state) -> list of floats (per position)
+    attn_items: List[Tuple[AttentionKey, Any]] = []
+    fired_sites = set()
+    params = [0.0] * n_params
+    got_param = np.zeros(n_params, dtype=bool)
+    for v, key in items:
+        kind = type(key)
+        if kind is StateKey:
+            site, sname, t = key
+            arr = sumsq.get((site, sname))
+            if arr is None:
+                arr = sumsq[(site, sname)] = [0.0] * max(seq_len.get(site, 0), t + 1)
+            elif len(arr) <= t:
+                arr.extend([0.0] * (t + 1 - len(arr)))
+            arr[t] += v * v
+            fired_sites.add(site)
+        elif kind is ParamKey:
+            params[key.index] += v * v
+            got_param[key.index] = True
+        elif kind is SiteKey:  # all positions of one site state at once (fast replay, attention)
+            site, sname = key
+            sq = (v * v).tolist()
+            arr = sumsq.get((site, sname))
+            if arr is None:
+                sumsq[(site, sname)] = sq
+            else:
+                if len(arr) < len(sq):
+                    arr.extend([0.0] * (len(sq) - len(arr)))
+                for t, x in enumerate(sq):
+                    arr[t] += x
+            fired_sites.add(site)
+        elif kind is AttentionKey:
+            attn_items.append((key, v))
+    for (site, _), arr in sumsq.items():
+        if len(arr) > seq_len.get(site, 0):
+            seq_len[site] = len(arr)
+    params = np.array(params)
+    return sumsq, fired_sites, params, got_param, attn_items

@@ -30,7 +30,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
@@ -41,8 +40,9 @@ from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
 from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm
 from ._autograd import backward_task, eager, graph_task_id, saved_hooks_active
-from .collector import AttentionKey, Collector, ParamKey, SiteKey, StateKey
+from .collector import Collector, ParamKey, SiteKey, StateKey, sum_squares
 from .history import History
+from .recurrent import dense_len, fused_cell_device, lstm_cell_ops
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
@@ -352,11 +352,11 @@ class Scope:
         def forward(input, hx=None):
             scope = scope_ref()
             p = scope._pass_now() if scope is not None and not scope.closed else None
-            if p is None or not p.scheduled or not _fused_cell_device(input.device) or not torch.is_grad_enabled():
+            if p is None or not p.scheduled or not fused_cell_device(input.device) or not torch.is_grad_enabled():
                 return cls_forward(m, input, hx)
             if p is scope._current and not p.recomputable and saved_hooks_active():
                 p.recomputable = True
-            return _lstm_cell_ops(m, input, hx)
+            return lstm_cell_ops(m, input, hx)
 
         disable = getattr(getattr(torch, "compiler", None), "disable", None)
         if disable is not None:
@@ -467,7 +467,7 @@ class Scope:
             for m, fwd in self._pass_forwards.items():
                 self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for m, fwd in self._lstm_cells.items():
-                if _fused_cell_device(m.weight_ih.device):
+                if fused_cell_device(m.weight_ih.device):
                     self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for name, m in self._explicit_cells.items():
                 self._watch_cell(name, m)
@@ -694,7 +694,7 @@ class Scope:
 
         out = replay_fused(m, input, hx, on_state, on_norms)
         if not seen:  # fast path: every selected layer ran over the whole (dense) sequence
-            T = _dense_len(m, input)
+            T = dense_len(m, input)
             seen = {site: T for site, _ in names.values()}
         for site, n in seen.items():
             p.seq_len[site] = max(p.seq_len.get(site, 0), n)
@@ -857,7 +857,6 @@ class Scope:
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
         self._collector.flush()
-        attn_items: List[Tuple[AttentionKey, Any]] = []
         if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
             self._attn.add_pass_values(passes)
             self._attn.end_step()
@@ -868,42 +867,7 @@ class Scope:
         for p in passes:
             for s, n in p.seq_len.items():
                 seq_len[s] = max(seq_len.get(s, 0), n)
-        sumsq: Dict[Tuple[str, str], Any] = {}  # (site, state) -> list of floats (per position)
-        fired_sites = set()
-        params = [0.0] * len(self._params)
-        got_param = np.zeros(len(self._params), dtype=bool)
-        for v, key in items:
-            kind = type(key)
-            if kind is StateKey:
-                site, sname, t = key
-                arr = sumsq.get((site, sname))
-                if arr is None:
-                    arr = sumsq[(site, sname)] = [0.0] * max(seq_len.get(site, 0), t + 1)
-                elif len(arr) <= t:
-                    arr.extend([0.0] * (t + 1 - len(arr)))
-                arr[t] += v * v
-                fired_sites.add(site)
-            elif kind is ParamKey:
-                params[key.index] += v * v
-                got_param[key.index] = True
-            elif kind is SiteKey:  # all positions of one site state at once (fast replay, attention)
-                site, sname = key
-                sq = (v * v).tolist()
-                arr = sumsq.get((site, sname))
-                if arr is None:
-                    sumsq[(site, sname)] = sq
-                else:
-                    if len(arr) < len(sq):
-                        arr.extend([0.0] * (len(sq) - len(arr)))
-                    for t, x in enumerate(sq):
-                        arr[t] += x
-                fired_sites.add(site)
-            elif kind is AttentionKey:
-                attn_items.append((key, v))
-        for (site, _), arr in sumsq.items():
-            if len(arr) > seq_len.get(site, 0):
-                seq_len[site] = len(arr)
-        params = np.array(params)
+        sumsq, fired_sites, params, got_param, attn_items = sum_squares(items, seq_len, len(self._params))
         grads = {}
         for site, spec in self.sites.items():
             if not self._wanted(site):
@@ -1158,29 +1122,6 @@ def _is_compiled(model: nn.Module) -> bool:
     return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
-def _fused_cell_device(device: torch.device) -> bool:
-    """Whether nn.LSTMCell runs as one fused kernel there (CUDA and other accelerators; the CPU
-    composes it from ordinary ops)."""
-    return device.type != "cpu"
-
-
-def _lstm_cell_ops(m: nn.Module, input: Tensor, hx=None):
-    """nn.LSTMCell's forward written op by op (gate order i, f, g, o), so c_t is an ordinary
-    graph node whose gradient includes the path through h_t."""
-    batched = input.dim() == 2
-    x = input if batched else input.unsqueeze(0)
-    if hx is None:
-        zeros = x.new_zeros(x.shape[0], m.hidden_size)
-        h, c = zeros, zeros
-    else:
-        h, c = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-    gates = F.linear(x, m.weight_ih, m.bias_ih) + F.linear(h, m.weight_hh, m.bias_hh)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h1 = torch.sigmoid(o) * torch.tanh(c1)
-    return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
-
-
 def _is_ddp(model: nn.Module) -> bool:
     """True for ``torch.nn.parallel.DistributedDataParallel`` (and subclasses)."""
     try:
@@ -1188,13 +1129,6 @@ def _is_ddp(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(model, DistributedDataParallel)
-
-
-def _dense_len(m: nn.Module, input) -> int:
-    """Sequence length of a dense input to a fused module."""
-    if input.dim() == 2:
-        return input.shape[0]
-    return input.shape[1] if m.batch_first else input.shape[0]
 
 
 def check_watch_options(*, every: Optional[int] = None, max_steps: int = 10_000,
