@@ -148,14 +148,19 @@ def test_deferred_imports_close_no_cycle_but_the_data_renderer_one():
 
 
 def test_capture_and_measure_import_one_way():
-    """capture imports measure's trajectory measurement; only measure.probe imports capture.scope, and
-    nothing in capture imports it, also not from inside a function."""
+    """Scope imports measure's site and depth measurement; those read what capture recorded
+    (sites, the attention layout) but never import capture.scope; only measure.probe does, and
+    nothing in capture imports measure.probe, also not from inside a function. Of capture only
+    scope imports measure at all."""
     g = import_graph(deferred=True)
+    describe = {"gradscope.capture.sites", "gradscope.capture.attention", "gradscope.capture._hf"}
     for name, deps in g.items():
-        if name.startswith("gradscope.capture"):
+        if name.startswith("gradscope.capture."):
             assert "gradscope.measure.probe" not in deps, name
+            if name != "gradscope.capture.scope":
+                assert not {d for d in deps if d.startswith("gradscope.measure")}, name
         if name.startswith("gradscope.measure.") and name != "gradscope.measure.probe":
-            assert not {d for d in deps if d.startswith("gradscope.capture.")} - {"gradscope.capture.sites"}, name
+            assert not {d for d in deps if d.startswith("gradscope.capture.")} - describe, name
 
 
 def test_every_module_imports_cleanly_in_a_fresh_interpreter():

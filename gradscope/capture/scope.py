@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import GradscopeAlert, GradscopeError, did_you_mean
+from ..measure.depth import depth_jacobians
 from ..measure.sites import measure_sites
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
@@ -838,7 +839,8 @@ class Scope:
             self._probing = True  # the depth Jacobians call blocks, maybe the model itself: no new pass
             try:
                 with torch.no_grad():
-                    notes = list(notes) + self._attn.run_probe(p, self._step, **self.probe_options)
+                    notes = list(notes) + self._attn.run_probe(p, self._step, depth_jacobians,
+                                                                   **self.probe_options)
             finally:
                 self._probing = False
         for n in notes:

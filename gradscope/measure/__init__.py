@@ -2,10 +2,13 @@
 
 Imports run one way, capture never reaching the one-shot entry point:
 
-* :mod:`.trajectories` and :mod:`.sites` measure a model from the calls recorded in one forward
-  pass. They import :mod:`gradscope.estimators` and :mod:`gradscope.capture.sites` (pytree helpers)
-  and nothing else of capture, so :class:`~gradscope.capture.scope.Scope` imports them to probe on
-  its schedule.
+* :mod:`.trajectories` and :mod:`.sites` (recurrent sites) and :mod:`.depth` (attention stacks)
+  measure a model from the calls recorded in one forward pass. They import
+  :mod:`gradscope.estimators` and the modules of capture that describe what was recorded
+  (``capture.sites``; ``capture.attention``'s layout and ``capture._hf`` for depth), never
+  ``capture.scope``; so :class:`~gradscope.capture.scope.Scope` imports them to probe on its
+  schedule, and hands :func:`.depth.depth_jacobians` to its attention capture, which imports no
+  measurement code.
 * :mod:`.probe` (:func:`probe`) drives a :class:`~gradscope.capture.scope.Scope` for one forward and
   backward pass; nothing in capture imports it.
 
@@ -20,6 +23,7 @@ from typing import Any
 _LAZY = {
     "probe": ".probe", "default_loss": ".probe", "nonfinite_tensors": ".probe",
     "measure_sites": ".sites", "measure_trajectory": ".sites",
+    "depth_jacobians": ".depth",
     "Trajectory": ".trajectories", "fused_trajectories": ".trajectories", "cell_trajectory": ".trajectories",
 }
 
