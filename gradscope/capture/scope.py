@@ -19,6 +19,12 @@ How it works (the only code in gradscope that touches a live model):
   Q/K/V gradient norms, reduced on the device and copied with everything else.
 * Every hook handle is owned by the :class:`Scope` and removed by :meth:`Scope.close`, which also
   runs when the ``with`` block raises.
+
+Where the parts live: forwards are swapped only by :mod:`.patching` (removable handles); values
+go through :mod:`.collector` (typed keys, batched norms, one host copy); recorded steps are kept by
+:mod:`.history`. Probes on the schedule run :func:`gradscope.measure.sites.measure_sites` and
+:func:`gradscope.measure.depth.depth_jacobians`: capture imports those, and nothing in capture
+imports :mod:`gradscope.measure.probe`, which drives a Scope (imports run one way; tests/test_imports.py).
 """
 from __future__ import annotations
 
