@@ -23,12 +23,12 @@ from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
 
 _LAZY = {
     "watch": ".capture.scope", "Scope": ".capture.scope",
-    "probe": ".capture.probe",
+    "probe": ".measure.probe",
     "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
     "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",
     "Recording": ".recording", "load": ".recording",
 }
-_SUBMODULES = {"estimators", "analysis", "capture", "checkpoint", "zoo", "plot", "report", "cli"}
+_SUBMODULES = {"estimators", "analysis", "capture", "measure", "checkpoint", "zoo", "plot", "report", "cli"}
 
 __all__ = ["watch", "probe", "diagnose", "try_remedies", "apply_remedy", "load", "Scope", "Recording", "Diagnosis",
            "Finding", "RemedyTrials", "GradscopeError", "RecordingFormatError", "MissingMeasureError",

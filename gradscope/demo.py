@@ -21,7 +21,7 @@ from torch import nn
 from ._format import fmt
 from .analysis.diagnose import Diagnosis, diagnose
 from .analysis.trials import try_remedies
-from .capture.probe import probe
+from .measure.probe import probe
 from .capture.scope import watch
 from .errors import GradscopeError
 from .zoo import RECALL_TOKENS, recall_problem

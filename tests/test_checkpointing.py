@@ -269,7 +269,7 @@ def test_lstmcell_where_it_is_fused_runs_op_by_op_in_the_recomputation_too(reent
     # same (non-reentrant checkpointing compares the saved tensors). Pretend the CPU is such a device.
     from gradscope.capture import scope as scope_mod
 
-    monkeypatch.setattr(scope_mod, "_fused_cell_device", lambda device: True)
+    monkeypatch.setattr(scope_mod, "fused_cell_device", lambda device: True)
     torch.manual_seed(4)
     model = PROBLEMS["lstmcell-chunks"](reentrant).double()
     plain = copy.deepcopy(model)

@@ -8,7 +8,7 @@ from torch import nn
 from gradscope import GradscopeError
 from gradscope.analysis.diagnose import diagnose
 from gradscope.analysis.trials import LSTMAsRNN, RemedyTrials, TESTABLE, try_remedies
-from gradscope.capture.probe import probe
+from gradscope.measure.probe import probe
 
 from conftest import assert_no_hooks
 

@@ -657,14 +657,14 @@ def test_history_thinning_keeps_rows_exact_with_varying_lengths(device):
 def test_op_by_op_lstm_cell_equals_nn_lstmcell(batched, given):
     # what the watch runs for nn.LSTMCell on scheduled accelerator passes (there the fused cell
     # would hide the path c_t -> h_t from a hook on c_t)
-    from gradscope.capture.scope import _lstm_cell_ops
+    from gradscope.capture.recurrent import lstm_cell_ops
 
     cell = nn.LSTMCell(3, 5).double()
     x = torch.randn(4, 3, dtype=torch.float64) if batched else torch.randn(3, dtype=torch.float64)
     shape = (4, 5) if batched else (5,)
     hx = (torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)) if given else None
     want = cell(x, hx)
-    got = _lstm_cell_ops(cell, x, hx)
+    got = lstm_cell_ops(cell, x, hx)
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -683,9 +683,9 @@ def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monk
         for step in range(3):
             plain(x).pow(2).sum().backward()
     calls = []
-    real = scope_mod._lstm_cell_ops
-    monkeypatch.setattr(scope_mod, "_fused_cell_device", lambda device: True)
-    monkeypatch.setattr(scope_mod, "_lstm_cell_ops", lambda *a: calls.append(1) or real(*a))
+    real = scope_mod.lstm_cell_ops
+    monkeypatch.setattr(scope_mod, "fused_cell_device", lambda device: True)
+    monkeypatch.setattr(scope_mod, "lstm_cell_ops", lambda *a: calls.append(1) or real(*a))
     with gradscope.watch(model, every=2) as scope:
         for step in range(3):
             before = len(calls)
@@ -713,7 +713,7 @@ def test_state_gradients_are_normed_in_chunks_during_backward(monkeypatch):
     held = []
     with gradscope.watch(model, every=1) as scope:
         real = scope._on_state_grad
-        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._raw))] and None)
+        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._collector.kept))] and None)
         model(x).pow(2).sum().backward()
     assert held and max(held) < 3
     for state in ("h", "c"):

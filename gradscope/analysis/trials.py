@@ -510,8 +510,9 @@ def _apply_chrono(model, targets, ctx):
 
 @torch.no_grad()
 def _apply_reinit_dead(model, targets, ctx):
-    from ..capture.probe import _call, _fused_args
-    from ..capture.trajectories import fused_trajectories
+    from ..measure.probe import call_model
+    from ..measure.sites import fused_args
+    from ..measure.trajectories import fused_trajectories
 
     done = []
     for name, ts in _by_module(targets).items():
@@ -519,13 +520,13 @@ def _apply_reinit_dead(model, targets, ctx):
         calls = []
         handle = m.register_forward_hook(lambda mod, a, kw, out: calls.append((a, kw)), with_kwargs=True)
         try:
-            _call(model, ctx["batch"])
+            call_model(model, ctx["batch"])
         finally:
             handle.remove()
         if not calls:
             raise _Skip(f"{_mod_label(name)} was not called by the model's forward")
         name_of = {(t.layer, t.reverse): t.site for t in ts}
-        trs = {tr.site: tr for tr in fused_trajectories(name_of, m, *_fused_args(*calls[0]))}
+        trs = {tr.site: tr for tr in fused_trajectories(name_of, m, *fused_args(*calls[0]))}
         for t in ts:
             dead = (trs[t.site].states <= 0).flatten(0, -2).all(0)
             n = int(dead.sum())
@@ -592,7 +593,7 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _probe(model, batch, loss_fn, target, sites, seed, threshold):
-    from ..capture.probe import probe
+    from ..measure.probe import probe
 
     with _seeded(model, seed):
         return probe(model, batch, loss_fn=loss_fn, target=target, sites=sites, k=1,
@@ -747,7 +748,7 @@ def _batches(data, target):
 
 
 def _loss_of(out, y, loss_fn):
-    from ..capture.probe import default_loss
+    from ..measure.probe import default_loss
 
     if loss_fn is None:
         return default_loss(out, y)

@@ -48,7 +48,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +58,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import _hf
 from ._forwards import PatchedForward, remove_leaf_hooks
+from .patching import ForwardHandle, remove_all, swap_forward
 from ._norms import norm as _norm, wide as _wide
+from .collector import AttentionKey, Collector, SiteKey
 from .sites import FUSED_TYPES, SiteSpec, flatten_tensors
 
 __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_norms",
@@ -70,7 +72,6 @@ __all__ = ["normalized_entropy", "rank_residual", "token_cosine", "qk_spectral_n
 MASKED_LOGIT = -5e3
 _CHUNK_ELEMENTS = 1 << 22        # scores materialised at once when recomputing probabilities
 _POWER_COLD, _POWER_WARM = 30, 3  # power iterations: first measurement, warm-started later ones
-_EXACT_MAX_N, _PROBES = 512, 64  # depth Jacobians: exact Frobenius up to this state size P·E, else probes
 
 _MHA_FN = F.multi_head_attention_forward
 _SDPA_FN = F.scaled_dot_product_attention
@@ -82,7 +83,6 @@ _HIDDEN_KEYS = ("hidden_states", "src", "tgt", "x", "query", "input", "inputs", 
 _Q_NAMES = ("query", "q_proj", "q", "q_lin", "to_q", "wq", "w_q", "W_q", "query_proj", "q_linear")
 _K_NAMES = ("key", "k_proj", "k", "k_lin", "to_k", "wk", "w_k", "W_k", "key_proj", "k_linear")
 _V_NAMES = ("value", "v_proj", "v", "v_lin", "to_v", "wv", "w_v", "W_v", "value_proj", "v_linear")
-_SQUARE_MASKS = frozenset({"src_mask", "tgt_mask", "memory_mask", "attn_mask", "mask"})
 _QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "Wqkv", "in_proj", "to_qkv", "att_proj")
 
 
@@ -727,7 +727,7 @@ def find_attention(model: nn.Module, extra: Sequence[str] = ()) -> AttentionLayo
 
 
 # =============================================================================== capture
-def _bpe(t: Tensor, batch_first: bool) -> Optional[Tensor]:
+def block_view(t: Tensor, batch_first: bool) -> Optional[Tensor]:
     """A block input/output as ``[B, P, features]``."""
     if t.dim() == 2:
         return t.unsqueeze(0)
@@ -752,7 +752,8 @@ def _hidden_index(args, kwargs) -> Optional[Tuple[str, Any]]:
     return None
 
 
-def _get(args, kwargs, idx):
+def call_arg(args, kwargs, idx):
+    """The argument at ``idx`` (``("a", position)`` or ``("k", name)``) of a recorded call."""
     return args[idx[1]] if idx[0] == "a" else kwargs[idx[1]]
 
 
@@ -769,7 +770,7 @@ class _PassState:
 
     def __init__(self):
         self.vals: List[Tensor] = []
-        self.keys: List[Tuple] = []
+        self.keys: List[AttentionKey] = []
         self.pad: Dict[str, Optional[Tensor]] = {}
         self.shape: Dict[str, Tuple[int, int, int, int]] = {}
         self.calls: Dict[str, Dict[str, Any]] = {}
@@ -780,19 +781,43 @@ class _PassState:
         self.keys.append(key)
 
 
+class Host(Protocol):
+    """What :class:`AttentionCapture` gets from the Scope that owns it, and all it uses of it."""
+
+    model: nn.Module
+    collector: Collector
+
+    @property
+    def closed(self) -> bool: ...
+
+    def pass_now(self) -> Any:
+        """The pass a module call belongs to (the forward in progress, or the pending pass a
+        checkpoint recomputation inside backward belongs to), or None."""
+
+    def is_current(self, p) -> bool:
+        """Whether ``p`` is the forward pass in progress (not one recomputed inside backward)."""
+
+    def claim(self, module: nn.Module) -> None:
+        """Mark ``module`` as watched (a second watch on it is refused)."""
+
+    def note(self, key, text: str) -> None:
+        """A note for the Recording, once per ``key``."""
+
+
 class AttentionCapture:
     """The Scope's attention part: owns its patched forwards and parameter hooks.
 
-    Values are reduced on the device and handed to the Scope, which copies them to the host
-    together with every other value of the step (one transfer per device and dtype).
+    Values are reduced on the device and added to the host's :class:`~.collector.Collector`, which
+    copies them to the host together with every other value of the step (one transfer per device).
     """
 
-    def __init__(self, scope, layout: AttentionLayout):
-        self.scope = scope
+    def __init__(self, host: Host, layout: AttentionLayout):
+        self.host = host
+        self.collector = host.collector
         self.layout = layout
         self.wanted_blocks: Dict[str, Block] = {}
         self.wanted_attn: Dict[str, AttnModule] = {}
-        self._patched: List[Tuple[nn.Module, Any]] = []
+        self._forward_handles: List[ForwardHandle] = []
         self._param_handles: List[Any] = []
         self._hooked_params: List[torch.Tensor] = []
         self._qk_v: Dict[str, Tensor] = {}
@@ -819,23 +844,22 @@ class AttentionCapture:
 
         def forward(*args, **kwargs):
             cap = ref()
-            scope = cap.scope if cap is not None else None
-            p = scope._pass_now() if scope is not None and not scope.closed else None
+            host = cap.host if cap is not None else None
+            p = host.pass_now() if host is not None and not host.closed else None
             if p is None or not p.scheduled:
                 return fwd(*args, **kwargs)
             if not torch.is_grad_enabled():
-                if p is scope._current:  # a reentrant checkpoint's first forward: measured when recomputed
+                if host.is_current(p):  # a reentrant checkpoint's first forward: measured when recomputed
                     p.nograd.add(name)
                 return fwd(*args, **kwargs)
-            if p is not scope._current and name not in p.nograd:
+            if not host.is_current(p) and name not in p.nograd:
                 # a non-reentrant checkpoint's recomputation: the first forward's graph is measured
                 return fwd(*args, **kwargs)
             return cap._call(m, name, fwd, p, args, kwargs)
 
         # an object: copies of the model run unwatched; the signature is the module's own
-        m.forward = PatchedForward(forward, m, prev, fwd)
-        self._patched.append((m, prev))
-        self.scope._claim(m)
+        self._forward_handles.append(swap_forward(m, PatchedForward(forward, m, prev, fwd), restore=prev))
+        self.host.claim(m)
 
     def start_pass(self, p) -> None:
         p.attn = _PassState()
@@ -862,14 +886,12 @@ class AttentionCapture:
                                       tuple(slices))))
 
     def _on_qkv_grad(self, site, rel, slices, grad):
-        scope = self.scope
-        if scope.closed or grad is None:  # None: an output of a multi-output node got no gradient
+        if self.host.closed or grad is None:  # None: an output of a multi-output node got no gradient
             return
         g = grad.detach()
         for which, dim, s0, s1 in slices:
             part = g[s0:s1] if dim == 0 else g[:, s0:s1]
-            scope._vals.append(_norm(part))
-            scope._keys.append(("attn", site, rel, f"grad_w{which}", "avg"))
+            self.collector.add(AttentionKey(site, rel, f"grad_w{which}", "avg"), _norm(part))
 
     def end_step(self) -> None:
         remove_leaf_hooks(self._param_handles, self._hooked_params)
@@ -877,18 +899,11 @@ class AttentionCapture:
 
     def close(self) -> None:
         self.end_step()
-        for m, prev in self._patched:
-            cur = m.__dict__.get("forward")
-            if getattr(cur, "__gradscope__", False):
-                if prev is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.forward = prev
-        self._patched = []
+        remove_all(self._forward_handles)
 
     # ---------------------------------------------------------------- forward
     def _fail(self, where: str, e: BaseException) -> None:
-        self.scope._note(("attention-error", where, type(e).__name__),
+        self.host.note(("attention-error", where, type(e).__name__),
                          f"attention measure at {where!r} failed ({type(e).__name__}: {e}); the run itself "
                          f"is unaffected. Please report this with the model's class.")
 
@@ -925,7 +940,7 @@ class AttentionCapture:
         idx = _hidden_index(args, kwargs)
         if idx is None:
             return args, kwargs, None
-        x = _get(args, kwargs, idx)
+        x = call_arg(args, kwargs, idx)
         sub = False
         if not x.requires_grad:
             # A private copy that requires grad, so the gradient at the stack's input is measured
@@ -957,7 +972,7 @@ class AttentionCapture:
     def _block_post(self, blk: Block, p, st: _PassState, pre, args, kwargs, out) -> None:
         x = pre["x"]
         bf = self._layout(blk, st, x)
-        xb = _bpe(x, bf)
+        xb = block_view(x, bf)
         if xb is None:
             return
         B, P = xb.shape[0], xb.shape[1]
@@ -967,7 +982,7 @@ class AttentionCapture:
         site = blk.site
         p.seq_len[site] = max(p.seq_len.get(site, 0), P)
         valid = torch.full((P,), float(B), device=x.device) if pad is None else (~pad).sum(0).float()
-        st.push(("attn", site, "", "valid", "sum"), valid)
+        st.push(AttentionKey(site, "", "valid", "sum"), valid)
         if x.requires_grad:
             p.handles.append(x.register_hook(functools.partial(self._on_input_grad, site, bf, pad,
                                                                weakref.ref(x))))
@@ -981,34 +996,32 @@ class AttentionCapture:
             p.handles.append(y.register_hook(functools.partial(self._vjp_input, y, x)))
         if y is not None:
             with torch.no_grad():
-                yb = _bpe(y.detach(), bf)
+                yb = block_view(y.detach(), bf)
                 if yb is not None and yb.shape[:2] == xb.shape[:2]:
                     r, c, n = _token_sums(yb, None if pad is None else ~pad)
-                    st.push(("attn", site, "", "rank_residual", "sum"), r)
-                    st.push(("attn", site, "", "rank_residual", "cnt"), n)
-                    st.push(("attn", site, "", "token_cosine", "sum"), c)
-                    st.push(("attn", site, "", "token_cosine", "cnt"), n)
+                    st.push(AttentionKey(site, "", "rank_residual", "sum"), r)
+                    st.push(AttentionKey(site, "", "rank_residual", "cnt"), n)
+                    st.push(AttentionKey(site, "", "token_cosine", "sum"), c)
+                    st.push(AttentionKey(site, "", "token_cosine", "cnt"), n)
         if p.probe:
             st.calls.setdefault(site, {"args": args, "kwargs": kwargs, "idx": pre["idx"], "x": x,
                                        "y": y, "bf": bf, "pad": pad})
 
     def _on_input_grad(self, site, bf, pad, xref, grad):
-        scope = self.scope
-        if grad is None or scope.closed or (self._vjp_root is not None and xref() is self._vjp_root):
+        if grad is None or self.host.closed or (self._vjp_root is not None and xref() is self._vjp_root):
             return  # the root of our own vector-Jacobian product: counted by the ordinary pass
         with torch.no_grad():
-            g = _bpe(grad.detach(), bf)
+            g = block_view(grad.detach(), bf)
             if g is None:
                 return
             g = g.to(_wide(g.device))   # float64 squares: a finite gradient keeps a finite norm
             sq = g.pow(2).sum(-1)
             if pad is not None and pad.shape == sq.shape:
                 sq = sq.masked_fill(pad, 0)
-            scope._vals.append(sq.sum(0).sqrt())
-            scope._keys.append(("vec", site, "h"))
+            self.collector.add(SiteKey(site, "h"), sq.sum(0).sqrt())
 
     def _vjp_input(self, y, x, grad):
-        if grad is None or self.scope.closed or x.grad_fn is None:
+        if grad is None or self.host.closed or x.grad_fn is None:
             return
         if torch._C._will_engine_execute_node(x.grad_fn):
             return  # the ordinary backward reaches the input: its hook fires by itself
@@ -1027,7 +1040,7 @@ class AttentionCapture:
         rel = "" if att.name == blk.primary else att.rel
         evs = _pick(events)
         if not evs:
-            self.scope._note(("attention-noprob", att.name),
+            self.host.note(("attention-noprob", att.name),
                              f"attention module {att.name or type(att.module).__name__!r} "
                              f"({type(att.module).__name__}) made no call to F.multi_head_attention_forward, "
                              f"F.scaled_dot_product_attention or softmax that gradscope can see (a custom or "
@@ -1048,8 +1061,8 @@ class AttentionCapture:
             tot, cnt = sc.entropy_sums(pad)
             if att.heads is None:
                 att.heads = sc.H
-            st.push(("attn", blk.site, rel, "attention_entropy", "sum"), tot)
-            st.push(("attn", blk.site, rel, "attention_entropy", "cnt"), cnt)
+            st.push(AttentionKey(blk.site, rel, "attention_entropy", "sum"), tot)
+            st.push(AttentionKey(blk.site, rel, "attention_entropy", "cnt"), cnt)
             if att.name not in st.qk_done and att.qkv is not None and "k" in att.qkv.parts:
                 st.qk_done.add(att.name)
                 scale = sc.scale if sc.probs is None else float(getattr(att.module, "scaling", 0.0) or 0.0)
@@ -1062,12 +1075,12 @@ class AttentionCapture:
                     v0 = self._qk_v.get(att.name)
                     norms, v = qk_spectral_norms(wq, wk, H, scale, v0, _POWER_WARM if v0 is not None else _POWER_COLD)
                     self._qk_v[att.name] = v
-                    st.push(("attn", blk.site, rel, "qk_spectral_norm", "avg"), norms)
+                    st.push(AttentionKey(blk.site, rel, "qk_spectral_norm", "avg"), norms)
 
     def _hf_hint(self, att: AttnModule) -> str:
         if att.origin != "hf":
             return ""
-        root = self.scope.model
+        root = self.host.model
         impl = _hf.attn_implementation(root)
         return (f"; this Hugging Face model uses attn_implementation={impl!r}: load it with "
                 f"attn_implementation='sdpa' or 'eager' to measure attention probabilities")
@@ -1077,29 +1090,28 @@ class AttentionCapture:
         out: Dict[str, Any] = {"stacks": {s: [self.layout.blocks[b].site for b in bs if b in self.wanted_blocks]
                                           for s, bs in self.layout.stacks.items()}}
         if any(a.origin == "hf" for a in self.wanted_attn.values()):
-            out["hf_attn_implementation"] = _hf.attn_implementation(self.scope.model)
+            out["hf_attn_implementation"] = _hf.attn_implementation(self.host.model)
             out["probabilities"] = ("recomputed from the query, key, mask and scale each attention module passed "
                                     "to scaled_dot_product_attention, or read from its softmax (eager); the "
                                     "model and its config are unchanged")
         return out
 
     # -------------------------------------------------------------- finalize
-    def pass_values(self, passes) -> Tuple[List[Tensor], List[Tuple]]:
-        vals, keys = [], []
+    def add_pass_values(self, passes) -> None:
+        """Hand the values measured during the passes' forwards to the collector."""
         for p in passes:
             st = getattr(p, "attn", None)
             if st is not None:
-                vals += st.vals
-                keys += st.keys
+                for v, k in zip(st.vals, st.keys):
+                    self.collector.add(k, v)
                 st.vals, st.keys = [], []
-        return vals, keys
 
     def finalize_row(self, step: int, items, grads: Dict[Tuple[str, str], np.ndarray]) -> Dict[Tuple[str, str], Any]:
         """Turn this step's host values into measures; NaN the depth flow of all-padding positions."""
         acc: Dict[Tuple[str, str, str, str], Any] = {}
         navg: Dict[Tuple, int] = {}
         for key, v in items:
-            _, site, rel, name, mode = key
+            site, rel, name, mode = key
             k = (site, rel, name, mode)
             v = np.asarray(v, dtype=np.float64)
             if k in acc and acc[k].shape == v.shape:
@@ -1170,149 +1182,15 @@ class AttentionCapture:
         return out
 
     # ------------------------------------------------------------------ probe
-    @torch.no_grad()
-    def run_probe(self, p, step: int, jacobians: bool = True, jacobian_samples: int = 4,
-                  threshold: float = 1e-3, progress=None, **_ignored) -> List[str]:
-        """Depth Jacobians ‖∂x_L/∂x_{L−k}‖ of every stack on this pass's batch."""
-        from ..estimators import decay_rate
-
+    def run_probe(self, p, step: int, measure: Callable, **options) -> List[str]:
+        """Depth Jacobians of every stack on this pass's batch, by ``measure`` (the Scope passes
+        :func:`gradscope.measure.depth.depth_jacobians`; capture imports no measurement code).
+        Keeps them as :attr:`latest_probe`; returns notes."""
         st: Optional[_PassState] = p.attn
-        notes: List[str] = []
-        measures: Dict[Tuple[str, str], np.ndarray] = {}
-        meta: Dict[str, Any] = {}
-        if st is None or not jacobians:
-            self.latest_probe = (step, measures, meta)
-            return notes
-        for stack, names in self.layout.stacks.items():
-            blks = [self.layout.blocks[b] for b in names if b in self.wanted_blocks]
-            if not blks or len(blks) != len(names):
-                continue
-            calls = [st.calls.get(b.site) for b in blks]
-            label = stack or "(model)"
-            if any(c is None for c in calls):
-                missing = [b.site for b, c in zip(blks, calls) if c is None]
-                notes.append(f"attention stack {label!r}: blocks {missing} did not run with gradients in the "
-                             f"probed pass; no depth Jacobians.")
-                continue
-            chained = all(calls[i + 1]["x"] is calls[i]["y"] or
-                          (calls[i]["y"] is not None and calls[i + 1]["x"].shape == calls[i]["y"].shape and
-                           torch.equal(calls[i + 1]["x"].detach(), calls[i]["y"].detach()))
-                          for i in range(len(calls) - 1))
-            if not all(bool(torch.isfinite(t).all()) for b in blks
-                       for t in list(b.module.parameters()) + list(b.module.buffers()) + [calls[0]["x"]]
-                       if t.is_floating_point()):
-                notes.append(f"attention stack {label!r}: not measured: its weights or inputs hold NaN or inf; "
-                             f"depth Jacobians need finite values.")
-                continue
-            try:
-                arr, info = self._depth_jacobians(blks, calls, jacobian_samples, progress)
-            except Exception as e:  # noqa: BLE001 - the user's run goes on
-                notes.append(f"attention stack {label!r}: depth Jacobians failed ({type(e).__name__}: {e}).")
-                continue
-            fit = decay_rate(arr, threshold=threshold)
-            info.update({"rate": fit.rate, "horizon": fit.horizon, "explosion_lag": fit.explosion_lag,
-                         "threshold": threshold, "chained": bool(chained)})
-            if info.get("stored_dtype"):
-                notes.append(f"attention stack {label!r}: weights stored in {info['stored_dtype']}; depth "
-                             f"Jacobians measured in {info['working_dtype']}.")
-            if not chained:
-                notes.append(f"attention stack {label!r}: something runs between its blocks (block ℓ+1 does "
-                             f"not receive block ℓ's output), so the depth Jacobians compose the blocks alone.")
-            measures[(stack, "depth_jacobian_norms")] = arr
-            meta[stack] = {"depth_jacobian": info}
+        if st is None or not options.get("jacobians", True):
+            self.latest_probe = (step, {}, {})
+            return []
+        measures, meta, notes = measure(self.layout, self.wanted_blocks, st.calls, **options)
         st.calls = {}  # the probed call arguments are no longer needed
         self.latest_probe = (step, measures, meta)
         return notes
-
-    def _depth_jacobians(self, blks: List[Block], calls: List[Dict[str, Any]], samples: int, progress):
-        from ..estimators import jacobian_norms
-
-        first = calls[0]
-        bf = first["bf"]
-        x0 = _bpe(first["x"].detach(), bf)
-        # half-precision blocks run from float32 copies of their weights (the modules are left as they
-        # are): products of Jacobians need float32's range and resolution
-        low = (torch.float16, torch.bfloat16)
-        stored = next((t.dtype for b in blks for t in list(b.module.parameters()) + [x0] if t.dtype in low), None)
-        params32 = None
-        if stored is not None:
-            params32 = [{n: (t.detach().float() if t.dtype in low else t)
-                         for n, t in list(b.module.named_parameters()) + list(b.module.named_buffers())}
-                        for b in blks]
-            x0 = x0.float()
-        B, P = x0.shape[0], x0.shape[1]
-        feat = x0.shape[2:]
-        nb = max(1, min(B, samples, 2))
-        N = int(P * int(np.prod(feat)))
-        pad = first["pad"]
-        if pad is not None and not bool(pad[:nb].any()):  # the probe may synchronise; the step may not
-            pad = None
-        keep = None if pad is None else (~pad[:nb]).to(x0.dtype)[:, :, None]           # [nb, P, 1]
-        modes = [(m, m.training) for b in blks for m in b.module.modules()]
-        for b in blks:
-            b.module.eval()
-
-        def fit_batch(obj, r, name=""):
-            """Slice an argument to the probed samples and repeat it for the folded batch."""
-            if isinstance(obj, Tensor) and params32 is not None and obj.dtype in low:
-                obj = obj.float()
-            if isinstance(obj, Tensor) and obj.dim() >= 1:
-                if obj.dim() == 2 and name in _SQUARE_MASKS:
-                    return obj  # [T, S] masks shared by every sample
-                dim = 1 if (not bf and obj.dim() == 3 and obj.shape[1] == B) else 0
-                if obj.shape[dim] != B:
-                    return obj
-                o = obj.narrow(dim, 0, nb)
-                return o.repeat_interleave(r, dim=dim) if r > 1 else o
-            if isinstance(obj, tuple):
-                return tuple(fit_batch(o, r) for o in obj)
-            if isinstance(obj, list):
-                return [fit_batch(o, r) for o in obj]
-            return obj
-
-        def step(h: Tensor, x: Tensor) -> Tensor:
-            layer = int(x.reshape(-1)[0].item())
-            c = calls[layer]
-            r = h.shape[0] // nb
-            xb = h.reshape(h.shape[0], P, *feat)
-            xin = xb if bf else xb.transpose(0, 1)
-            if first["x"].dim() == 2:
-                xin = xb[0]
-            args, kwargs = _hf.without_cache(c["args"], c["kwargs"])
-            args = tuple(fit_batch(a, r) for a in args)
-            kwargs = {k: fit_batch(v, r, k) for k, v in kwargs.items()}
-            idx = c["idx"]
-            old = _get(c["args"], c["kwargs"], idx)
-            if idx[0] == "a":
-                args = tuple(xin if (i == idx[1] or c["args"][i] is old) else a for i, a in enumerate(args))
-            else:
-                kwargs = {k: (xin if (k == idx[1] or c["kwargs"][k] is old) else v) for k, v in kwargs.items()}
-            if params32 is None:
-                out = blks[layer].module(*args, **kwargs)
-            else:
-                from torch.func import functional_call
-                out = functional_call(blks[layer].module, params32[layer], tuple(args), dict(kwargs))
-            y = [t for t in flatten_tensors(out) if t.is_floating_point()][0]
-            yb = _bpe(y, bf)
-            if keep is not None:
-                k = keep.repeat_interleave(r, dim=0) if r > 1 else keep
-                yb = yb * k + (yb * (1 - k)).detach()  # padding rows carry no derivative
-            return yb.reshape(h.shape[0], -1)
-
-        inputs = torch.arange(len(blks), dtype=x0.dtype, device=x0.device).view(-1, 1, 1).expand(-1, nb, 1)
-        h0 = x0[:nb].reshape(nb, -1)
-        try:
-            # RMS gain ‖J‖_F/√N = √(mean σᵢ²): exact up to N = 512, from 64 random probes above.
-            if N <= _EXACT_MAX_N:
-                arr = jacobian_norms(step, h0, inputs, ord="fro", progress=progress)
-                info = {"norm": "rms", "exact": True, "samples": nb, "state_size": N}
-            else:
-                arr = jacobian_norms(step, h0, inputs, ord="fro", method="probes", probes=_PROBES, progress=progress)
-                info = {"norm": "rms", "exact": False, "probes": _PROBES, "samples": nb, "state_size": N}
-            arr = arr / math.sqrt(N)
-            if stored is not None:
-                info.update(stored_dtype=str(stored).replace("torch.", ""), working_dtype="float32")
-        finally:
-            for m, t in modes:
-                m.training = t
-        return arr, info

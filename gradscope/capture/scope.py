@@ -19,6 +19,12 @@ How it works (the only code in gradscope that touches a live model):
   Q/K/V gradient norms, reduced on the device and copied with everything else.
 * Every hook handle is owned by the :class:`Scope` and removed by :meth:`Scope.close`, which also
   runs when the ``with`` block raises.
+
+Where the parts live: forwards are swapped only by :mod:`.patching` (removable handles); values
+go through :mod:`.collector` (typed keys, batched norms, one host copy); recorded steps are kept by
+:mod:`.history`. Probes on the schedule run :func:`gradscope.measure.sites.measure_sites` and
+:func:`gradscope.measure.depth.depth_jacobians`: capture imports those, and nothing in capture
+imports :mod:`gradscope.measure.probe`, which drives a Scope (imports run one way; tests/test_imports.py).
 """
 from __future__ import annotations
 
@@ -30,14 +36,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import GradscopeAlert, GradscopeError, did_you_mean
+from ..measure.depth import depth_jacobians
+from ..measure.sites import measure_sites
 from ..recording import Recording
 from ._forwards import PatchedForward, ScopeHook, remove_leaf_hooks
-from ._norms import norm as _norm, norms as _norms
+from .patching import ForwardHandle, remove_all, swap_forward
+from ._norms import norm as _norm
+from ._autograd import backward_task, eager, graph_task_id, saved_hooks_active
+from .collector import Collector, ParamKey, SiteKey, StateKey, sum_squares
+from .history import History
+from .recurrent import dense_len, fused_cell_device, lstm_cell_ops
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, Schedule, check_schedule
 from .attention import AttentionCapture, find_attention, qkv_of
 from .replay import replay_fused
@@ -54,142 +66,8 @@ _NORM_CHUNK = 128  # state gradients normed together during the backward pass
 _MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
 
 
-def _eager(fn):
-    """``fn`` run eagerly under ``torch.compile`` (Dynamo would try to trace gradscope's own work —
-    the probe's estimators took minutes to trace); ``fn`` itself where torch has no compiler API."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-def _graph_task_id() -> int:
-    """Id of the running backward call (torch ≥ 2.1); a fresh number per call where missing."""
-    global _TASK_FALLBACK
-    if _CURRENT_TASK is not None:
-        return _CURRENT_TASK()
-    _TASK_FALLBACK += 1
-    return _TASK_FALLBACK
-
-
-_CURRENT_TASK = getattr(torch._C, "_current_graph_task_id", None)
-_TASK_FALLBACK = 0
-
-
-_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
-
-
-def _saved_hooks_active() -> bool:
-    """Whether saved-tensor hooks are active: non-reentrant ``torch.utils.checkpoint`` runs its
-    region under them (so do ``save_on_cpu`` and user hooks: then we merely keep a little more
-    installed until the backward ends). True where torch cannot tell, and while Dynamo traces (it
-    cannot trace this builtin; ``_eager`` would cost ~3 µs a call in eager mode)."""
-    if _TOP_SAVED_HOOKS is None or _IS_COMPILING():
-        return True
-    try:
-        return _TOP_SAVED_HOOKS(False) is not None
-    except Exception:  # pragma: no cover - a changed private signature
-        return True
-
-
-def _backward_task() -> int:
-    """Id of the backward call running on this thread, or -1 outside backward (and on torch < 2.1,
-    which cannot tell: there activation-checkpoint recomputations are not recognised; also while
-    Dynamo traces a forward, which it cannot do inside a backward call)."""
-    return _CURRENT_TASK() if _CURRENT_TASK is not None and not _IS_COMPILING() else -1
-
-
-class _History:
-    """The recorded steps in growable numpy arrays (no Python object per value).
-
-    One float64 array ``[capacity, T]`` per site state (NaN right-padding, widened when a longer
-    sequence arrives), one int array of sequence lengths per site, one ``[capacity, P]`` array of
-    parameter norms, and the attention rows (dicts) only when the model has attention sites.
-    """
-
-    def __init__(self, n_params: int):
-        self.n = 0
-        self.cap = 64
-        self.steps = np.zeros(self.cap, dtype=np.int64)
-        self.params = np.full((self.cap, n_params), np.nan)
-        self.upd = np.full((self.cap, n_params), np.nan)  # ‖Δw‖, filled at the next forward (updates.py)
-        self.wn = np.full((self.cap, n_params), np.nan)   # ‖w‖ at the step's forward
-        self.grads: Dict[Tuple[str, str], np.ndarray] = {}
-        self.seq: Dict[str, np.ndarray] = {}
-        self.attn: List[Any] = []
-
-    def _grow(self) -> None:
-        self.cap *= 2
-        self.steps = np.resize(self.steps, self.cap)
-        self.params = _grow_rows(self.params, self.cap, np.nan)
-        self.upd = _grow_rows(self.upd, self.cap, np.nan)
-        self.wn = _grow_rows(self.wn, self.cap, np.nan)
-        self.grads = {k: _grow_rows(a, self.cap, np.nan) for k, a in self.grads.items()}
-        self.seq = {k: _grow_rows(a, self.cap, 0) for k, a in self.seq.items()}
-
-    def append(self, step: int, grads: Dict[Tuple[str, str], np.ndarray], seq: Dict[str, int],
-               params: np.ndarray, attn) -> None:
-        if self.n == self.cap:
-            self._grow()
-        i = self.n
-        self.steps[i] = step
-        self.params[i] = params
-        self.upd[i] = self.wn[i] = np.nan
-        for a in self.grads.values():  # rows past n may hold data from before a thinning
-            a[i] = np.nan
-        for a in self.seq.values():
-            a[i] = 0
-        for key, row in grads.items():
-            a = self.grads.get(key)
-            if a is None:
-                a = self.grads[key] = np.full((self.cap, len(row)), np.nan)
-            elif a.shape[1] < len(row):  # a longer sequence: widen, padding earlier rows with NaN
-                wide = np.full((self.cap, len(row)), np.nan)
-                wide[:, :a.shape[1]] = a
-                a = self.grads[key] = wide
-            a[i, :len(row)] = row
-        for site, n in seq.items():
-            if site not in self.seq:
-                self.seq[site] = np.zeros(self.cap, dtype=np.int64)
-            self.seq[site][i] = n
-        self.attn.append(attn)
-        self.n += 1
-
-    def thin(self) -> None:
-        """Keep every other recorded step (the first included)."""
-        keep = np.arange(0, self.n, 2)
-        self.steps[:len(keep)] = self.steps[keep]
-        self.params[:len(keep)] = self.params[keep]
-        self.upd[:len(keep)] = self.upd[keep]
-        self.wn[:len(keep)] = self.wn[keep]
-        for a in list(self.grads.values()) + list(self.seq.values()):
-            a[:len(keep)] = a[keep]
-        self.attn = self.attn[::2]
-        self.n = len(keep)
-
-    def nbytes(self) -> int:
-        return (self.steps.nbytes + self.params.nbytes + self.upd.nbytes + self.wn.nbytes
-                + sum(a.nbytes for a in self.grads.values())
-                + sum(a.nbytes for a in self.seq.values()))
-
-    def set_update(self, step: int, upd: np.ndarray, wn: np.ndarray) -> None:
-        """The update norms of recorded step ``step`` (dropped if thinning removed its row)."""
-        if self.n and self.steps[self.n - 1] == step:
-            self.upd[self.n - 1] = upd
-            self.wn[self.n - 1] = wn
-
-    def rows(self) -> List[Dict[str, Any]]:
-        """Per-step dicts for the attention capture (``{"step": …, "attn": …}``)."""
-        return [{"step": int(self.steps[i]), "attn": self.attn[i]} for i in range(self.n)]
-
-
 def _ignore_norms(layer, reverse, norms) -> None:
     """on_norms of a replay that records nothing (it still takes the fast path, same tensors saved)."""
-
-
-def _grow_rows(a: np.ndarray, cap: int, fill) -> np.ndarray:
-    out = np.full((cap,) + a.shape[1:], fill, dtype=a.dtype)
-    out[:a.shape[0]] = a
-    return out
 
 
 class _Pass:
@@ -219,6 +97,32 @@ class _Pass:
         self.rc_last: Dict[str, Tuple[Tuple, int]] = {}  # cell site -> (outputs, t) of its last recomputed call
 
 
+class _Host:
+    """The part of a Scope its attention capture sees (:class:`~.attention.Host`): the collector,
+    which pass a call belongs to, claiming a module, notes."""
+
+    __slots__ = ("_scope", "model", "collector")
+
+    def __init__(self, scope: "Scope"):
+        self._scope, self.model, self.collector = scope, scope.model, scope._collector
+
+    @property
+    def closed(self) -> bool:
+        return self._scope.closed
+
+    def pass_now(self):
+        return self._scope._pass_now()
+
+    def is_current(self, p) -> bool:
+        return p is self._scope._current
+
+    def claim(self, module: nn.Module) -> None:
+        self._scope._claim(module)
+
+    def note(self, key, text: str) -> None:
+        self._scope._note(key, text)
+
+
 class Scope:
     """A live watch on one model. Use as a context manager or call :meth:`close` yourself.
 
@@ -234,7 +138,7 @@ class Scope:
                  probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
                  max_interval: int = DEFAULT_MAX_INTERVAL, on_event: Optional[Callable] = None,
                  raise_on: Sequence[str] = (), update_ratio: bool = True):
-        _check_model(model)
+        check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
         # site and parameter names carry no "_orig_mod." prefix.
@@ -251,7 +155,7 @@ class Scope:
                 model = model.module
             else:
                 break
-        _check_model(model)
+        check_model(model)
         check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
                             probe_options=probe_options, overhead=overhead, max_interval=max_interval)
         for m in model.modules():
@@ -277,18 +181,15 @@ class Scope:
         self.closed = False
         self._step = 0  # backward passes that reached the model, counted so far (_settle)
         self._root_handles: List[Any] = []
-        self._patched: List[nn.Module] = []
+        self._forward_handles: List[ForwardHandle] = []  # forwards installed for the whole watch
         self._pending: List[_Pass] = []
         self._current: Optional[_Pass] = None
         self._armed: Optional[_Pass] = None  # the scheduled pass the per-pass forwards stay installed for
         self._bw_queued = False
         self._bw_task = -1
-        self._vals: List[Tensor] = []
-        self._keys: List[Tuple] = []
-        self._raw: List[Tensor] = []  # state gradients of this step, normed in _finalize
-        self._keys_raw: List[Tuple] = []
+        self._collector = Collector(_NORM_CHUNK)  # this step's values; normed in batches, one host copy
         self._param_handles: List[Any] = []
-        self._history = _History(0)  # re-made once the parameters are known (below)
+        self._history = History(0)  # re-made once the parameters are known (below)
         self._events: List[Dict[str, Any]] = []
         self._event_keys: set = set()
         self._notes: List[str] = []
@@ -302,13 +203,14 @@ class Scope:
         self._probe_records: List[Any] = []
         self._lstm_cells: Dict[nn.Module, Any] = {}
         self._pass_forwards: Dict[nn.Module, Any] = {}  # fused submodules' replaying forwards
-        self._cell_forwards: List[Tuple[nn.Module, Any, Any]] = []  # (cell, our wrapper, its previous forward)
+        self._pass_handles: List[ForwardHandle] = []  # those and the LSTMCells', installed for a pass
+        self._cell_forwards: List[ForwardHandle] = []  # user cells' per-pass wrappers
 
         names = dict(model.named_modules())
         self._module_names = {id(m): n for n, m in names.items()}
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
-        self._history = _History(len(self._params))
+        self._history = History(len(self._params))
         self._update_ratio = update_ratio
         self._updates = UpdateTracker([p for _, p in self._params]) if update_ratio else None
 
@@ -354,7 +256,7 @@ class Scope:
             self._lstm_cells = {m: self._lstm_cell_forward(m) for m in names.values()
                                 if getattr(type(m), "forward", None) is nn.LSTMCell.forward}
             if self._attn_layout.blocks:
-                self._attn = AttentionCapture(self, self._attn_layout)
+                self._attn = AttentionCapture(_Host(self), self._attn_layout)
                 self._attn.install(self._wanted)
         except BaseException:  # KeyboardInterrupt too: a failed setup leaves the model untouched
             self.close()
@@ -420,7 +322,7 @@ class Scope:
                 # checkpointing); else the first forward's graph, hooked already, is the one
                 # backpropagated and the recomputed graph is discarded.
                 return scope._replay(m, specs, p, args, kwargs, track=name in p.nograd)
-            if not p.recomputable and _saved_hooks_active():
+            if not p.recomputable and saved_hooks_active():
                 p.recomputable = True
             return scope._replay(m, specs, p, args, kwargs)
 
@@ -430,15 +332,16 @@ class Scope:
         if disable is not None:
             forward = disable(forward)
         forward.__gradscope__ = True  # type: ignore[attr-defined]
-        self._patched.append(m)  # close() removes the instance attribute wherever it is installed
         self._claim(m)
+        # The replay runs the class's forward: removing it deletes the instance attribute (restore=None).
         if m is self.model and self.compiled is None:
             # The root's forward is looked up before its pre-hook runs: installed for good (as an
             # object whose copies run unwatched)
-            m.forward = PatchedForward(forward, m, None, functools.partial(cls_forward, m))
+            self._forward_handles.append(swap_forward(
+                m, PatchedForward(forward, m, None, functools.partial(cls_forward, m)), restore=None))
         elif self.compiled is not None:
             # Dynamo would guard on (and recompile for) a forward that changes between passes
-            m.forward = forward
+            self._forward_handles.append(swap_forward(m, forward, restore=None))
         else:
             # Installed by _root_pre for scheduled passes only: off schedule the module runs with
             # no wrapper at all.
@@ -456,11 +359,11 @@ class Scope:
         def forward(input, hx=None):
             scope = scope_ref()
             p = scope._pass_now() if scope is not None and not scope.closed else None
-            if p is None or not p.scheduled or not _fused_cell_device(input.device) or not torch.is_grad_enabled():
+            if p is None or not p.scheduled or not fused_cell_device(input.device) or not torch.is_grad_enabled():
                 return cls_forward(m, input, hx)
-            if p is scope._current and not p.recomputable and _saved_hooks_active():
+            if p is scope._current and not p.recomputable and saved_hooks_active():
                 p.recomputable = True
-            return _lstm_cell_ops(m, input, hx)
+            return lstm_cell_ops(m, input, hx)
 
         disable = getattr(getattr(torch, "compiler", None), "disable", None)
         if disable is not None:
@@ -471,21 +374,8 @@ class Scope:
     def _unpatch_cells(self) -> None:
         """Remove the per-pass forwards (fused submodules, accelerator LSTMCells). One left behind
         by a forward pass that raised falls back to the module's own forward off schedule."""
-        for m, ours, prev in reversed(self._cell_forwards):
-            if m.__dict__.get("forward") is ours:
-                if prev is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = prev
-        self._cell_forwards = []
-        for m in self._pass_forwards:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
-        for m in self._lstm_cells:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
+        remove_all(self._cell_forwards)
+        remove_all(self._pass_handles)
 
     def _claim(self, m: nn.Module) -> None:
         _ACTIVE[m] = weakref.ref(self)  # a second watch on this submodule is refused too
@@ -508,7 +398,7 @@ class Scope:
         p = self._current
         if p is not None or self.closed or not torch.is_grad_enabled():
             return p
-        task = _backward_task()
+        task = backward_task()
         if task < 0:
             return None
         for q in reversed(self._pending):
@@ -562,9 +452,9 @@ class Scope:
             self._settle()
         if self._updates is not None and self._updates.pending and self._step > self._updates.step:
             self._measure_update()  # before begin(): its time counts towards the recorded step's cost
-        deep, probe = _eager(self._schedule.begin)(self._step)
+        deep, probe = eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
-        p.recomputable = p.scheduled and _saved_hooks_active()  # the whole model under checkpoint
+        p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
         self._current = p
         if deep and self._updates is not None and not self._updates.pending:
             self._snapshot_params()
@@ -582,10 +472,10 @@ class Scope:
                 h.remove()
             self._cell_handles = []
             for m, fwd in self._pass_forwards.items():
-                m.forward = fwd
+                self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for m, fwd in self._lstm_cells.items():
-                if _fused_cell_device(m.weight_ih.device):
-                    m.forward = fwd
+                if fused_cell_device(m.weight_ih.device):
+                    self._pass_handles.append(swap_forward(m, fwd, restore=None))
             for name, m in self._explicit_cells.items():
                 self._watch_cell(name, m)
             for name, spec in self.sites.items():
@@ -596,7 +486,7 @@ class Scope:
         """Copy the parameters for the update ratio; without the memory for a copy, stop measuring it
         (and say so) rather than fail the user's step."""
         try:
-            _eager(self._updates.snapshot)(self._step)
+            eager(self._updates.snapshot)(self._step)
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             self._updates.drop()
             self._updates = None
@@ -606,7 +496,7 @@ class Scope:
 
     def _measure_update(self) -> None:
         """‖Δw‖ and ‖w‖ of the snapshot's step into its history row; frees the snapshot."""
-        step, upd, wn = _eager(self._updates.measure)()
+        step, upd, wn = eager(self._updates.measure)()
         self._history.set_update(step, upd, wn)
 
     def _watch_cell(self, name: str, m: nn.Module) -> None:
@@ -618,7 +508,6 @@ class Scope:
             self._cell_handles.append(m.register_forward_hook(functools.partial(self._on_cell_call, name),
                                                               with_kwargs=True))
             return
-        prev = m.__dict__.get("forward")
         base = m.forward
         on_call = self._on_cell_call
 
@@ -627,9 +516,8 @@ class Scope:
             on_call(name, m, args, kwargs, out)
             return out
 
-        forward.__gradscope__ = True  # type: ignore[attr-defined]
-        m.forward = forward
-        self._cell_forwards.append((m, forward, prev))
+        # only_this: a wrapper replaced meanwhile (by the user) is left alone, as a user's forward is
+        self._cell_forwards.append(swap_forward(m, forward, only_this=True))
 
     def _root_post(self, module, args, output):
         p = self._current
@@ -650,7 +538,7 @@ class Scope:
                 # activation checkpointing runs parts of the forward again in there. Cells just
                 # discovered that ran without gradients get their wrapper for that recomputation.
                 self._armed = p
-                wrapped = {id(c[0]) for c in self._cell_forwards}
+                wrapped = {id(h.module) for h in self._cell_forwards}
                 for name in p.nograd_out:
                     cell = self._module_by_name(self.sites[name].module_name)
                     if id(cell) not in wrapped:
@@ -658,7 +546,7 @@ class Scope:
             else:
                 self._disarm()
             if p.probe:
-                _eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
+                eager(self._run_probe)(p)  # never traced by Dynamo under torch.compile
         if not outs:
             return
         hook = functools.partial(self._on_output_grad, weakref.ref(p))
@@ -674,7 +562,7 @@ class Scope:
         if p is None or self.closed or p.fired:
             return
         p.fired = True
-        p.task = _graph_task_id()
+        p.task = graph_task_id()
         # Off schedule nothing more happens here: the step is counted when the next forward pass
         # starts (or the step is read), from the distinct backward calls that reached pending passes
         # (_settle). A scheduled pass is finished at the end of its backward call.
@@ -753,12 +641,11 @@ class Scope:
         for i, (_, prm) in enumerate(self._params):
             g = prm.grad
             if g is not None and not g.is_sparse:
-                self._vals.append(_norm(g.detach()))
-                self._keys.append(("param", i))
+                self._collector.add(ParamKey(i), _norm(g.detach()))
         self._finalize(step, passes)
 
     # ----------------------------------------------------------- state hooks
-    def _track(self, p: _Pass, tensor: Tensor, key: Tuple) -> None:
+    def _track(self, p: _Pass, tensor: Tensor, key: StateKey) -> None:
         if tensor.requires_grad:
             p.handles.append(tensor.register_hook(functools.partial(self._on_state_grad, key)))
 
@@ -767,26 +654,7 @@ class Scope:
         # backward pass in one batched op per shape (cheaper than one norm call per hook). A None
         # gradient (an output no later op used, e.g. the last c of a fused CUDA cell) adds nothing.
         if grad is not None and not self.closed:
-            self._raw.append(grad.detach())
-            self._keys_raw.append(key)
-            if len(self._raw) >= _NORM_CHUNK:
-                self._norm_raw()
-
-    def _norm_raw(self) -> None:
-        """Norms of the state gradients kept so far, in one multi-tensor op per dtype and device;
-        run every ``_NORM_CHUNK`` gradients during the backward pass (so they are not all held
-        until its end) and once more at its end."""
-        raw, raw_keys = self._raw, self._keys_raw
-        self._raw, self._keys_raw = [], []
-        groups_raw: Dict[Tuple, List[int]] = defaultdict(list)
-        for i, g in enumerate(raw):
-            groups_raw[(g.dtype, g.device)].append(i)
-        for key, idx in groups_raw.items():
-            # one multi-tensor kernel over the whole list, no copy of the gradients; float64
-            # accumulation (a finite gradient never gets an overflowed norm)
-            norms = _norms([raw[i] for i in idx])
-            self._vals.append(norms)
-            self._keys.append(("multi", [raw_keys[i] for i in idx]))
+            self._collector.add_gradient(key, grad)
 
     def _on_param_grad(self, i, grad):
         if grad is None or self.closed or not self._bw_queued:
@@ -794,14 +662,10 @@ class Scope:
             # off-schedule pass while the hooks of a scheduled pass that raised are still on)
             return
         if grad.is_sparse:  # e.g. nn.Embedding(sparse=True): duplicate indices summed first
-            self._vals.append(_norm(grad.detach().coalesce()._values()))
-            self._keys.append(("param", i))
+            self._collector.add(ParamKey(i), _norm(grad.detach().coalesce()._values()))
             return
         # normed with the state gradients, one multi-tensor op (no norm call per parameter)
-        self._raw.append(grad.detach())
-        self._keys_raw.append(("param", i))
-        if len(self._raw) >= _NORM_CHUNK:
-            self._norm_raw()
+        self._collector.add_gradient(ParamKey(i), grad)
 
     def _replay(self, m: nn.Module, specs: Dict[Tuple[int, bool], str], p: _Pass, args, kwargs,
                 track: bool = True):
@@ -825,20 +689,19 @@ class Scope:
                 seen[site] = t + 1
             if isinstance(state, tuple):
                 for sname, s in zip(states, state):
-                    self._track(p, s, ("site", site, sname, t))
+                    self._track(p, s, StateKey(site, sname, t))
             else:
-                self._track(p, state, ("site", site, "h", t))
+                self._track(p, state, StateKey(site, "h", t))
 
         def on_norms(layer, reverse, norms):
             entry = names.get((layer, reverse))
             if entry is not None and not self.closed:
                 for sname, v in norms.items():
-                    self._vals.append(v)
-                    self._keys.append(("vec", entry[0], sname))
+                    self._collector.add(SiteKey(entry[0], sname), v)
 
         out = replay_fused(m, input, hx, on_state, on_norms)
         if not seen:  # fast path: every selected layer ran over the whole (dense) sequence
-            T = _dense_len(m, input)
+            T = dense_len(m, input)
             seen = {site: T for site, _ in names.values()}
         for site, n in seen.items():
             p.seq_len[site] = max(p.seq_len.get(site, 0), n)
@@ -865,7 +728,7 @@ class Scope:
         self._cell_counter[name] = t + 1
         if not torch.is_grad_enabled():  # e.g. a reentrant checkpoint's first forward
             self._remember_nograd(p, name, t, flatten_tensors(output))
-        elif not p.recomputable and _saved_hooks_active():
+        elif not p.recomputable and saved_hooks_active():
             p.recomputable = True
         self._record_call(name, t, args, kwargs, output)
 
@@ -901,7 +764,7 @@ class Scope:
             spec.states = state_names(len(idx))
         pairs = [(outs[i], sname) for sname, i in zip(spec.states, idx) if i < len(outs)]
         for o, sname in pairs:
-            self._track(p, o, ("site", name, sname, t))
+            self._track(p, o, StateKey(name, sname, t))
 
     # -------------------------------------------------------------- discovery
     def _start_discovery(self) -> None:
@@ -926,7 +789,7 @@ class Scope:
         # first forward; its recomputation in backward records them)
         if self._discovery_log is not None and (torch.is_grad_enabled() or self._current is not None):
             p = self._current
-            if p is not None and not p.recomputable and torch.is_grad_enabled() and _saved_hooks_active():
+            if p is not None and not p.recomputable and torch.is_grad_enabled() and saved_hooks_active():
                 p.recomputable = True
             self._discovery_log[name].append((flatten_tensors((args, kwargs)), flatten_tensors(output),
                                               (args, kwargs), output, torch.is_grad_enabled()))
@@ -948,7 +811,7 @@ class Scope:
             for t, (_, outputs, _, _, grad) in enumerate(log[name]):
                 if grad:
                     for sname, i in zip(states, outs):
-                        self._track(p, outputs[i], ("site", name, sname, t))
+                        self._track(p, outputs[i], StateKey(name, sname, t))
                 elif self._wanted(name):
                     # Without gradients at the call (a reentrant checkpoint's first forward): recorded
                     # when recomputed. Its outputs may require grad by now (a checkpoint's outputs):
@@ -972,8 +835,6 @@ class Scope:
         Runs at the end of the forward pass, before the backward and the optimizer step, so the
         weights and inputs are the ones this step uses.
         """
-        from .probe import measure_sites  # probe imports this module
-
         mods = dict(self.model.named_modules())
         wanted = {n for n in self.sites if self._wanted(n) and self.sites[n].kind != "attention"}
         with torch.no_grad():
@@ -984,7 +845,8 @@ class Scope:
             self._probing = True  # the depth Jacobians call blocks, maybe the model itself: no new pass
             try:
                 with torch.no_grad():
-                    notes = list(notes) + self._attn.run_probe(p, self._step, **self.probe_options)
+                    notes = list(notes) + self._attn.run_probe(p, self._step, depth_jacobians,
+                                                                   **self.probe_options)
             finally:
                 self._probing = False
         for n in notes:
@@ -1002,84 +864,18 @@ class Scope:
 
     # -------------------------------------------------------------- finalize
     def _finalize(self, step: int, passes: List[_Pass]) -> None:
-        self._norm_raw()
-        vals, keys = self._vals, self._keys
-        self._vals, self._keys = [], []
-        attn_items: List[Tuple[Tuple, Any]] = []
+        self._collector.flush()
         if self._attn is not None:  # values measured during the forward, and the Q/K/V hooks end
-            av, ak = self._attn.pass_values(passes)
-            vals, keys = vals + av, keys + ak
+            self._attn.add_pass_values(passes)
             self._attn.end_step()
         self._remove_param_hooks()
-        # One host copy per device and step: every value (scalars: one state at one position, one
-        # parameter; vectors: a whole site state from the fast replay, a batch of norms) goes into
-        # one float64 buffer on its device, then a single copy to the host. No .item() per value;
-        # accumulation then runs on Python floats, far cheaper than numpy scalars.
-        host: List[Any] = [None] * len(vals)
-        groups: Dict[Any, List[int]] = defaultdict(list)
-        for i, v in enumerate(vals):
-            groups[v.device].append(i)
-        for idx in groups.values():
-            wide = torch.float32 if idx and vals[idx[0]].device.type == "mps" else torch.float64  # MPS: no float64
-            flat = torch.cat([vals[i].reshape(-1) for i in idx]).to(wide).cpu().numpy()
-            lst = flat.tolist() if any(vals[i].dim() == 0 for i in idx) else None
-            pos = 0
-            for i in idx:
-                v = vals[i]
-                if v.dim() == 0:
-                    host[i] = lst[pos]
-                    pos += 1
-                else:
-                    n = v.numel()
-                    host[i] = flat[pos:pos + n]
-                    pos += n
+        items = self._collector.take()  # one host copy per device
 
         seq_len: Dict[str, int] = {}
         for p in passes:
             for s, n in p.seq_len.items():
                 seq_len[s] = max(seq_len.get(s, 0), n)
-        sumsq: Dict[Tuple[str, str], Any] = {}  # (site, state) -> list of floats (per position)
-        fired_sites = set()
-        params = [0.0] * len(self._params)
-        got_param = np.zeros(len(self._params), dtype=bool)
-        flat_items = []
-        for v, key in zip(host, keys):
-            if key[0] == "multi":
-                flat_items += zip(v.tolist(), key[1])
-            else:
-                flat_items.append((v, key))
-        for v, key in flat_items:
-            kind = key[0]
-            if kind == "site":
-                _, site, sname, t = key
-                arr = sumsq.get((site, sname))
-                if arr is None:
-                    arr = sumsq[(site, sname)] = [0.0] * max(seq_len.get(site, 0), t + 1)
-                elif len(arr) <= t:
-                    arr.extend([0.0] * (t + 1 - len(arr)))
-                arr[t] += v * v
-                fired_sites.add(site)
-            elif kind == "param":
-                params[key[1]] += v * v
-                got_param[key[1]] = True
-            elif kind == "vec":  # all positions of one site state at once (fast replay)
-                _, site, sname = key
-                sq = (v * v).tolist()
-                arr = sumsq.get((site, sname))
-                if arr is None:
-                    sumsq[(site, sname)] = sq
-                else:
-                    if len(arr) < len(sq):
-                        arr.extend([0.0] * (len(sq) - len(arr)))
-                    for t, x in enumerate(sq):
-                        arr[t] += x
-                fired_sites.add(site)
-            elif kind == "attn":
-                attn_items.append((key, v))
-        for (site, _), arr in sumsq.items():
-            if len(arr) > seq_len.get(site, 0):
-                seq_len[site] = len(arr)
-        params = np.array(params)
+        sumsq, fired_sites, params, got_param, attn_items = sum_squares(items, seq_len, len(self._params))
         grads = {}
         for site, spec in self.sites.items():
             if not self._wanted(site):
@@ -1293,13 +1089,9 @@ class Scope:
         if self._attn is not None:
             self._attn.close()
         self._discovery_log = None
-        self._vals, self._keys, self._raw, self._keys_raw = [], [], [], []
+        self._collector.clear()
         self._unpatch_cells()
-        for m in self._patched:
-            fwd = m.__dict__.get("forward")
-            if getattr(fwd, "__gradscope__", False):
-                del m.__dict__["forward"]
-        self._patched = []
+        remove_all(self._forward_handles)
         for m in self._claimed:
             ref = _ACTIVE.get(m)
             if ref is not None and ref() is self:
@@ -1338,29 +1130,6 @@ def _is_compiled(model: nn.Module) -> bool:
     return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
-def _fused_cell_device(device: torch.device) -> bool:
-    """Whether nn.LSTMCell runs as one fused kernel there (CUDA and other accelerators; the CPU
-    composes it from ordinary ops)."""
-    return device.type != "cpu"
-
-
-def _lstm_cell_ops(m: nn.Module, input: Tensor, hx=None):
-    """nn.LSTMCell's forward written op by op (gate order i, f, g, o), so c_t is an ordinary
-    graph node whose gradient includes the path through h_t."""
-    batched = input.dim() == 2
-    x = input if batched else input.unsqueeze(0)
-    if hx is None:
-        zeros = x.new_zeros(x.shape[0], m.hidden_size)
-        h, c = zeros, zeros
-    else:
-        h, c = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-    gates = F.linear(x, m.weight_ih, m.bias_ih) + F.linear(h, m.weight_hh, m.bias_hh)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h1 = torch.sigmoid(o) * torch.tanh(c1)
-    return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
-
-
 def _is_ddp(model: nn.Module) -> bool:
     """True for ``torch.nn.parallel.DistributedDataParallel`` (and subclasses)."""
     try:
@@ -1368,13 +1137,6 @@ def _is_ddp(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(model, DistributedDataParallel)
-
-
-def _dense_len(m: nn.Module, input) -> int:
-    """Sequence length of a dense input to a fused module."""
-    if input.dim() == 2:
-        return input.shape[0]
-    return input.shape[1] if m.batch_first else input.shape[0]
 
 
 def check_watch_options(*, every: Optional[int] = None, max_steps: int = 10_000,
@@ -1410,7 +1172,7 @@ def _check_alerts(on_event, raise_on):
     return on_event, raise_on
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if isinstance(model, type) and issubclass(model, nn.Module):
         raise GradscopeError(
             f"watch() received the class {model.__name__} instead of a model; instantiate it first, "

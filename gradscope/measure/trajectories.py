@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..estimators.steps import ElmanStep, GRUStep, LSTMStep, RecurrentStep, step_from_module
-from .sites import flatten_tensors
+from ..capture.sites import flatten_tensors
 
 __all__ = ["Trajectory", "fused_trajectories", "cell_trajectory", "CellStep"]
 
