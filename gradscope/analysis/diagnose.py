@@ -4,11 +4,15 @@ Rules (defaults in :class:`Rules`, all configurable through :func:`diagnose`'s k
 
 * **vanishing** — the gradient horizon (first lag at which ‖∂h_T/∂h_{T−k}‖, or the gradient-norm
   profile relative to where the loss enters, falls below ``threshold``, default 1e-3) is shorter
-  than the sequence length.
+  than the sequence length; without a measured horizon (``probe(..., jacobians=False)``), when
+  λ₁ < −``lyapunov_margin`` puts the estimated horizon ln(1/``threshold``)/|λ₁| inside it.
 * **exploding** — growth passes 1/``threshold`` within the sequence, or the top Lyapunov exponent
   is clearly positive (λ₁ > ``lyapunov_margin`` per step *and* λ₁·T > ln 10), or the parameter
   gradient norm spikes to more than ``spike_ratio`` × its median during training.
 * **stable** — otherwise.
+
+The site rules are :func:`gradscope.analysis.evidence.regime`, the one regime rule (its default
+thresholds are named constants there); the spike is a model-wide finding.
 
 Evidence, best first: probe measures (Jacobian norms by lag, Lyapunov exponents, weights, gates);
 otherwise the watched gradient-norm profile ‖∂L/∂h_t‖ along the direction the gradient travels
@@ -34,6 +38,8 @@ import numpy as np
 
 from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
 from ..errors import GradscopeError, did_you_mean
+from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
+from .evidence import regime as evidence_regime
 from .trainability import assess
 
 SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
@@ -52,8 +58,8 @@ __all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
 class Rules:
     """Thresholds of the regime rules (see the module docstring)."""
 
-    threshold: float = 1e-3
-    lyapunov_margin: float = 0.01
+    threshold: float = HORIZON_THRESHOLD
+    lyapunov_margin: float = LYAPUNOV_MARGIN
     short_memory_ratio: float = 0.1
     saturation: float = 0.3
     spike_ratio: float = 100.0
@@ -204,19 +210,6 @@ def _global_grad_stats(rec) -> Dict[str, float]:
     if not tot.size:
         return {}
     return {"grad_norm_median": float(np.median(tot)), "grad_norm_max": float(np.max(tot))}
-
-
-def _regime(ev: Dict[str, float], rules: Rules) -> Tuple[str, str]:
-    """(regime, reason) from the evidence numbers."""
-    T = ev.get("seq_len", math.nan)
-    lam = ev.get("lambda1", math.nan)
-    if ev.get("explosion_lag", math.inf) <= T:
-        return "exploding", "growth passes 1/threshold within the sequence"
-    if math.isfinite(lam) and lam > rules.lyapunov_margin and lam * T > math.log(10):
-        return "exploding", "top Lyapunov exponent clearly positive"
-    if ev.get("horizon", math.inf) < T:
-        return "vanishing", "gradient horizon shorter than the sequence"
-    return "stable", "horizon covers the sequence and no growth"
 
 
 # ------------------------------------------------------------------------------ findings
@@ -665,7 +658,7 @@ def nonfinite_weight_findings(bad: List[Dict[str, Any]], groups: Dict[str, List[
     return out
 
 
-def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
+def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin: float = LYAPUNOV_MARGIN,
              short_memory_ratio: float = 0.1, saturation: float = 0.3, spike_ratio: float = 100.0,
              steps: int = 20, attention_rules=None, trained: bool = False) -> Diagnosis:
     """Name the regime of every site of a Recording and list findings with evidence and remedies.
@@ -746,7 +739,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
             regime, reason = "stable", "no usable evidence"
             caveats.append("no gradient reached this site's states in the recorded steps")
         else:
-            regime, reason = _regime(ev, rules)
+            regime, reason = evidence_regime(ev, threshold=rules.threshold,
+                                                 lyapunov_margin=rules.lyapunov_margin)
             if regime == "stable" and used == ["grad_norm_profile"]:
                 regime, reason = "inconclusive", INCONCLUSIVE_PROFILE
         sites[site] = {"kind": info.get("kind"), "module": info.get("module", site), "regime": regime,

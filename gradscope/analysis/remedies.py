@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import GradscopeError, did_you_mean
+from .evidence import HORIZON_THRESHOLD
+from .evidence import regime as evidence_regime
 
 __all__ = ["Remedy", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
            "SITE_KINDS", "UNTESTABLE", "FOLKLORE", "folklore_verdicts", "forget_bias_plan", "critical_gain",
@@ -43,7 +45,7 @@ __all__ = ["Remedy", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHE
 # float32: exp(λ₁ k) falls below the machine epsilon 2**-23 once k > ln(2**23)/|λ₁| = 15.9/|λ₁|.
 _LN_FLOAT32_EPS = 23 * math.log(2.0)
 _DEFAULT_SEQ_LEN = 100
-_DEFAULT_THRESHOLD = 1e-3
+_DEFAULT_THRESHOLD = HORIZON_THRESHOLD
 
 FINDING_KINDS = ("vanishing", "exploding", "short_memory", "saturated_gates", "dead_units",
                  "nonfinite", "precision_underflow", "attention_entropy_collapse", "rank_collapse",
@@ -1279,24 +1281,6 @@ FOLKLORE: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _regime_of(ev: Mapping[str, Any]) -> str:
-    T = _num(ev, "seq_len")
-    hor = _raw(ev, "horizon")
-    exp_lag = _raw(ev, "explosion_lag")
-    lam = _num(ev, "lambda1")
-    if exp_lag is not None and T is not None and exp_lag <= T:
-        return "exploding"
-    if hor is not None and T is not None and hor < T:
-        return "vanishing"
-    if lam is not None:
-        if lam > 0.01:
-            return "exploding"
-        if lam < -0.01:  # exp(λ₁ k) reaches 1e-3 at k = 6.9/|λ₁|
-            return "vanishing" if T is None or math.log(1 / _DEFAULT_THRESHOLD) / abs(lam) < T else "stable"
-        return "stable"
-    return "unknown"
-
-
 def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind: str = "",
                       regime: str = "") -> List[Dict[str, Any]]:
     """The usual advice (the seed article's list) judged against the mechanism and the evidence.
@@ -1317,7 +1301,7 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
         ('does not address it', 'true')
     """
     ev = dict(evidence or {})
-    regime = regime or _regime_of(ev)
+    regime = regime or evidence_regime(ev)[0]
     lam, T = _num(ev, "lambda1"), _num(ev, "seq_len")
     w = _num(ev, "w_hh_norm")
     out = []
