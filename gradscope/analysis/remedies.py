@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import GradscopeError, did_you_mean
-from .evidence import HORIZON_THRESHOLD
+from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
 from .evidence import regime as evidence_regime
 
 __all__ = ["Remedy", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
@@ -234,23 +234,6 @@ class _Ctx:
 # the arithmetic behind the numbers (shared with trials.py so snippet and trial agree)
 
 
-def _sigmoid(b: float) -> float:
-    return 1.0 / (1.0 + math.exp(-b)) if b >= 0 else math.exp(b) / (1.0 + math.exp(b))
-
-
-def _tau_of_bias(b: float) -> float:
-    """Memory time τ = −1/ln σ(b) of a forget gate with effective bias b (small weights)."""
-    p = _sigmoid(b)
-    if p >= 1.0:
-        return math.inf
-    return -1.0 / math.log(p) if p > 0 else 0.0
-
-
-def _bias_of_tau(tau: float) -> float:
-    """The bias b with −1/ln σ(b) = τ: σ(b) = exp(−1/τ) ⇒ b = −ln(exp(1/τ) − 1)."""
-    return -math.log(math.expm1(1.0 / tau))
-
-
 def forget_bias_plan(evidence: Mapping[str, Any], threshold: float = _DEFAULT_THRESHOLD, *,
                      key: str = "forget_bias") -> Dict[str, Any]:
     """The forget-gate (LSTM) / update-gate (GRU) bias that lets the cell path span the sequence.
@@ -290,16 +273,16 @@ def forget_bias_plan(evidence: Mapping[str, Any], threshold: float = _DEFAULT_TH
         if keep is not None and 0 < keep < 1:
             b_now, source = math.log(keep / (1 - keep)), "logit of the mean gate value"
         elif tau is not None and tau > 0:
-            b_now, source = _bias_of_tau(tau), "the measured memory time"
+            b_now, source = bias_of_memory_time(tau), "the measured memory time"
         else:
             b_now, source = 0.0, "assumed"
             assumed.append("forget bias unknown, 0 assumed (PyTorch's initialisation)")
-    tau_now = _tau_of_bias(b_now)
+    tau_now = memory_time(b_now)
     tau_target = max(T / math.log(1.0 / threshold), 1.0)
-    b_target = max(_bias_of_tau(tau_target), 1.0)
+    b_target = max(bias_of_memory_time(tau_target), 1.0)
     b_new = b_target if b_now < b_target else b_now + 1.0
     return {"b_now": b_now, "b_source": source, "tau_now": tau_now, "tau_target": tau_target,
-            "b_target": b_target, "b_new": b_new, "tau_new": _tau_of_bias(b_new),
+            "b_target": b_target, "b_new": b_new, "tau_new": memory_time(b_new),
             "delta": b_new - b_now, "seq_len": T, "threshold": threshold, "assumed": assumed}
 
 
