@@ -34,6 +34,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from .._format import fmt
 from ..errors import GradscopeError, did_you_mean
 from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
 from .evidence import regime as evidence_regime
@@ -81,19 +82,6 @@ class Remedy:
 
 # ------------------------------------------------------------------------------------------------
 # formatting helpers
-
-
-def _f(x: float, digits: int = 3) -> str:
-    """A number for prose: 3 significant digits, ∞ for infinity."""
-    if x is None:
-        return "?"
-    if isinstance(x, float) and math.isnan(x):
-        return "NaN"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "-∞"
-    if float(x).is_integer() and abs(x) < 1e6:
-        return str(int(x))
-    return f"{x:.{digits}g}"
 
 
 def _lit(x: float, digits: int = 3) -> str:
@@ -217,11 +205,11 @@ class _Ctx:
         lam, hor, T = self.get("lambda1"), _raw(self.ev, "horizon"), self.get("seq_len")
         bits = []
         if lam is not None:
-            bits.append(f"λ₁ = {_f(lam)} per step")
+            bits.append(f"λ₁ = {fmt(lam)} per step")
         if hor is not None and T is not None:
-            bits.append(f"horizon {_f(hor)} of {_f(T)} steps")
+            bits.append(f"horizon {fmt(hor)} of {fmt(T)} steps")
         elif hor is not None:
-            bits.append(f"horizon {_f(hor)} steps")
+            bits.append(f"horizon {fmt(hor)} steps")
         return ", ".join(bits)
 
     def finish(self, text: str) -> str:
@@ -382,9 +370,9 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
     bits = []
     if w is not None:
-        bits.append(f"‖W_hh‖₂ = {_f(w)}")
+        bits.append(f"‖W_hh‖₂ = {fmt(w)}")
     if lam is not None:
-        bits.append(f"λ₁ = {_f(lam)} per step")
+        bits.append(f"λ₁ = {fmt(lam)} per step")
     evid = (", ".join(bits) + ": ") if bits else ""
     if c.kind == "exploding":
         why = (f"{evid}the recurrent map stretches some direction at every step{c.where}. An "
@@ -394,7 +382,7 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     else:
         hor = _raw(c.ev, "horizon")
         T = c.seq_len()
-        reach = (f" and the gradient falls below 1e-3 after {_f(hor)} of {_f(T)} steps"
+        reach = (f" and the gradient falls below 1e-3 after {fmt(hor)} of {fmt(T)} steps"
                  if hor is not None and math.isfinite(hor) else "")
         why = (f"{evid}each step shrinks the gradient{reach}{c.where}. An orthogonal W_hh has "
                f"every singular value 1, so the linear part of a step preserves norms (Saxe et al. "
@@ -419,7 +407,7 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
 
 def _r_irnn(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
-    now = f"λ₁ is {_f(lam)} per step now{c.where}; " if lam is not None else ""
+    now = f"λ₁ is {fmt(lam)} per step now{c.where}; " if lam is not None else ""
     why = (f"{now}with W_hh = I, zero biases and ReLU every step's Jacobian is diag(1[a > 0]): "
            f"exactly 1 along the active units, so the gradient is carried without shrinking while "
            f"units stay active (Le et al. 2015). Pair it with clipping: once training pushes an "
@@ -451,19 +439,19 @@ def _r_critical_init(c: _Ctx) -> Remedy:
     cg = critical_gain(c.ev)
     g = cg["gain"]
     if cg["chi_now"] is not None:
-        why = (f"Mean field: χ = σ_w² E[φ′(h)²] ≈ exp(2λ₁) = {_f(cg['chi_now'])} now{c.where} "
+        why = (f"Mean field: χ = σ_w² E[φ′(h)²] ≈ exp(2λ₁) = {fmt(cg['chi_now'])} now{c.where} "
                f"({'ordered: vanishing' if cg['chi_now'] < 1 else 'chaotic: exploding'}); with "
-               f"‖W_hh‖₂ = {_f(cg['scale'])} that means E[φ′²] ≈ {_f(cg['phi2'])}, so an orthogonal "
-               f"W_hh with gain {_f(g)} puts χ at 1, the edge of chaos (Chen et al. 2018). First "
+               f"‖W_hh‖₂ = {fmt(cg['scale'])} that means E[φ′²] ≈ {fmt(cg['phi2'])}, so an orthogonal "
+               f"W_hh with gain {fmt(g)} puts χ at 1, the edge of chaos (Chen et al. 2018). First "
                f"order: it holds E[φ′²] fixed; re-probe to check.")
         if cg["clamped"]:
-            why += f" (The gain is kept in [1, 3]; the formula gave {_f(cg['scale'] * math.exp(-cg['lambda1']))}.)"
+            why += f" (The gain is kept in [1, 3]; the formula gave {fmt(cg['scale'] * math.exp(-cg['lambda1']))}.)"
     else:
         why = (f"χ = σ_w² E[φ′(h)²] = 1 is the edge between vanishing (χ < 1) and exploding "
                f"(χ > 1) (Chen et al. 2018); {cg['basis']}.")
     body = [f"torch.nn.init.orthogonal_(W, gain={_lit(g)})  # chi = gain**2 * E[phi'(h)**2] ~ 1"]
     lines = ["import torch", "", "with torch.no_grad():"] + _weight_hh_loop(c, body)
-    return Remedy("critical_init", f"Critical initialisation χ = 1 (orthogonal W_hh, gain {_f(g)})",
+    return Remedy("critical_init", f"Critical initialisation χ = 1 (orthogonal W_hh, gain {fmt(g)})",
                   c.finish(why), "\n".join(lines) + "\n",
                   "Chen, Pennington & Schoenholz 2018, Dynamical isometry and a mean field theory "
                   "of RNNs: gating enables signal propagation in recurrent neural networks", True)
@@ -505,7 +493,7 @@ def _switch_code(c: _Ctx, cls: str) -> List[str]:
 def _r_switch(cls: str) -> Callable[[_Ctx], Remedy]:
     def build(c: _Ctx) -> Remedy:
         lam = c.get("lambda1")
-        now = f"with λ₁ = {_f(lam)} per step{c.where} " if lam is not None else ""
+        now = f"with λ₁ = {fmt(lam)} per step{c.where} " if lam is not None else ""
         if cls == "LSTM":
             mech = ("The LSTM's cell path gives ∂c_T/∂c_t = Π diag(f): with forget gates near 1 the "
                     "gradient crosses many steps without the W_hh product")
@@ -547,13 +535,13 @@ def _r_forget_bias(c: _Ctx) -> Remedy:
     T = p["seq_len"]
     half = p["delta"] / 2
     tau_meas = c.get("memory_time")
-    meas = f" (measured memory time {_f(tau_meas)} steps)" if tau_meas is not None else ""
+    meas = f" (measured memory time {fmt(tau_meas)} steps)" if tau_meas is not None else ""
     path = "kept path z⊙h" if gru else "cell path"
-    why = (f"The {gate} bias {b} = {_f(p['b_now'])}{c.where} ({p['b_source']}) gives τ = -1/ln σ({b}) "
-           f"= {_f(p['tau_now'])} steps{meas}. For the {path} to keep 1e-3 of the gradient over all "
-           f"{_f(T)} steps, τ ≥ {_f(T)}/ln(1000) = {_f(p['tau_target'])} ⇒ {b} ≥ "
-           f"-ln(exp(1/{_f(p['tau_target'])}) - 1) = {_f(p['b_target'])}; adding {_f(p['delta'])} "
-           f"(half to bias_ih, half to bias_hh) sets {b} = {_f(p['b_new'])}, τ = {_f(p['tau_new'])} "
+    why = (f"The {gate} bias {b} = {fmt(p['b_now'])}{c.where} ({p['b_source']}) gives τ = -1/ln σ({b}) "
+           f"= {fmt(p['tau_now'])} steps{meas}. For the {path} to keep 1e-3 of the gradient over all "
+           f"{fmt(T)} steps, τ ≥ {fmt(T)}/ln(1000) = {fmt(p['tau_target'])} ⇒ {b} ≥ "
+           f"-ln(exp(1/{fmt(p['tau_target'])}) - 1) = {fmt(p['b_target'])}; adding {fmt(p['delta'])} "
+           f"(half to bias_ih, half to bias_hh) sets {b} = {fmt(p['b_new'])}, τ = {fmt(p['tau_new'])} "
            f"steps. Jozefowicz et al. (2015) recommend at least 1 (τ = 3.2).")
     if gru:
         why += " In PyTorch's GRU h′ = (1−z)⊙n + z⊙h, so z is the gate that keeps memory."
@@ -563,8 +551,8 @@ def _r_forget_bias(c: _Ctx) -> Remedy:
     stmts = [f"{{ih}}[H:2 * H] += {_lit(half, 4)}  # {b} {_lit(p['b_now'])} -> {_lit(p['b_new'])}",
              f"{{hh}}[H:2 * H] += {_lit(half, 4)}  # tau {tau_now} -> {tau_new} steps"]
     lines = ["import torch", "", f"H = {c.m}.hidden_size", f"with torch.no_grad():  {comment}"] + _bias_lines(c, stmts)
-    return Remedy("forget_bias", f"Raise the {gate} bias to {_f(p['b_new'])} (τ {_f(p['tau_now'])} → "
-                  f"{_f(p['tau_new'])} steps)", c.finish(why), "\n".join(lines) + "\n",
+    return Remedy("forget_bias", f"Raise the {gate} bias to {fmt(p['b_new'])} (τ {fmt(p['tau_now'])} → "
+                  f"{fmt(p['tau_new'])} steps)", c.finish(why), "\n".join(lines) + "\n",
                   "Jozefowicz, Zaremba & Sutskever 2015, An empirical exploration of recurrent network "
                   "architectures; Gers, Schmidhuber & Cummins 2000, Learning to forget", True)
 
@@ -575,7 +563,7 @@ def _r_chrono_init(c: _Ctx) -> Remedy:
     gru = c.site_kind == "gru"
     why = (f"Chrono initialisation draws b_f = ln u, u ~ U[1, T_max − 1] with T_max = {T_max} (the "
            f"sequence length){c.where}: σ(ln u) = u/(1+u), so each unit's memory time τ ≈ u + ½ "
-           f"spreads over 1.5 … {_f(T_max - 0.5)} steps and covers every dependency up to the "
+           f"spreads over 1.5 … {fmt(T_max - 0.5)} steps and covers every dependency up to the "
            f"sequence length (Tallec & Ollivier 2018).")
     if gru:
         why += (" For a GRU the update gate z plays the forget gate's role (h′ = (1−z)⊙n + z⊙h); the "
@@ -601,10 +589,10 @@ def _r_clip_grad_norm(c: _Ctx) -> Remedy:
     ct = clip_threshold(c.ev)
     mn = ct["max_norm"]
     if ct["known"]:
-        why = (f"Recorded global gradient norm: median {_f(ct['median'])}"
-               + (f", max {_f(ct['max'])} ({_f(ct['max'] / ct['median'])}× the median)"
+        why = (f"Recorded global gradient norm: median {fmt(ct['median'])}"
+               + (f", max {fmt(ct['max'])} ({fmt(ct['max'] / ct['median'])}× the median)"
                   if ct["max"] is not None else "")
-               + f". Clipping at 2× the median = {_f(mn)} (Pascanu et al. 2013 §3.2 suggest 0.5–10× "
+               + f". Clipping at 2× the median = {fmt(mn)} (Pascanu et al. 2013 §3.2 suggest 0.5–10× "
                  f"the running mean) rescales the spikes and leaves typical steps alone.")
         if ct["max"] is not None and ct["max"] <= mn:
             why += " No recorded step exceeded it: it only guards against future spikes."
@@ -614,13 +602,13 @@ def _r_clip_grad_norm(c: _Ctx) -> Remedy:
                "norm (Pascanu et al. 2013 §3.2).")
     lam = c.get("lambda1")
     if lam is not None and lam > 0:
-        why += (f" λ₁ = {_f(lam)} per step: the Jacobian grows ×1000 in {_f(math.log(1000) / lam)} "
+        why += (f" λ₁ = {fmt(lam)} per step: the Jacobian grows ×1000 in {fmt(math.log(1000) / lam)} "
                 f"steps{c.where}.")
     why += " Clipping keeps the direction of a step and bounds its size; it does not make a vanishing gradient larger."
     code = ["import torch", "",
             "# in the training loop, after loss.backward() and before optimizer.step():",
             f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={_lit(mn)})"]
-    return Remedy("clip_grad_norm", f"Clip the global gradient norm at {_f(mn)}", c.finish(why),
+    return Remedy("clip_grad_norm", f"Clip the global gradient norm at {fmt(mn)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural "
                   "networks, §3.2", False)
@@ -630,16 +618,16 @@ def _r_lower_lr(c: _Ctx) -> Remedy:
     bits = []
     med, mx = c.get("grad_norm_median"), c.get("grad_norm_max")
     if med and mx:
-        bits.append(f"gradient-norm spikes up to {_f(mx / med)}× the median")
+        bits.append(f"gradient-norm spikes up to {fmt(mx / med)}× the median")
     sat = c.get("saturated")
     if sat is not None and c.kind == "saturated_gates":
-        bits.append(f"{_f(100 * sat)}% of gate activations saturated (< 0.1 or > 0.9)")
+        bits.append(f"{fmt(100 * sat)}% of gate activations saturated (< 0.1 or > 0.9)")
     dead = c.get("dead_units")
     if dead is not None and c.kind == "dead_units":
-        bits.append(f"{_f(100 * dead)}% of units dead")
+        bits.append(f"{fmt(100 * dead)}% of units dead")
     lam = c.get("lambda1")
     if lam is not None and lam > 0:
-        bits.append(f"λ₁ = {_f(lam)} per step")
+        bits.append(f"λ₁ = {fmt(lam)} per step")
     ev = ("; ".join(bits) + f"{c.where}. ") if bits else ""
     why = (f"{ev}Large steps push weights into regions where units saturate, die or the recurrence "
            f"turns chaotic; a smaller learning rate (÷3 here, then re-measure) makes each step "
@@ -693,7 +681,7 @@ def _ln_cell_code(c: _Ctx) -> List[str]:
 def _r_layernorm_cell(c: _Ctx) -> Remedy:
     sat = c.get("saturated")
     if sat is not None:
-        ev = (f"{_f(100 * sat)}% of gate activations{c.where} are saturated (< 0.1 or > 0.9), where "
+        ev = (f"{fmt(100 * sat)}% of gate activations{c.where} are saturated (< 0.1 or > 0.9), where "
               f"σ′ < 0.09: those gates pass almost no gradient. ")
     else:
         ev = ""
@@ -707,7 +695,7 @@ def _r_layernorm_cell(c: _Ctx) -> Remedy:
 
 def _r_leaky_relu(c: _Ctx) -> Remedy:
     dead = c.get("dead_units")
-    ev = (f"{_f(100 * dead)}% of the units{c.where} are never active over any sample and step: ReLU′ = 0 "
+    ev = (f"{fmt(100 * dead)}% of the units{c.where} are never active over any sample and step: ReLU′ = 0 "
           f"there, so those rows of every Jacobian are zero and no gradient flows through them. "
           if dead is not None else "")
     why = (f"{ev}LeakyReLU keeps a slope (0.01) below zero, so a unit can come back. nn.RNN offers "
@@ -741,7 +729,7 @@ def _r_leaky_relu(c: _Ctx) -> Remedy:
 
 def _r_reinit_dead(c: _Ctx) -> Remedy:
     dead = c.get("dead_units")
-    ev = (f"{_f(100 * dead)}% of the units{c.where} never fire on the probed batch. "
+    ev = (f"{fmt(100 * dead)}% of the units{c.where} never fire on the probed batch. "
           if dead is not None else "")
     why = (f"{ev}Re-drawing their incoming weights and biases (PyTorch's U(±1/√H)) gives them a "
            f"chance to fire again; their rows of the Jacobian stop being zero. Treat the cause too "
@@ -783,11 +771,11 @@ def _r_truncated_bptt(c: _Ctx) -> Remedy:
     tw = truncation_window(c.ev)
     K = tw["window"]
     if tw["known"]:
-        why = (f"The gradient decays at {_f(tw['decay'])} per step{c.where}: beyond "
-               f"15.9/|λ₁| = {_f(tw['float32_lag'])} steps it is below float32 resolution and lost "
+        why = (f"The gradient decays at {fmt(tw['decay'])} per step{c.where}: beyond "
+               f"15.9/|λ₁| = {fmt(tw['float32_lag'])} steps it is below float32 resolution and lost "
                f"to rounding anyway. Back-propagating through windows of {tw['few']:g}/|λ₁| ≈ {K} "
                f"steps keeps every contribution above exp(−{tw['few']:g}) = "
-               f"{_f(math.exp(-tw['few']))} of the nearest and saves memory and time. It does not "
+               f"{fmt(math.exp(-tw['few']))} of the nearest and saves memory and time. It does not "
                f"make the model learn longer dependencies; gating does.")
     else:
         why = (f"No decay rate is known{c.where}; a window of {K} steps is a placeholder. Choose a "
@@ -809,12 +797,12 @@ def _r_truncated_bptt(c: _Ctx) -> Remedy:
 
 def _r_gating(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
-    prec = (f" With λ₁ = {_f(lam)} the ungated gradient is below float32 resolution after "
-            f"{_f(_LN_FLOAT32_EPS / abs(lam))} steps." if lam is not None and lam < 0 else "")
+    prec = (f" With λ₁ = {fmt(lam)} the ungated gradient is below float32 resolution after "
+            f"{fmt(_LN_FLOAT32_EPS / abs(lam))} steps." if lam is not None and lam < 0 else "")
     if c.gated():
         p = forget_bias_plan(c.ev, key="update_bias" if c.site_kind == "gru" else "forget_bias")
         why = (f"The site{c.where} is already gated; what limits it is how shut its keep gates "
-               f"are (b_f = {_f(p['b_now'])}, τ = {_f(p['tau_now'])} steps).{prec} Open them: "
+               f"are (b_f = {fmt(p['b_now'])}, τ = {fmt(p['tau_now'])} steps).{prec} Open them: "
                f"forget_bias or chrono_init.")
         return Remedy("gating", "Open the keep gates (the cell is already gated)", c.finish(why),
                       _r_chrono_init(c).code, "Gers et al. 2000; Tallec & Ollivier 2018", False)
@@ -850,7 +838,7 @@ def _attn_ev(c: _Ctx) -> str:
                        ("grad_ratio", "gradient ratio first/last")):
         v = c.get(key)
         if v is not None and label not in " ".join(bits):
-            bits.append(f"{label} {_f(v)}")
+            bits.append(f"{label} {fmt(v)}")
     return ("; ".join(bits) + f"{c.where}. ") if bits else ""
 
 
@@ -917,7 +905,7 @@ def _r_residual_scaling(c: _Ctx) -> Remedy:
     if assumed:
         c.notes.append("number of blocks unknown, L = 12 assumed")
     a = 1 / math.sqrt(L)
-    why = (f"{_attn_ev(c)}Scaling each residual branch by 1/√L = {_f(a)} (L = {L} blocks) keeps the "
+    why = (f"{_attn_ev(c)}Scaling each residual branch by 1/√L = {fmt(a)} (L = {L} blocks) keeps the "
            f"token representations from collapsing to one direction with depth, and with them the "
            f"query/key gradients (Noci et al. 2022).")
     code = ["import math", "",
@@ -926,7 +914,7 @@ def _r_residual_scaling(c: _Ctx) -> Remedy:
             "# in every block's forward:",
             "#     x = x + alpha * self.attn(self.norm1(x))",
             "#     x = x + alpha * self.mlp(self.norm2(x))"]
-    return Remedy("residual_scaling", f"Scale residual branches by 1/√L = {_f(a)}", c.finish(why),
+    return Remedy("residual_scaling", f"Scale residual branches by 1/√L = {fmt(a)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Noci et al. 2022, Signal propagation in transformers: theoretical perspectives "
                   "and the role of rank collapse", False)
@@ -949,7 +937,7 @@ def _r_pre_ln(c: _Ctx) -> Remedy:
 # Folklore checks: not recommended by remedies_for, but measurable with try_remedies(remedies=[...]).
 def _r_relu_nonlinearity(c: _Ctx) -> Remedy:
     w = c.get("w_hh_norm")
-    ev = f"‖W_hh‖₂ = {_f(w)}{c.where}: " if w is not None else ""
+    ev = f"‖W_hh‖₂ = {fmt(w)}{c.where}: " if w is not None else ""
     why = (f"{ev}switching tanh to ReLU removes the factor tanh′ ≤ 1, but the step Jacobian "
            f"diag(1[a > 0]) W_hh still shrinks the gradient when W_hh is contractive and grows it "
            f"when ‖W_hh‖ > 1; it helps only with identity/orthogonal W_hh (see irnn). A folklore "
@@ -1295,17 +1283,17 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
             if site_kind == "rnn_relu":
                 d["verdict"] = "already applied"
                 dead = _num(ev, "dead_units")
-                note = (f"This site already uses ReLU{'' if dead is None else f' ({_f(100 * dead)}% of its units dead)'}"
-                        f"{'' if lam is None else f' and still has λ₁ = {_f(lam)}'}.")
+                note = (f"This site already uses ReLU{'' if dead is None else f' ({fmt(100 * dead)}% of its units dead)'}"
+                        f"{'' if lam is None else f' and still has λ₁ = {fmt(lam)}'}.")
             elif w is not None:
-                note = (f"‖W_hh‖₂ = {_f(w)}: with ReLU and unchanged weights the per-step factor would be "
-                        f"at most {_f(w)} along active units — "
+                note = (f"‖W_hh‖₂ = {fmt(w)}: with ReLU and unchanged weights the per-step factor would be "
+                        f"at most {fmt(w)} along active units — "
                         + ("still vanishing." if w < 1 else "it can grow: exploding risk."))
         elif key == "adam" and lam is not None and lam < 0:
             k32 = _LN_FLOAT32_EPS / abs(lam)
-            note = (f"λ₁ = {_f(lam)}: a contribution from k steps back is exp({_f(lam)}·k) of the "
-                    f"nearest; beyond k = {_f(k32)} steps it is below float32 resolution"
-                    + (f" (the sequence has {_f(T)})" if T is not None else "") + ", and no optimizer "
+            note = (f"λ₁ = {fmt(lam)}: a contribution from k steps back is exp({fmt(lam)}·k) of the "
+                    f"nearest; beyond k = {fmt(k32)} steps it is below float32 resolution"
+                    + (f" (the sequence has {fmt(T)})" if T is not None else "") + ", and no optimizer "
                     "recovers it.")
         elif key == "learning_rate":
             if regime == "exploding":
@@ -1316,7 +1304,7 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
             if site_kind in ("lstm", "gru"):
                 tau = _num(ev, "memory_time")
                 d["verdict"] = "already applied; its gates decide"
-                note = ("This site is already gated" + (f"; its memory time is τ = {_f(tau)} steps"
+                note = ("This site is already gated" + (f"; its memory time is τ = {fmt(tau)} steps"
                                                         if tau is not None else "")
                         + ": open the keep gates (forget_bias, chrono_init).")
                 d["test"] = ["forget_bias", "chrono_init"]
@@ -1324,9 +1312,9 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
                 d["verdict"] = "partly true"
                 note = "Gates bound the cell path but an LSTM can still explode through W_hh; clip as well."
         elif key == "dropout" and lam is not None:
-            note = f"It leaves λ₁ = {_f(lam)} where it is."
+            note = f"It leaves λ₁ = {fmt(lam)} where it is."
         elif key == "xavier_he" and w is not None and site_kind in ("rnn_tanh", "rnn_relu", "cell"):
-            note = f"Here ‖W_hh‖₂ = {_f(w)}."
+            note = f"Here ‖W_hh‖₂ = {fmt(w)}."
         d["evidence"] = note
         out.append(d)
     return out
