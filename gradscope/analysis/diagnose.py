@@ -40,6 +40,7 @@ from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap
 from ..errors import GradscopeError, did_you_mean
 from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
 from .evidence import regime as evidence_regime
+from .remedies import REINITIALISING, remedies_for
 from .trainability import assess
 
 SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
@@ -214,10 +215,6 @@ def _global_grad_stats(rec) -> Dict[str, float]:
 
 # ------------------------------------------------------------------------------ findings
 def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module: str):
-    try:
-        from .remedies import remedies_for
-    except ImportError:  # pragma: no cover - catalogue not built
-        return []
     try:
         return list(remedies_for(kind, site_kind, ev, site=site, module=module))
     except GradscopeError:
@@ -585,13 +582,6 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
         out.append({"module": mod or "(model)", "regime": worst, "counts": counts,
                     "line": f"{mod or '(model)'}{shape}: {detail}"})
     return out
-
-
-#: remedies that re-initialise weights or change the architecture: for a trained model they undo
-#: the training, so they come after those that work during training (clipping, truncation,
-#: gate-bias adjustment with fine-tuning)
-REINITIALISING = ("orthogonal_init", "irnn", "critical_init", "chrono_init", "xavier_init", "he_init",
-                  "reinit_dead", "switch_to_lstm", "switch_to_gru", "relu_nonlinearity")
 
 
 def _measured_on(rec) -> str:

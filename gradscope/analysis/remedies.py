@@ -16,7 +16,10 @@ Entry points:
 
 * :func:`remedies_for` — the ranked remedies for one finding (most specific first).
 * :func:`get_remedy` — one remedy by name (unknown names get a "did you mean").
-* :data:`REMEDY_NAMES`, :data:`UNTESTABLE` (why a remedy cannot be measured by a probe).
+* :data:`REMEDIES` — the registry: one :class:`RemedySpec` per remedy (what it applies to, how
+  to build its text and code, how :func:`~gradscope.analysis.trials.try_remedies` applies it or why
+  it cannot, whether it re-initialises); :data:`REMEDY_NAMES`, :data:`UNTESTABLE` and the other
+  tables are derived from it.
 * :data:`FOLKLORE` and :func:`folklore_verdicts` — the usual advice (ReLU, Xavier/He, batch norm,
   dropout, Adam, "use an LSTM", "add attention") checked against the mechanism and the evidence.
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import keyword
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._format import fmt
@@ -39,7 +42,7 @@ from ..errors import GradscopeError, did_you_mean
 from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
 from .evidence import regime as evidence_regime
 
-__all__ = ["Remedy", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
+__all__ = ["Remedy", "RemedySpec", "REMEDIES", "REINITIALISING", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
            "SITE_KINDS", "UNTESTABLE", "FOLKLORE", "folklore_verdicts", "forget_bias_plan", "critical_gain",
            "clip_threshold", "truncation_window", "chrono_t_max", "module_expr"]
 
@@ -48,9 +51,6 @@ _LN_FLOAT32_EPS = 23 * math.log(2.0)
 _DEFAULT_SEQ_LEN = 100
 _DEFAULT_THRESHOLD = HORIZON_THRESHOLD
 
-FINDING_KINDS = ("vanishing", "exploding", "short_memory", "saturated_gates", "dead_units",
-                 "nonfinite", "precision_underflow", "attention_entropy_collapse", "rank_collapse",
-                 "postln_instability")
 SITE_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "cell", "attention")
 
 
@@ -74,7 +74,7 @@ class Remedy:
     why: str
     code: str
     reference: str
-    testable: bool
+    testable: bool = False  # set from the catalogue entry (RemedySpec.testable) by remedies_for/get_remedy
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -402,7 +402,7 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     return Remedy("orthogonal_init", "Orthogonal recurrent weights (W_hh)", c.finish(why),
                   "\n".join(lines) + "\n",
                   "Saxe, McClelland & Ganguli 2014, Exact solutions to the nonlinear dynamics of "
-                  "learning in deep linear networks", True)
+                  "learning in deep linear networks")
 
 
 def _r_irnn(c: _Ctx) -> Remedy:
@@ -432,7 +432,7 @@ def _r_irnn(c: _Ctx) -> Remedy:
                 "rnn.nonlinearity, rnn.mode = \"relu\", \"RNN_RELU\"  # as nn.RNN(..., nonlinearity=\"relu\")"]
     return Remedy("irnn", "IRNN: identity W_hh, zero bias, ReLU", c.finish(why), "\n".join(code) + "\n",
                   "Le, Jaitly & Hinton 2015, A simple way to initialize recurrent networks of "
-                  "rectified linear units", True)
+                  "rectified linear units")
 
 
 def _r_critical_init(c: _Ctx) -> Remedy:
@@ -454,7 +454,7 @@ def _r_critical_init(c: _Ctx) -> Remedy:
     return Remedy("critical_init", f"Critical initialisation χ = 1 (orthogonal W_hh, gain {fmt(g)})",
                   c.finish(why), "\n".join(lines) + "\n",
                   "Chen, Pennington & Schoenholz 2018, Dynamical isometry and a mean field theory "
-                  "of RNNs: gating enables signal propagation in recurrent neural networks", True)
+                  "of RNNs: gating enables signal propagation in recurrent neural networks")
 
 
 def _switch_code(c: _Ctx, cls: str) -> List[str]:
@@ -508,7 +508,7 @@ def _r_switch(cls: str) -> Callable[[_Ctx], Remedy]:
         ref = ("Hochreiter & Schmidhuber 1997 (LSTM); Gers et al. 2000 (forget gate)" if cls == "LSTM"
                else "Cho et al. 2014 (GRU); Chung et al. 2014 (gated RNN comparison)")
         return Remedy(f"switch_to_{cls.lower()}", f"Switch the Elman RNN to nn.{cls}", c.finish(why),
-                      "\n".join(_switch_code(c, cls)) + "\n", ref, True)
+                      "\n".join(_switch_code(c, cls)) + "\n", ref)
     return build
 
 
@@ -554,7 +554,7 @@ def _r_forget_bias(c: _Ctx) -> Remedy:
     return Remedy("forget_bias", f"Raise the {gate} bias to {fmt(p['b_new'])} (τ {fmt(p['tau_now'])} → "
                   f"{fmt(p['tau_new'])} steps)", c.finish(why), "\n".join(lines) + "\n",
                   "Jozefowicz, Zaremba & Sutskever 2015, An empirical exploration of recurrent network "
-                  "architectures; Gers, Schmidhuber & Cummins 2000, Learning to forget", True)
+                  "architectures; Gers, Schmidhuber & Cummins 2000, Learning to forget")
 
 
 def _r_chrono_init(c: _Ctx) -> Remedy:
@@ -582,7 +582,7 @@ def _r_chrono_init(c: _Ctx) -> Remedy:
         + _bias_lines(c, stmts)
     return Remedy("chrono_init", f"Chrono initialisation of the gate biases (T_max = {T_max})",
                   c.finish(why), "\n".join(lines) + "\n",
-                  "Tallec & Ollivier 2018, Can recurrent neural networks warp time?", True)
+                  "Tallec & Ollivier 2018, Can recurrent neural networks warp time?")
 
 
 def _r_clip_grad_norm(c: _Ctx) -> Remedy:
@@ -611,7 +611,7 @@ def _r_clip_grad_norm(c: _Ctx) -> Remedy:
     return Remedy("clip_grad_norm", f"Clip the global gradient norm at {fmt(mn)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural "
-                  "networks, §3.2", False)
+                  "networks, §3.2")
 
 
 def _r_lower_lr(c: _Ctx) -> Remedy:
@@ -636,8 +636,7 @@ def _r_lower_lr(c: _Ctx) -> Remedy:
             "for group in optimizer.param_groups:",
             "    group[\"lr\"] *= 0.3"]
     return Remedy("lower_lr", "Lower the learning rate (×0.3)", c.finish(why), "\n".join(code) + "\n",
-                  "Pascanu, Mikolov & Bengio 2013; Zhai et al. 2023 (attention: lower LR and warm-up)",
-                  False)
+                  "Pascanu, Mikolov & Bengio 2013; Zhai et al. 2023 (attention: lower LR and warm-up)")
 
 
 def _ln_cell_code(c: _Ctx) -> List[str]:
@@ -690,7 +689,7 @@ def _r_layernorm_cell(c: _Ctx) -> Remedy:
            f"2016). It needs a cell written out per step (PyTorch's fused layers have no LayerNorm).")
     return Remedy("layernorm_cell", "LayerNorm inside the recurrent cell", c.finish(why),
                   "\n".join(_ln_cell_code(c)) + "\n",
-                  "Ba, Kiros & Hinton 2016, Layer normalization", False)
+                  "Ba, Kiros & Hinton 2016, Layer normalization")
 
 
 def _r_leaky_relu(c: _Ctx) -> Remedy:
@@ -724,7 +723,7 @@ def _r_leaky_relu(c: _Ctx) -> Remedy:
         code += ["cell = LeakyRNNCell(input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE)"]
     return Remedy("leaky_relu", "LeakyReLU instead of ReLU", c.finish(why), "\n".join(code) + "\n",
                   "Maas, Hannun & Ng 2013, Rectifier nonlinearities improve neural network acoustic "
-                  "models", False)
+                  "models")
 
 
 def _r_reinit_dead(c: _Ctx) -> Remedy:
@@ -764,7 +763,7 @@ def _r_reinit_dead(c: _Ctx) -> Remedy:
                 "            p[dead] = torch.empty_like(p[dead]).uniform_(-bound, bound)"]
     return Remedy("reinit_dead", "Re-initialise the dead ReLU units", c.finish(why),
                   "\n".join(code) + "\n",
-                  "Lu et al. 2019, Dying ReLU and initialization: theory and numerical examples", True)
+                  "Lu et al. 2019, Dying ReLU and initialization: theory and numerical examples")
 
 
 def _r_truncated_bptt(c: _Ctx) -> Remedy:
@@ -792,7 +791,7 @@ def _r_truncated_bptt(c: _Ctx) -> Remedy:
     return Remedy("truncated_bptt", f"Truncated BPTT over windows of {K} steps", c.finish(why),
                   "\n".join(code) + "\n",
                   "Williams & Peng 1990; Sutskever 2013 (thesis), truncated backpropagation through "
-                  "time", False)
+                  "time")
 
 
 def _r_gating(c: _Ctx) -> Remedy:
@@ -805,7 +804,7 @@ def _r_gating(c: _Ctx) -> Remedy:
                f"are (b_f = {fmt(p['b_now'])}, τ = {fmt(p['tau_now'])} steps).{prec} Open them: "
                f"forget_bias or chrono_init.")
         return Remedy("gating", "Open the keep gates (the cell is already gated)", c.finish(why),
-                      _r_chrono_init(c).code, "Gers et al. 2000; Tallec & Ollivier 2018", False)
+                      _r_chrono_init(c).code, "Gers et al. 2000; Tallec & Ollivier 2018")
     why = (f"A gated update h′ = (1−z)⊙h + z⊙h̃ makes the per-step factor along the kept path z-close "
            f"to 1 instead of the W_hh product, so the gradient survives many more steps before "
            f"underflowing{c.where}.{prec} For nn.RNN this is a switch to nn.GRU.")
@@ -827,7 +826,7 @@ def _r_gating(c: _Ctx) -> Remedy:
         code_s = "\n".join(_switch_code(c, "GRU")) + "\n"
     return Remedy("gating", "Use a gated update (GRU-style)", c.finish(why), code_s,
                   "Hochreiter & Schmidhuber 1997; Cho et al. 2014; Chen et al. 2018 (gating enables "
-                  "signal propagation)", False)
+                  "signal propagation)")
 
 
 def _attn_ev(c: _Ctx) -> str:
@@ -863,7 +862,7 @@ def _r_sigma_reparam(c: _Ctx) -> Remedy:
     return Remedy("sigma_reparam", "σReparam on the attention projections", c.finish(why),
                   "\n".join(code) + "\n",
                   "Zhai et al. 2023, Stabilizing transformer training by preventing attention "
-                  "entropy collapse", False)
+                  "entropy collapse")
 
 
 def _r_warmup(c: _Ctx) -> Remedy:
@@ -877,7 +876,7 @@ def _r_warmup(c: _Ctx) -> Remedy:
             "# call scheduler.step() after every optimizer.step()"]
     return Remedy("warmup", "Learning-rate warm-up (1000 steps)", c.finish(why), "\n".join(code) + "\n",
                   "Xiong et al. 2020, On layer normalization in the transformer architecture; Zhai et "
-                  "al. 2023", False)
+                  "al. 2023")
 
 
 def _r_qk_layernorm(c: _Ctx) -> Remedy:
@@ -895,7 +894,7 @@ def _r_qk_layernorm(c: _Ctx) -> Remedy:
     return Remedy("qk_layernorm", "QK-LayerNorm", c.finish(why), "\n".join(code) + "\n",
                   "Dehghani et al. 2023, Scaling vision transformers to 22 billion parameters; "
                   "Wortsman et al. 2023, Small-scale proxies for large-scale transformer training "
-                  "instabilities", False)
+                  "instabilities")
 
 
 def _r_residual_scaling(c: _Ctx) -> Remedy:
@@ -917,7 +916,7 @@ def _r_residual_scaling(c: _Ctx) -> Remedy:
     return Remedy("residual_scaling", f"Scale residual branches by 1/√L = {fmt(a)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Noci et al. 2022, Signal propagation in transformers: theoretical perspectives "
-                  "and the role of rank collapse", False)
+                  "and the role of rank collapse")
 
 
 def _r_pre_ln(c: _Ctx) -> Remedy:
@@ -931,7 +930,7 @@ def _r_pre_ln(c: _Ctx) -> Remedy:
             "        m.norm_first = True",
             "# own blocks: x = x + attn(ln1(x)); x = x + mlp(ln2(x))  instead of  x = ln1(x + attn(x))"]
     return Remedy("pre_ln", "Pre-LN instead of Post-LN", c.finish(why), "\n".join(code) + "\n",
-                  "Xiong et al. 2020, On layer normalization in the transformer architecture", False)
+                  "Xiong et al. 2020, On layer normalization in the transformer architecture")
 
 
 # Folklore checks: not recommended by remedies_for, but measurable with try_remedies(remedies=[...]).
@@ -945,7 +944,7 @@ def _r_relu_nonlinearity(c: _Ctx) -> Remedy:
     code = [f"rnn = {c.m}  # nn.RNN",
             "rnn.nonlinearity, rnn.mode = \"relu\", \"RNN_RELU\"  # as nn.RNN(..., nonlinearity=\"relu\")"]
     return Remedy("relu_nonlinearity", "Folklore check: ReLU instead of tanh (weights unchanged)",
-                  c.finish(why), "\n".join(code) + "\n", "folklore; compare Le et al. 2015 (IRNN)", True)
+                  c.finish(why), "\n".join(code) + "\n", "folklore; compare Le et al. 2015 (IRNN)")
 
 
 def _r_init_check(name: str, title: str, fn: str, args: str, why_core: str, ref: str):
@@ -955,7 +954,7 @@ def _r_init_check(name: str, title: str, fn: str, args: str, why_core: str, ref:
                 f"    torch.nn.init.{fn}(W[k * H:(k + 1) * H]{args})"]
         lines = ["import torch", "", "with torch.no_grad():"] + _weight_hh_loop(c, body)
         return Remedy(name, title, c.finish(why_core + " A folklore check, not a recommendation."),
-                      "\n".join(lines) + "\n", ref, True)
+                      "\n".join(lines) + "\n", ref)
     return build
 
 
@@ -975,57 +974,153 @@ _he = _r_init_check(
     "He et al. 2015, Delving deep into rectifiers")
 
 
-_BUILDERS: Dict[str, Callable[[_Ctx], Remedy]] = {
-    "clip_grad_norm": _r_clip_grad_norm,
-    "lower_lr": _r_lower_lr,
-    "orthogonal_init": _r_orthogonal_init,
-    "irnn": _r_irnn,
-    "critical_init": _r_critical_init,
-    "switch_to_lstm": _r_switch("LSTM"),
-    "switch_to_gru": _r_switch("GRU"),
-    "forget_bias": _r_forget_bias,
-    "chrono_init": _r_chrono_init,
-    "layernorm_cell": _r_layernorm_cell,
-    "leaky_relu": _r_leaky_relu,
-    "reinit_dead": _r_reinit_dead,
-    "truncated_bptt": _r_truncated_bptt,
-    "gating": _r_gating,
-    "sigma_reparam": _r_sigma_reparam,
-    "warmup": _r_warmup,
-    "qk_layernorm": _r_qk_layernorm,
-    "residual_scaling": _r_residual_scaling,
-    "pre_ln": _r_pre_ln,
-    "relu_nonlinearity": _r_relu_nonlinearity,
-    "xavier_init": _xavier,
-    "he_init": _he,
-}
+# ------------------------------------------------------------------------------------------------
+# the registry: one entry per remedy
 
-REMEDY_NAMES: Tuple[str, ...] = tuple(_BUILDERS)
+
+def _in_trials(fn_name: str) -> Callable:
+    """The applier ``trials.<fn_name>``, imported when first called (this module stays torch-free)."""
+    def apply(model, targets, ctx):
+        from . import trials
+        return getattr(trials, fn_name)(model, targets, ctx)
+    apply.__name__ = apply.__qualname__ = fn_name
+    return apply
+
+
+_RNN = ("rnn_tanh", "rnn_relu", "cell")      # Elman-type sites (a user cell may be one)
+_GATED = ("lstm", "gru", "cell")              # sites with a keep gate (a user cell may have one)
+_FUSED_RNN = ("rnn_tanh", "rnn_relu")         # fused nn.RNN layers (what the appliers rewrite)
+_FUSED = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+_ON_TRAINING = "acts on training, not on the Jacobians a probe measures"
+
+
+@dataclass(frozen=True)
+class RemedySpec:
+    """Everything gradscope knows about one remedy, in one place (the entry of :data:`REMEDIES`).
+
+    Attributes:
+        name: the catalogue key (``"forget_bias"``).
+        build: ``build(ctx) -> Remedy``: title, why, code and reference specialised to one site's
+            evidence (``ctx``: what the builder knows, see ``_Ctx``).
+        applies_to: the site kinds it makes sense on (None: every kind); :func:`remedies_for`
+            leaves it out elsewhere.
+        apply: ``apply(model, targets, ctx) -> (model, renames, what changed)`` — applies it to a
+            copy of the model for :func:`gradscope.analysis.trials.try_remedies`; None when it
+            cannot be measured on a copy, and then ``untestable`` says why (exactly one of the two).
+        apply_kinds: the site kinds whose fused layers ``apply`` rewrites.
+        untestable: why a probe of a copy cannot measure it (None when ``apply`` is given).
+        model_wide: it can answer a model-wide finding (a gradient-norm spike at ``"(model)"``).
+        reinitialising: it re-initialises weights or changes the architecture, so for a trained
+            model it undoes the training and is listed after the remedies that work during training.
+        folklore: a folklore check: never recommended by :func:`remedies_for`, only tried by name.
+    """
+
+    name: str
+    build: Callable[[_Ctx], Remedy]
+    applies_to: Optional[Tuple[str, ...]] = None
+    apply: Optional[Callable] = None
+    apply_kinds: Tuple[str, ...] = ()
+    untestable: Optional[str] = None
+    model_wide: bool = False
+    reinitialising: bool = False
+    folklore: bool = False
+
+    def __post_init__(self):
+        if (self.apply is None) == (self.untestable is None):
+            raise GradscopeError(f"remedy {self.name!r}: give either apply= or untestable= (why it cannot "
+                                 f"be measured on a copy), exactly one.")
+        if self.apply is not None and not self.apply_kinds:
+            raise GradscopeError(f"remedy {self.name!r}: apply= needs apply_kinds= (the site kinds it rewrites).")
+
+    @property
+    def testable(self) -> bool:
+        """:func:`~gradscope.analysis.trials.try_remedies` can apply it to a copy and measure it."""
+        return self.apply is not None
+
+    def applies(self, site_kind: str) -> bool:
+        """It makes sense on a site of this kind (``""``: unknown, so yes)."""
+        return not site_kind or self.applies_to is None or site_kind in self.applies_to
+
+
+def _specs(*specs: RemedySpec) -> Dict[str, RemedySpec]:
+    out: Dict[str, RemedySpec] = {}
+    for spec in specs:
+        if spec.name in out:
+            raise GradscopeError(f"remedy {spec.name!r} is registered twice.")
+        out[spec.name] = spec
+    return out
+
+
+REMEDIES: Dict[str, RemedySpec] = _specs(
+    RemedySpec("clip_grad_norm", _r_clip_grad_norm, model_wide=True,
+               untestable="clipping acts on the optimizer's step; it does not change the Jacobians a "
+                          "probe measures (watch a training run with and without it)"),
+    RemedySpec("lower_lr", _r_lower_lr, model_wide=True,
+               untestable="the learning rate acts on training, not on the Jacobians a probe measures"),
+    RemedySpec("orthogonal_init", _r_orthogonal_init, apply=_in_trials("_apply_orthogonal"),
+               apply_kinds=_FUSED, reinitialising=True),
+    RemedySpec("irnn", _r_irnn, applies_to=_RNN, apply=_in_trials("_apply_irnn"), apply_kinds=_FUSED_RNN,
+               reinitialising=True),
+    RemedySpec("critical_init", _r_critical_init, applies_to=_RNN, apply=_in_trials("_apply_critical"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("switch_to_lstm", _r_switch("LSTM"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_lstm"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("switch_to_gru", _r_switch("GRU"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_gru"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("forget_bias", _r_forget_bias, applies_to=_GATED, apply=_in_trials("_apply_forget_bias"),
+               apply_kinds=("lstm", "gru")),
+    RemedySpec("chrono_init", _r_chrono_init, applies_to=_GATED, apply=_in_trials("_apply_chrono"),
+               apply_kinds=("lstm", "gru"), reinitialising=True),
+    RemedySpec("layernorm_cell", _r_layernorm_cell,
+               untestable="it needs a hand-written cell (PyTorch's fused layers have no LayerNorm), "
+                          "which gradscope does not build for you"),
+    RemedySpec("leaky_relu", _r_leaky_relu, applies_to=("rnn_relu", "cell"),
+               untestable="nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell"),
+    RemedySpec("reinit_dead", _r_reinit_dead, applies_to=("rnn_relu", "cell"),
+               apply=_in_trials("_apply_reinit_dead"), apply_kinds=("rnn_relu",), reinitialising=True),
+    RemedySpec("truncated_bptt", _r_truncated_bptt,
+               untestable="truncation changes which gradient terms training sums, not the Jacobians a "
+                          "probe measures"),
+    RemedySpec("gating", _r_gating,
+               untestable="gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or "
+                          "chrono_init (LSTM/GRU)"),
+    RemedySpec("sigma_reparam", _r_sigma_reparam,
+               untestable="it changes the parametrisation of every attention projection, which try_remedies "
+                          "does not rewrite on a copy yet; measure it by training with and without under watch"),
+    RemedySpec("warmup", _r_warmup, model_wide=True,
+               untestable="warm-up acts on the learning-rate schedule, not on the Jacobians a probe measures"),
+    RemedySpec("qk_layernorm", _r_qk_layernorm,
+               untestable="it adds modules inside the attention computation, which try_remedies does not "
+                          "rewrite on a copy yet; measure it by training with and without under watch"),
+    RemedySpec("residual_scaling", _r_residual_scaling,
+               untestable="it changes the block's forward code, which try_remedies does not rewrite on a "
+                          "copy yet; measure it by training with and without under watch"),
+    RemedySpec("pre_ln", _r_pre_ln,
+               untestable="it moves the normalisation inside each block's forward code, which try_remedies "
+                          "does not rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is "
+                          "the switch"),
+    RemedySpec("relu_nonlinearity", _r_relu_nonlinearity, applies_to=("rnn_tanh",),
+               apply=_in_trials("_apply_relu"), apply_kinds=("rnn_tanh",), reinitialising=True, folklore=True),
+    RemedySpec("xavier_init", _xavier, apply=_in_trials("_apply_xavier"), apply_kinds=_FUSED,
+               reinitialising=True, folklore=True),
+    RemedySpec("he_init", _he, apply=_in_trials("_apply_he"), apply_kinds=_FUSED, reinitialising=True,
+               folklore=True),
+)
+"""The remedy catalogue: name → :class:`RemedySpec`, in catalogue order. Every other table
+(:data:`REMEDY_NAMES`, :data:`UNTESTABLE`, :data:`FOLKLORE_CHECKS`, the trials' ``TESTABLE``,
+diagnose's ``REINITIALISING``) is derived from it."""
+
+REMEDY_NAMES: Tuple[str, ...] = tuple(REMEDIES)
 """Every remedy name :func:`get_remedy` knows (the last three are folklore checks)."""
 
-FOLKLORE_CHECKS: Tuple[str, ...] = ("relu_nonlinearity", "xavier_init", "he_init")
+FOLKLORE_CHECKS: Tuple[str, ...] = tuple(n for n, s in REMEDIES.items() if s.folklore)
 
-UNTESTABLE: Dict[str, str] = {
-    "clip_grad_norm": "clipping acts on the optimizer's step; it does not change the Jacobians a "
-                      "probe measures (watch a training run with and without it)",
-    "lower_lr": "the learning rate acts on training, not on the Jacobians a probe measures",
-    "warmup": "warm-up acts on the learning-rate schedule, not on the Jacobians a probe measures",
-    "truncated_bptt": "truncation changes which gradient terms training sums, not the Jacobians a "
-                      "probe measures",
-    "layernorm_cell": "it needs a hand-written cell (PyTorch's fused layers have no LayerNorm), "
-                      "which gradscope does not build for you",
-    "leaky_relu": "nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell",
-    "gating": "gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or chrono_init "
-              "(LSTM/GRU)",
-    "sigma_reparam": "it changes the parametrisation of every attention projection, which try_remedies "
-                     "does not rewrite on a copy yet; measure it by training with and without under watch",
-    "qk_layernorm": "it adds modules inside the attention computation, which try_remedies does not rewrite "
-                    "on a copy yet; measure it by training with and without under watch",
-    "residual_scaling": "it changes the block's forward code, which try_remedies does not rewrite on a copy "
-                        "yet; measure it by training with and without under watch",
-    "pre_ln": "it moves the normalisation inside each block's forward code, which try_remedies does not "
-              "rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is the switch",
-}
+UNTESTABLE: Dict[str, str] = {n: s.untestable for n, s in REMEDIES.items() if s.untestable is not None}
+"""Why each remedy :func:`~gradscope.analysis.trials.try_remedies` cannot measure is so."""
+
+REINITIALISING: Tuple[str, ...] = tuple(n for n, s in REMEDIES.items() if s.reinitialising)
+"""Remedies that re-initialise weights or change the architecture: for a trained model they undo
+the training, so they come after those that work during training."""
 
 # Ranked remedies per (finding kind, site kind); "*" is the fallback for other site kinds.
 _RANKING: Dict[str, Dict[str, Tuple[str, ...]]] = {
@@ -1070,25 +1165,10 @@ _RANKING: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "rank_collapse": {"*": ("residual_scaling", "pre_ln")},
     "postln_instability": {"*": ("pre_ln", "warmup")},
 }
-assert set(_RANKING) == set(FINDING_KINDS)
-
-# Remedies that make no sense on a site kind (filtered out of remedies_for).
-_APPLIES: Dict[str, Tuple[str, ...]] = {
-    "irnn": ("rnn_tanh", "rnn_relu", "cell"),
-    "critical_init": ("rnn_tanh", "rnn_relu", "cell"),
-    "switch_to_lstm": ("rnn_tanh", "rnn_relu", "cell"),
-    "switch_to_gru": ("rnn_tanh", "rnn_relu", "cell"),
-    "forget_bias": ("lstm", "gru", "cell"),
-    "chrono_init": ("lstm", "gru", "cell"),
-    "reinit_dead": ("rnn_relu", "cell"),
-    "leaky_relu": ("rnn_relu", "cell"),
-    "relu_nonlinearity": ("rnn_tanh",),
-}
-
-
-# What a model-wide finding (a gradient-norm spike with no site) can be told to do.
-_MODEL_WIDE = ("clip_grad_norm", "lower_lr", "warmup")
-
+FINDING_KINDS: Tuple[str, ...] = tuple(_RANKING)
+_unknown = sorted({n for t in _RANKING.values() for ns in t.values() for n in ns} - set(REMEDIES))
+if _unknown:  # a ranking names a remedy the registry lacks: fail at import, naming it
+    raise GradscopeError(f"_RANKING names remedies missing from REMEDIES: {_unknown}.")
 
 def _check_kind(kind: str, site_kind: str) -> None:
     if kind not in _RANKING:
@@ -1123,22 +1203,18 @@ def remedies_for(kind: str, site_kind: str = "", evidence: Optional[Mapping[str,
     table = _RANKING[kind]
     names = table.get(site_kind) or table.get("*") or next(iter(table.values()))
     if site.startswith("("):  # a model-wide finding ("(model)"): only remedies that act on training
-        names = tuple(n for n in names if n in _MODEL_WIDE)
+        names = tuple(n for n in names if REMEDIES[n].model_wide)
     out = []
     for name in names:
-        ok = _APPLIES.get(name)
-        if ok is not None and site_kind and site_kind not in ok:
+        if not REMEDIES[name].applies(site_kind):
             continue
         out.append(_build(name, evidence, kind=kind, site_kind=site_kind, site=site, module=module))
     return out
 
 
 def _build(name, evidence, *, kind="", site_kind="", site="", module="") -> Remedy:
-    c = _Ctx(evidence, kind, site_kind, site, module)
-    r = _BUILDERS[name](c)
-    if name in UNTESTABLE:
-        assert not r.testable, name
-    return r
+    spec = REMEDIES[name]
+    return replace(spec.build(_Ctx(evidence, kind, site_kind, site, module)), testable=spec.testable)
 
 
 def get_remedy(name: str, evidence: Optional[Mapping[str, Any]] = None, *, site: str = "",
@@ -1159,7 +1235,7 @@ def get_remedy(name: str, evidence: Optional[Mapping[str, Any]] = None, *, site:
         >>> get_remedy("clip_grad_norm", {"grad_norm_median": 0.5}).code.splitlines()[-1]
         'torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)'
     """
-    if name not in _BUILDERS:
+    if name not in REMEDIES:
         raise GradscopeError(f"unknown remedy {name!r}; known remedies: {', '.join(REMEDY_NAMES)}."
                              f"{did_you_mean(str(name), REMEDY_NAMES)}")
     if kind:
