@@ -40,7 +40,7 @@ from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap
 from ..errors import GradscopeError, did_you_mean
 from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
 from .evidence import regime as evidence_regime
-from .remedies import REINITIALISING, remedies_for
+from .remedies import REINITIALISING, finding_remedies
 from .trainability import assess
 
 SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
@@ -214,13 +214,6 @@ def _global_grad_stats(rec) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ findings
-def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module: str):
-    try:
-        return list(remedies_for(kind, site_kind, ev, site=site, module=module))
-    except GradscopeError:
-        return []
-
-
 def _explain_vanishing(site, ev, kind: str = "", threshold: float = 1e-3) -> str:
     """What the horizon measured, and no more: the reach of the gradient at these weights, now."""
     T, h, rate = ev.get("seq_len"), ev.get("horizon"), ev.get("rate", math.nan)
@@ -254,7 +247,7 @@ def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: 
     def add(fkind, severity, explanation, keys, evidence_used=None):
         e = {k: ev[k] for k in keys if k in ev}
         out.append(Finding(fkind, site, severity, e, explanation,
-                           _remedies(fkind, kind, ev, site, module), list(evidence_used or used)))
+                           finding_remedies(fkind, kind, ev, site, module), list(evidence_used or used)))
 
     base = ["seq_len", "rate", "horizon", "explosion_lag", "lambda1", "w_hh_norm", "spectral_radius",
             "grad_ratio", "grad_norm_median", "grad_norm_max", "memory_time", "forget_bias"]
@@ -643,7 +636,7 @@ def nonfinite_weight_findings(bad: List[Dict[str, Any]], groups: Dict[str, List[
                            f"saved (or the file is damaged); every output and gradient these weights touch "
                            f"is NaN or inf.{where} Restore the last finite checkpoint and train on from there."
                            + after,
-                           _remedies("nonfinite", kind, {}, site, sites.get(site, {}).get("module") or site),
+                           finding_remedies("nonfinite", kind, {}, site, sites.get(site, {}).get("module") or site),
                            ["weights"]))
     return out
 
@@ -765,7 +758,7 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
             findings.append(Finding("nonfinite", where, "critical", {"step": float(e["step"])},
                                     f"A {e.get('value')} appeared in the {what} of {where} at training step "
                                     f"{e['step']}; every update after it is corrupted.",
-                                    _remedies("nonfinite", sites.get(where, {}).get("kind", "cell"), {}, where, where),
+                                    finding_remedies("nonfinite", sites.get(where, {}).get("kind", "cell"), {}, where, where),
                                     ["events"]))
     gev = _global_grad_stats(rec)
     gmed, gmax = gev.get("grad_norm_median"), gev.get("grad_norm_max")
@@ -774,7 +767,7 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
         findings.append(Finding("exploding", "(model)", "warning", gev,
                                 f"The global gradient norm reached {gmax:.3g}, {gmax / gmed:.3g}× its median "
                                 f"{gmed:.3g}: a spike typical of exploding gradients.",
-                                _remedies("exploding", "cell", gev, "(model)", ""), ["param_grad_norms"]))
+                                finding_remedies("exploding", "cell", gev, "(model)", ""), ["param_grad_norms"]))
     if missing_probe and rec.sites:
         notes.append("gate statistics, Jacobians by lag and Lyapunov exponents need a probe; sites "
                      f"without them: {missing_probe}. Record them with gradscope.probe(model, batch) "
@@ -787,7 +780,7 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
                 # nothing that works during training was listed: truncated BPTT is (it keeps every
                 # contribution above rounding; its text says it does not lengthen the memory)
                 s = sites[f.site]
-                extra = [r for r in _remedies("precision_underflow", s["kind"] or "cell", s["evidence"], f.site,
+                extra = [r for r in finding_remedies("precision_underflow", s["kind"] or "cell", s["evidence"], f.site,
                                               s["module"]) if getattr(r, "name", "") not in REINITIALISING]
                 f.remedies[:0] = extra[:1]
     if rec.meta.get("inputs_synthetic"):

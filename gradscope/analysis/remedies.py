@@ -42,7 +42,7 @@ from ..errors import GradscopeError, did_you_mean
 from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
 from .evidence import regime as evidence_regime
 
-__all__ = ["Remedy", "RemedySpec", "REMEDIES", "REINITIALISING", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
+__all__ = ["Remedy", "RemedySpec", "REMEDIES", "REINITIALISING", "remedies_for", "finding_remedies", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
            "SITE_KINDS", "UNTESTABLE", "FOLKLORE", "folklore_verdicts", "forget_bias_plan", "critical_gain",
            "clip_threshold", "truncation_window", "chrono_t_max", "module_expr"]
 
@@ -1210,6 +1210,21 @@ def remedies_for(kind: str, site_kind: str = "", evidence: Optional[Mapping[str,
             continue
         out.append(_build(name, evidence, kind=kind, site_kind=site_kind, site=site, module=module))
     return out
+
+
+def finding_remedies(kind: str, site_kind: str, evidence: Optional[Mapping[str, Any]], site: str,
+                     module: str) -> List[Remedy]:
+    """:func:`remedies_for` as a finding needs it: ``[]`` instead of an error for a finding or site
+    kind the catalogue does not know (a finding is reported with no remedy rather than not at all).
+
+    Example:
+        >>> finding_remedies("no_such_kind", "lstm", {}, "rnn.l0", "rnn")
+        []
+    """
+    try:
+        return list(remedies_for(kind, site_kind, evidence, site=site, module=module))
+    except GradscopeError:
+        return []
 
 
 def _build(name, evidence, *, kind="", site_kind="", site="", module="") -> Remedy:

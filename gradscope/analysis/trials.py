@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .._batch import call_model, fused_args
 from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
@@ -510,7 +511,6 @@ def _apply_chrono(model, targets, ctx):
 
 @torch.no_grad()
 def _apply_reinit_dead(model, targets, ctx):
-    from ..capture.probe import _call, _fused_args
     from ..capture.trajectories import fused_trajectories
 
     done = []
@@ -519,13 +519,13 @@ def _apply_reinit_dead(model, targets, ctx):
         calls = []
         handle = m.register_forward_hook(lambda mod, a, kw, out: calls.append((a, kw)), with_kwargs=True)
         try:
-            _call(model, ctx["batch"])
+            call_model(model, ctx["batch"])
         finally:
             handle.remove()
         if not calls:
             raise _Skip(f"{_mod_label(name)} was not called by the model's forward")
         name_of = {(t.layer, t.reverse): t.site for t in ts}
-        trs = {tr.site: tr for tr in fused_trajectories(name_of, m, *_fused_args(*calls[0]))}
+        trs = {tr.site: tr for tr in fused_trajectories(name_of, m, *fused_args(*calls[0]))}
         for t in ts:
             dead = (trs[t.site].states <= 0).flatten(0, -2).all(0)
             n = int(dead.sum())
@@ -742,14 +742,6 @@ def _loss_of(out, y, loss_fn):
     return loss_fn(out) if y is None else loss_fn(out, y)
 
 
-def _call(model, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _train(model: nn.Module, batches: List, loss_fn, make_optimizer, clip: Optional[float], seed: int,
            bar) -> TrainingRun:
     """Train ``model`` in place on ``batches`` (one optimizer step each); its loss curve."""
@@ -759,7 +751,7 @@ def _train(model: nn.Module, batches: List, loss_fn, make_optimizer, clip: Optio
         opt = make_optimizer(model.parameters())
         model.train()
         for x, y in batches:
-            loss = _loss_of(_call(model, x), y, loss_fn)
+            loss = _loss_of(call_model(model, x), y, loss_fn)
             value = float(loss.detach())
             bar.update(1)
             if not math.isfinite(value):
