@@ -6,7 +6,7 @@ drawing (logarithms, masks for zeros / NaN / inf, medians and ranges over sample
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
