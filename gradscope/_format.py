@@ -1,28 +1,41 @@
 """Small text helpers shared by every renderer: numbers, aligned tables, JSON-safe values.
 
-Plain Python and numpy only (no torch), so the remedy catalogue and reports can use them.
+Plain Python only (no torch; numpy values are recognised when numpy is loaded, never imported
+here), so the remedy catalogue can use them without either. :func:`fmt` is gradscope's one number
+formatter: reports, figures, the remedy catalogue and the trials all print numbers through it.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import textwrap
 from typing import Any, Dict, List, Sequence, Tuple
-
-import numpy as np
 
 __all__ = ["fmt", "text_table", "jsonable", "wrap", "wrap_lines", "remedy_index", "unique", "WIDTH"]
 
 
+def _np():
+    """numpy if something has imported it (then values may be numpy scalars), else None."""
+    return sys.modules.get("numpy")
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     """A number for people: ``—`` for None, ``∞``/``−∞``/``nan``, integers without decimals,
-    scientific notation for very large or small magnitudes, else ``digits`` significant digits."""
+    scientific notation for very large or small magnitudes, else ``digits`` significant digits.
+
+    Example:
+        >>> [fmt(x) for x in (None, 12.0, 0.12345, 2.5e-5, 123456.7, float("inf"))]
+        ['—', '12', '0.123', '2.50e-05', '1.23e+05', '∞']
+    """
     if v is None:
         return "—"
     if isinstance(v, str):
         return v
-    if isinstance(v, (bool, np.bool_)):
+    np = _np()
+    if isinstance(v, bool) or (np is not None and isinstance(v, np.bool_)):
         return str(bool(v))
-    if isinstance(v, (int, np.integer)):
+    if isinstance(v, numbers.Integral):
         return str(int(v))
     v = float(v)
     if math.isnan(v):
@@ -68,7 +81,8 @@ def jsonable(x: Any) -> Any:
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
+    np = _np()
+    if np is not None and isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from . import _archive, _ckpt_io, _ckpt_tree
 from ._archive import DEFAULT_MAX_LOAD_BYTES
 from ._ckpt_io import INSTALL_HINT, one_line
+from .analysis.evidence import memory_time  # τ = −1/ln σ(b), re-exported here
 from .errors import CheckpointError, LoadLimitError, ModelSpecError, UnsafeCheckpointError, did_you_mean
 
 __all__ = [
@@ -671,23 +672,6 @@ def _mha(prefix: str, locals_: Dict[str, str], sd: Mapping[str, Tensor], num_hea
 
 # ---------------------------------------------------------------------------------------------
 # Static analysis of the weights
-
-
-def memory_time(bias: Union[float, np.ndarray]) -> Union[float, np.ndarray]:
-    """τ = −1/ln σ(b): steps for a gate held at σ(b) to shrink a stored value by a factor e.
-
-    ``ln σ(b) = −softplus(−b)``, computed stably in float64, so τ ≈ e^b for large b; τ = inf only
-    once softplus(−b) underflows to 0 (b ≳ 745, or b = +inf).
-
-    Example:
-        >>> [round(memory_time(b), 1) for b in (0.0, 1.0, 2.0, 3.0)]
-        [1.4, 3.2, 7.9, 20.6]
-    """
-    b = np.asarray(bias, dtype=np.float64)
-    softplus = np.logaddexp(0.0, -b)
-    with np.errstate(divide="ignore"):
-        tau = np.where(softplus > 0, 1.0 / np.where(softplus > 0, softplus, 1.0), np.inf)
-    return float(tau) if tau.ndim == 0 else tau
 
 
 #: Matrices larger than this get their top singular values and spectral radius from ARPACK: the dense

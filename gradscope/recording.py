@@ -350,8 +350,9 @@ class Recording:
         (query/key gradients ≪ value gradients go with rank collapse, Noci et al. 2022)."""
         return {w: self._attention_measure(site, f"grad_w{w}", module) for w in "qkv"}
 
-    def _replace(self, **changes) -> "Recording":
-        """A new Recording with some fields replaced (used by probe to add its measures)."""
+    def replace(self, **changes) -> "Recording":
+        """A new Recording with some fields replaced (the constructor's keywords: ``meta``,
+        ``measures``, ``measure_meta``, ``notes`` …); this one is unchanged."""
         fields = dict(sites=self._site_info, steps=self._steps, grads=self._grads,
                       seq_lens=self._seq_lens, params=self._params, events=self.events,
                       unsupported=self.unsupported, notes=self.notes, meta=self.meta,
@@ -359,6 +360,7 @@ class Recording:
                       update_norms=self._update_norms, weight_norms=self._weight_norms)
         fields.update(changes)
         return Recording(**fields)
+
 
     @property
     def measure_meta(self) -> Dict[str, Any]:

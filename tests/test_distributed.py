@@ -111,8 +111,8 @@ def test_merge_keeps_nan_where_no_rank_recorded_and_inf_where_one_exploded():
     gb = b.grad_norms("x").copy()
     gb[0, 2] = np.nan
     gb[1, 0] = np.inf
-    a = a._replace(grads={("x", "h"): ga})
-    b = b._replace(grads={("x", "h"): gb}, events=[{"kind": "nonfinite", "step": 1, "site": "x"}])
+    a = a.replace(grads={("x", "h"): ga})
+    b = b.replace(grads={("x", "h"): gb}, events=[{"kind": "nonfinite", "step": 1, "site": "x"}])
     m = merge_recordings([a, b])
     g = m.grad_norms("x")
     assert np.isnan(g[0, 2]) and np.isinf(g[1, 0])

@@ -34,8 +34,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import GradscopeError
-from .._format import fmt as _fmt
-from .diagnose import Finding, Rules, _remedies
+from .._format import fmt
+from .diagnose import Finding, Rules
+from .remedies import finding_remedies
 
 __all__ = ["AttentionRules", "site_diagnosis", "stack_findings"]
 
@@ -199,7 +200,7 @@ def site_diagnosis(rec, site: str, rules: Rules, arules: AttentionRules) -> Tupl
 
     def add(kind, severity, text, keys, mod, used_keys):
         e = {k: ev[k] for k in keys if k in ev}
-        findings.append(Finding(kind, site, severity, e, text, _remedies(kind, "attention", ev, site, mod),
+        findings.append(Finding(kind, site, severity, e, text, finding_remedies(kind, "attention", ev, site, mod),
                                 list(used_keys)))
 
     ent, share = ev.get("entropy"), ev.get("collapsed_heads")
@@ -259,15 +260,15 @@ def stack_findings(rec, rules: Rules, arules: AttentionRules, site_summaries: Di
                 sev = "critical" if ratio < rules.threshold ** 2 else "warning"
                 out.append(Finding("vanishing", label, sev, dict(ev),
                                    f"Through the {L} blocks of {label} the gradient shrinks: {src} is "
-                                   f"{_fmt(ratio)}, below the threshold {_fmt(rules.threshold)}, so the early "
+                                   f"{fmt(ratio)}, below the threshold {fmt(rules.threshold)}, so the early "
                                    f"blocks and the embeddings barely learn.",
-                                   _remedies("vanishing", "attention", ev, label, stack), list(used)))
+                                   finding_remedies("vanishing", "attention", ev, label, stack), list(used)))
             elif ratio > 1 / rules.threshold:
                 sev = "critical" if ratio > rules.threshold ** -2 else "warning"
                 out.append(Finding("exploding", label, sev, dict(ev),
                                    f"Through the {L} blocks of {label} the gradient grows: {src} is "
-                                   f"{_fmt(ratio)}, above 1/threshold = {_fmt(1 / rules.threshold)}.",
-                                   _remedies("exploding", "attention", ev, label, stack), list(used)))
+                                   f"{fmt(ratio)}, above 1/threshold = {fmt(1 / rules.threshold)}.",
+                                   finding_remedies("exploding", "attention", ev, label, stack), list(used)))
         # rank collapse: the first block whose output has (nearly) collapsed to one token direction
         res = [site_summaries.get(s, {}).get("evidence", {}) for s in sites]
         for i, e in enumerate(res):
@@ -284,15 +285,15 @@ def stack_findings(rec, rules: Rules, arules: AttentionRules, site_summaries: Di
                         fev[k] = e[k]
                 fev = {k: v for k, v in fev.items() if v is not None}
                 sev = "critical" if (r is not None and r < arules.rank_low / 10) else "warning"
-                qkv = (f" Query/key gradients are {_fmt(e['qk_v_grad_ratio'])}× the value gradients."
+                qkv = (f" Query/key gradients are {fmt(e['qk_v_grad_ratio'])}× the value gradients."
                        if "qk_v_grad_ratio" in e else "")
                 out.append(Finding(
                     "rank_collapse", sites[i], sev, fev,
                     f"From block {i} of {label} on, the tokens have collapsed towards one vector: the residual "
-                    f"‖X − 1x̄ᵀ‖/‖X‖ is {_fmt(r)} (first block {_fmt(res[0].get('rank_residual'))}) and the "
-                    f"mean token cosine {_fmt(c)}. Every position then carries the same signal and the "
+                    f"‖X − 1x̄ᵀ‖/‖X‖ is {fmt(r)} (first block {fmt(res[0].get('rank_residual'))}) and the "
+                    f"mean token cosine {fmt(c)}. Every position then carries the same signal and the "
                     f"query/key gradients vanish (Dong et al. 2021; Noci et al. 2022).{qkv}",
-                    _remedies("rank_collapse", "attention", fev, sites[i], stack),
+                    finding_remedies("rank_collapse", "attention", fev, sites[i], stack),
                     ["rank_residual", "token_cosine", "qkv_grad_norms"]))
                 break
         # Post-LN: parameter gradients growing towards the output in the first recorded steps
@@ -311,9 +312,9 @@ def stack_findings(rec, rules: Rules, arules: AttentionRules, site_summaries: Di
                     out.append(Finding(
                         "postln_instability", label, "warning", pev,
                         f"{label} is a Post-LN stack, and in the first recorded steps its last block's parameter "
-                        f"gradient is {_fmt(pr)}× the first block's, growing with depth: the pattern of "
+                        f"gradient is {fmt(pr)}× the first block's, growing with depth: the pattern of "
                         f"Post-LN at initialisation that makes large learning rates diverge without "
                         f"warm-up (Xiong et al. 2020).",
-                        _remedies("postln_instability", "attention", pev, label, stack), ["param_grad_norms"]))
+                        finding_remedies("postln_instability", "attention", pev, label, stack), ["param_grad_norms"]))
     return out
 

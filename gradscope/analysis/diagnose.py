@@ -4,11 +4,15 @@ Rules (defaults in :class:`Rules`, all configurable through :func:`diagnose`'s k
 
 * **vanishing** — the gradient horizon (first lag at which ‖∂h_T/∂h_{T−k}‖, or the gradient-norm
   profile relative to where the loss enters, falls below ``threshold``, default 1e-3) is shorter
-  than the sequence length.
+  than the sequence length; without a measured horizon (``probe(..., jacobians=False)``), when
+  λ₁ < −``lyapunov_margin`` puts the estimated horizon ln(1/``threshold``)/|λ₁| inside it.
 * **exploding** — growth passes 1/``threshold`` within the sequence, or the top Lyapunov exponent
   is clearly positive (λ₁ > ``lyapunov_margin`` per step *and* λ₁·T > ln 10), or the parameter
   gradient norm spikes to more than ``spike_ratio`` × its median during training.
 * **stable** — otherwise.
+
+The site rules are :func:`gradscope.analysis.evidence.regime`, the one regime rule (its default
+thresholds are named constants there); the spike is a model-wide finding.
 
 Evidence, best first: probe measures (Jacobian norms by lag, Lyapunov exponents, weights, gates);
 otherwise the watched gradient-norm profile ‖∂L/∂h_t‖ along the direction the gradient travels
@@ -34,6 +38,9 @@ import numpy as np
 
 from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
 from ..errors import GradscopeError, did_you_mean
+from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
+from .evidence import regime as evidence_regime
+from .remedies import REINITIALISING, finding_remedies
 from .trainability import assess
 
 SCHEMA_VERSION = 2  # 2: remedies listed once at the top level, findings point to them by id
@@ -52,8 +59,8 @@ __all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
 class Rules:
     """Thresholds of the regime rules (see the module docstring)."""
 
-    threshold: float = 1e-3
-    lyapunov_margin: float = 0.01
+    threshold: float = HORIZON_THRESHOLD
+    lyapunov_margin: float = LYAPUNOV_MARGIN
     short_memory_ratio: float = 0.1
     saturation: float = 0.3
     spike_ratio: float = 100.0
@@ -206,31 +213,7 @@ def _global_grad_stats(rec) -> Dict[str, float]:
     return {"grad_norm_median": float(np.median(tot)), "grad_norm_max": float(np.max(tot))}
 
 
-def _regime(ev: Dict[str, float], rules: Rules) -> Tuple[str, str]:
-    """(regime, reason) from the evidence numbers."""
-    T = ev.get("seq_len", math.nan)
-    lam = ev.get("lambda1", math.nan)
-    if ev.get("explosion_lag", math.inf) <= T:
-        return "exploding", "growth passes 1/threshold within the sequence"
-    if math.isfinite(lam) and lam > rules.lyapunov_margin and lam * T > math.log(10):
-        return "exploding", "top Lyapunov exponent clearly positive"
-    if ev.get("horizon", math.inf) < T:
-        return "vanishing", "gradient horizon shorter than the sequence"
-    return "stable", "horizon covers the sequence and no growth"
-
-
 # ------------------------------------------------------------------------------ findings
-def _remedies(kind: str, site_kind: str, ev: Dict[str, float], site: str, module: str):
-    try:
-        from .remedies import remedies_for
-    except ImportError:  # pragma: no cover - catalogue not built
-        return []
-    try:
-        return list(remedies_for(kind, site_kind, ev, site=site, module=module))
-    except GradscopeError:
-        return []
-
-
 def _explain_vanishing(site, ev, kind: str = "", threshold: float = 1e-3) -> str:
     """What the horizon measured, and no more: the reach of the gradient at these weights, now."""
     T, h, rate = ev.get("seq_len"), ev.get("horizon"), ev.get("rate", math.nan)
@@ -264,7 +247,7 @@ def _site_findings(site: str, info: Dict[str, Any], ev: Dict[str, float], used: 
     def add(fkind, severity, explanation, keys, evidence_used=None):
         e = {k: ev[k] for k in keys if k in ev}
         out.append(Finding(fkind, site, severity, e, explanation,
-                           _remedies(fkind, kind, ev, site, module), list(evidence_used or used)))
+                           finding_remedies(fkind, kind, ev, site, module), list(evidence_used or used)))
 
     base = ["seq_len", "rate", "horizon", "explosion_lag", "lambda1", "w_hh_norm", "spectral_radius",
             "grad_ratio", "grad_norm_median", "grad_norm_max", "memory_time", "forget_bias"]
@@ -594,13 +577,6 @@ def _module_lines(rec, sites: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]
     return out
 
 
-#: remedies that re-initialise weights or change the architecture: for a trained model they undo
-#: the training, so they come after those that work during training (clipping, truncation,
-#: gate-bias adjustment with fine-tuning)
-REINITIALISING = ("orthogonal_init", "irnn", "critical_init", "chrono_init", "xavier_init", "he_init",
-                  "reinit_dead", "switch_to_lstm", "switch_to_gru", "relu_nonlinearity")
-
-
 def _measured_on(rec) -> str:
     """What the evidence was measured on: the inputs, the module's mode and, for half-precision
     weights, the working precision (from the Recording)."""
@@ -640,7 +616,7 @@ def nonfinite_weight_findings(bad: List[Dict[str, Any]], groups: Dict[str, List[
     """One critical ``nonfinite`` finding per site (or ``"(model)"``/``"(checkpoint)"``) whose weights
     hold NaN or inf, naming the tensors and counting their bad values.
 
-    ``bad`` as from :func:`gradscope.capture.probe.nonfinite_tensors`; ``groups`` maps a site to its
+    ``bad`` as from :func:`gradscope.measure.probe.nonfinite_tensors`; ``groups`` maps a site to its
     entries of ``bad``; ``folded`` counts the probe's NaN/inf events that these weights caused.
     """
     out = []
@@ -660,12 +636,12 @@ def nonfinite_weight_findings(bad: List[Dict[str, Any]], groups: Dict[str, List[
                            f"saved (or the file is damaged); every output and gradient these weights touch "
                            f"is NaN or inf.{where} Restore the last finite checkpoint and train on from there."
                            + after,
-                           _remedies("nonfinite", kind, {}, site, sites.get(site, {}).get("module") or site),
+                           finding_remedies("nonfinite", kind, {}, site, sites.get(site, {}).get("module") or site),
                            ["weights"]))
     return out
 
 
-def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.01,
+def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin: float = LYAPUNOV_MARGIN,
              short_memory_ratio: float = 0.1, saturation: float = 0.3, spike_ratio: float = 100.0,
              steps: int = 20, attention_rules=None, trained: bool = False) -> Diagnosis:
     """Name the regime of every site of a Recording and list findings with evidence and remedies.
@@ -746,7 +722,8 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
             regime, reason = "stable", "no usable evidence"
             caveats.append("no gradient reached this site's states in the recorded steps")
         else:
-            regime, reason = _regime(ev, rules)
+            regime, reason = evidence_regime(ev, threshold=rules.threshold,
+                                                 lyapunov_margin=rules.lyapunov_margin)
             if regime == "stable" and used == ["grad_norm_profile"]:
                 regime, reason = "inconclusive", INCONCLUSIVE_PROFILE
         sites[site] = {"kind": info.get("kind"), "module": info.get("module", site), "regime": regime,
@@ -781,7 +758,7 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
             findings.append(Finding("nonfinite", where, "critical", {"step": float(e["step"])},
                                     f"A {e.get('value')} appeared in the {what} of {where} at training step "
                                     f"{e['step']}; every update after it is corrupted.",
-                                    _remedies("nonfinite", sites.get(where, {}).get("kind", "cell"), {}, where, where),
+                                    finding_remedies("nonfinite", sites.get(where, {}).get("kind", "cell"), {}, where, where),
                                     ["events"]))
     gev = _global_grad_stats(rec)
     gmed, gmax = gev.get("grad_norm_median"), gev.get("grad_norm_max")
@@ -790,7 +767,7 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
         findings.append(Finding("exploding", "(model)", "warning", gev,
                                 f"The global gradient norm reached {gmax:.3g}, {gmax / gmed:.3g}× its median "
                                 f"{gmed:.3g}: a spike typical of exploding gradients.",
-                                _remedies("exploding", "cell", gev, "(model)", ""), ["param_grad_norms"]))
+                                finding_remedies("exploding", "cell", gev, "(model)", ""), ["param_grad_norms"]))
     if missing_probe and rec.sites:
         notes.append("gate statistics, Jacobians by lag and Lyapunov exponents need a probe; sites "
                      f"without them: {missing_probe}. Record them with gradscope.probe(model, batch) "
@@ -803,7 +780,7 @@ def diagnose(recording, *, threshold: float = 1e-3, lyapunov_margin: float = 0.0
                 # nothing that works during training was listed: truncated BPTT is (it keeps every
                 # contribution above rounding; its text says it does not lengthen the memory)
                 s = sites[f.site]
-                extra = [r for r in _remedies("precision_underflow", s["kind"] or "cell", s["evidence"], f.site,
+                extra = [r for r in finding_remedies("precision_underflow", s["kind"] or "cell", s["evidence"], f.site,
                                               s["module"]) if getattr(r, "name", "") not in REINITIALISING]
                 f.remedies[:0] = extra[:1]
     if rec.meta.get("inputs_synthetic"):

@@ -16,7 +16,10 @@ Entry points:
 
 * :func:`remedies_for` — the ranked remedies for one finding (most specific first).
 * :func:`get_remedy` — one remedy by name (unknown names get a "did you mean").
-* :data:`REMEDY_NAMES`, :data:`UNTESTABLE` (why a remedy cannot be measured by a probe).
+* :data:`REMEDIES` — the registry: one :class:`RemedySpec` per remedy (what it applies to, how
+  to build its text and code, how :func:`~gradscope.analysis.trials.try_remedies` applies it or why
+  it cannot, whether it re-initialises); :data:`REMEDY_NAMES`, :data:`UNTESTABLE` and the other
+  tables are derived from it.
 * :data:`FOLKLORE` and :func:`folklore_verdicts` — the usual advice (ReLU, Xavier/He, batch norm,
   dropout, Adam, "use an LSTM", "add attention") checked against the mechanism and the evidence.
 
@@ -31,23 +34,23 @@ from __future__ import annotations
 import keyword
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from .._format import fmt
 from ..errors import GradscopeError, did_you_mean
+from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
+from .evidence import regime as evidence_regime
 
-__all__ = ["Remedy", "remedies_for", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
+__all__ = ["Remedy", "RemedySpec", "REMEDIES", "REINITIALISING", "remedies_for", "finding_remedies", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",
            "SITE_KINDS", "UNTESTABLE", "FOLKLORE", "folklore_verdicts", "forget_bias_plan", "critical_gain",
            "clip_threshold", "truncation_window", "chrono_t_max", "module_expr"]
 
 # float32: exp(λ₁ k) falls below the machine epsilon 2**-23 once k > ln(2**23)/|λ₁| = 15.9/|λ₁|.
 _LN_FLOAT32_EPS = 23 * math.log(2.0)
 _DEFAULT_SEQ_LEN = 100
-_DEFAULT_THRESHOLD = 1e-3
+_DEFAULT_THRESHOLD = HORIZON_THRESHOLD
 
-FINDING_KINDS = ("vanishing", "exploding", "short_memory", "saturated_gates", "dead_units",
-                 "nonfinite", "precision_underflow", "attention_entropy_collapse", "rank_collapse",
-                 "postln_instability")
 SITE_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "cell", "attention")
 
 
@@ -71,7 +74,7 @@ class Remedy:
     why: str
     code: str
     reference: str
-    testable: bool
+    testable: bool = False  # set from the catalogue entry (RemedySpec.testable) by remedies_for/get_remedy
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -79,19 +82,6 @@ class Remedy:
 
 # ------------------------------------------------------------------------------------------------
 # formatting helpers
-
-
-def _f(x: float, digits: int = 3) -> str:
-    """A number for prose: 3 significant digits, ∞ for infinity."""
-    if x is None:
-        return "?"
-    if isinstance(x, float) and math.isnan(x):
-        return "NaN"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞" if x > 0 else "-∞"
-    if float(x).is_integer() and abs(x) < 1e6:
-        return str(int(x))
-    return f"{x:.{digits}g}"
 
 
 def _lit(x: float, digits: int = 3) -> str:
@@ -215,11 +205,11 @@ class _Ctx:
         lam, hor, T = self.get("lambda1"), _raw(self.ev, "horizon"), self.get("seq_len")
         bits = []
         if lam is not None:
-            bits.append(f"λ₁ = {_f(lam)} per step")
+            bits.append(f"λ₁ = {fmt(lam)} per step")
         if hor is not None and T is not None:
-            bits.append(f"horizon {_f(hor)} of {_f(T)} steps")
+            bits.append(f"horizon {fmt(hor)} of {fmt(T)} steps")
         elif hor is not None:
-            bits.append(f"horizon {_f(hor)} steps")
+            bits.append(f"horizon {fmt(hor)} steps")
         return ", ".join(bits)
 
     def finish(self, text: str) -> str:
@@ -230,23 +220,6 @@ class _Ctx:
 
 # ------------------------------------------------------------------------------------------------
 # the arithmetic behind the numbers (shared with trials.py so snippet and trial agree)
-
-
-def _sigmoid(b: float) -> float:
-    return 1.0 / (1.0 + math.exp(-b)) if b >= 0 else math.exp(b) / (1.0 + math.exp(b))
-
-
-def _tau_of_bias(b: float) -> float:
-    """Memory time τ = −1/ln σ(b) of a forget gate with effective bias b (small weights)."""
-    p = _sigmoid(b)
-    if p >= 1.0:
-        return math.inf
-    return -1.0 / math.log(p) if p > 0 else 0.0
-
-
-def _bias_of_tau(tau: float) -> float:
-    """The bias b with −1/ln σ(b) = τ: σ(b) = exp(−1/τ) ⇒ b = −ln(exp(1/τ) − 1)."""
-    return -math.log(math.expm1(1.0 / tau))
 
 
 def forget_bias_plan(evidence: Mapping[str, Any], threshold: float = _DEFAULT_THRESHOLD, *,
@@ -288,16 +261,16 @@ def forget_bias_plan(evidence: Mapping[str, Any], threshold: float = _DEFAULT_TH
         if keep is not None and 0 < keep < 1:
             b_now, source = math.log(keep / (1 - keep)), "logit of the mean gate value"
         elif tau is not None and tau > 0:
-            b_now, source = _bias_of_tau(tau), "the measured memory time"
+            b_now, source = bias_of_memory_time(tau), "the measured memory time"
         else:
             b_now, source = 0.0, "assumed"
             assumed.append("forget bias unknown, 0 assumed (PyTorch's initialisation)")
-    tau_now = _tau_of_bias(b_now)
+    tau_now = memory_time(b_now)
     tau_target = max(T / math.log(1.0 / threshold), 1.0)
-    b_target = max(_bias_of_tau(tau_target), 1.0)
+    b_target = max(bias_of_memory_time(tau_target), 1.0)
     b_new = b_target if b_now < b_target else b_now + 1.0
     return {"b_now": b_now, "b_source": source, "tau_now": tau_now, "tau_target": tau_target,
-            "b_target": b_target, "b_new": b_new, "tau_new": _tau_of_bias(b_new),
+            "b_target": b_target, "b_new": b_new, "tau_new": memory_time(b_new),
             "delta": b_new - b_now, "seq_len": T, "threshold": threshold, "assumed": assumed}
 
 
@@ -397,9 +370,9 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
     bits = []
     if w is not None:
-        bits.append(f"‖W_hh‖₂ = {_f(w)}")
+        bits.append(f"‖W_hh‖₂ = {fmt(w)}")
     if lam is not None:
-        bits.append(f"λ₁ = {_f(lam)} per step")
+        bits.append(f"λ₁ = {fmt(lam)} per step")
     evid = (", ".join(bits) + ": ") if bits else ""
     if c.kind == "exploding":
         why = (f"{evid}the recurrent map stretches some direction at every step{c.where}. An "
@@ -409,7 +382,7 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     else:
         hor = _raw(c.ev, "horizon")
         T = c.seq_len()
-        reach = (f" and the gradient falls below 1e-3 after {_f(hor)} of {_f(T)} steps"
+        reach = (f" and the gradient falls below 1e-3 after {fmt(hor)} of {fmt(T)} steps"
                  if hor is not None and math.isfinite(hor) else "")
         why = (f"{evid}each step shrinks the gradient{reach}{c.where}. An orthogonal W_hh has "
                f"every singular value 1, so the linear part of a step preserves norms (Saxe et al. "
@@ -429,12 +402,12 @@ def _r_orthogonal_init(c: _Ctx) -> Remedy:
     return Remedy("orthogonal_init", "Orthogonal recurrent weights (W_hh)", c.finish(why),
                   "\n".join(lines) + "\n",
                   "Saxe, McClelland & Ganguli 2014, Exact solutions to the nonlinear dynamics of "
-                  "learning in deep linear networks", True)
+                  "learning in deep linear networks")
 
 
 def _r_irnn(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
-    now = f"λ₁ is {_f(lam)} per step now{c.where}; " if lam is not None else ""
+    now = f"λ₁ is {fmt(lam)} per step now{c.where}; " if lam is not None else ""
     why = (f"{now}with W_hh = I, zero biases and ReLU every step's Jacobian is diag(1[a > 0]): "
            f"exactly 1 along the active units, so the gradient is carried without shrinking while "
            f"units stay active (Le et al. 2015). Pair it with clipping: once training pushes an "
@@ -459,29 +432,29 @@ def _r_irnn(c: _Ctx) -> Remedy:
                 "rnn.nonlinearity, rnn.mode = \"relu\", \"RNN_RELU\"  # as nn.RNN(..., nonlinearity=\"relu\")"]
     return Remedy("irnn", "IRNN: identity W_hh, zero bias, ReLU", c.finish(why), "\n".join(code) + "\n",
                   "Le, Jaitly & Hinton 2015, A simple way to initialize recurrent networks of "
-                  "rectified linear units", True)
+                  "rectified linear units")
 
 
 def _r_critical_init(c: _Ctx) -> Remedy:
     cg = critical_gain(c.ev)
     g = cg["gain"]
     if cg["chi_now"] is not None:
-        why = (f"Mean field: χ = σ_w² E[φ′(h)²] ≈ exp(2λ₁) = {_f(cg['chi_now'])} now{c.where} "
+        why = (f"Mean field: χ = σ_w² E[φ′(h)²] ≈ exp(2λ₁) = {fmt(cg['chi_now'])} now{c.where} "
                f"({'ordered: vanishing' if cg['chi_now'] < 1 else 'chaotic: exploding'}); with "
-               f"‖W_hh‖₂ = {_f(cg['scale'])} that means E[φ′²] ≈ {_f(cg['phi2'])}, so an orthogonal "
-               f"W_hh with gain {_f(g)} puts χ at 1, the edge of chaos (Chen et al. 2018). First "
+               f"‖W_hh‖₂ = {fmt(cg['scale'])} that means E[φ′²] ≈ {fmt(cg['phi2'])}, so an orthogonal "
+               f"W_hh with gain {fmt(g)} puts χ at 1, the edge of chaos (Chen et al. 2018). First "
                f"order: it holds E[φ′²] fixed; re-probe to check.")
         if cg["clamped"]:
-            why += f" (The gain is kept in [1, 3]; the formula gave {_f(cg['scale'] * math.exp(-cg['lambda1']))}.)"
+            why += f" (The gain is kept in [1, 3]; the formula gave {fmt(cg['scale'] * math.exp(-cg['lambda1']))}.)"
     else:
         why = (f"χ = σ_w² E[φ′(h)²] = 1 is the edge between vanishing (χ < 1) and exploding "
                f"(χ > 1) (Chen et al. 2018); {cg['basis']}.")
     body = [f"torch.nn.init.orthogonal_(W, gain={_lit(g)})  # chi = gain**2 * E[phi'(h)**2] ~ 1"]
     lines = ["import torch", "", "with torch.no_grad():"] + _weight_hh_loop(c, body)
-    return Remedy("critical_init", f"Critical initialisation χ = 1 (orthogonal W_hh, gain {_f(g)})",
+    return Remedy("critical_init", f"Critical initialisation χ = 1 (orthogonal W_hh, gain {fmt(g)})",
                   c.finish(why), "\n".join(lines) + "\n",
                   "Chen, Pennington & Schoenholz 2018, Dynamical isometry and a mean field theory "
-                  "of RNNs: gating enables signal propagation in recurrent neural networks", True)
+                  "of RNNs: gating enables signal propagation in recurrent neural networks")
 
 
 def _switch_code(c: _Ctx, cls: str) -> List[str]:
@@ -520,7 +493,7 @@ def _switch_code(c: _Ctx, cls: str) -> List[str]:
 def _r_switch(cls: str) -> Callable[[_Ctx], Remedy]:
     def build(c: _Ctx) -> Remedy:
         lam = c.get("lambda1")
-        now = f"with λ₁ = {_f(lam)} per step{c.where} " if lam is not None else ""
+        now = f"with λ₁ = {fmt(lam)} per step{c.where} " if lam is not None else ""
         if cls == "LSTM":
             mech = ("The LSTM's cell path gives ∂c_T/∂c_t = Π diag(f): with forget gates near 1 the "
                     "gradient crosses many steps without the W_hh product")
@@ -535,7 +508,7 @@ def _r_switch(cls: str) -> Callable[[_Ctx], Remedy]:
         ref = ("Hochreiter & Schmidhuber 1997 (LSTM); Gers et al. 2000 (forget gate)" if cls == "LSTM"
                else "Cho et al. 2014 (GRU); Chung et al. 2014 (gated RNN comparison)")
         return Remedy(f"switch_to_{cls.lower()}", f"Switch the Elman RNN to nn.{cls}", c.finish(why),
-                      "\n".join(_switch_code(c, cls)) + "\n", ref, True)
+                      "\n".join(_switch_code(c, cls)) + "\n", ref)
     return build
 
 
@@ -562,13 +535,13 @@ def _r_forget_bias(c: _Ctx) -> Remedy:
     T = p["seq_len"]
     half = p["delta"] / 2
     tau_meas = c.get("memory_time")
-    meas = f" (measured memory time {_f(tau_meas)} steps)" if tau_meas is not None else ""
+    meas = f" (measured memory time {fmt(tau_meas)} steps)" if tau_meas is not None else ""
     path = "kept path z⊙h" if gru else "cell path"
-    why = (f"The {gate} bias {b} = {_f(p['b_now'])}{c.where} ({p['b_source']}) gives τ = -1/ln σ({b}) "
-           f"= {_f(p['tau_now'])} steps{meas}. For the {path} to keep 1e-3 of the gradient over all "
-           f"{_f(T)} steps, τ ≥ {_f(T)}/ln(1000) = {_f(p['tau_target'])} ⇒ {b} ≥ "
-           f"-ln(exp(1/{_f(p['tau_target'])}) - 1) = {_f(p['b_target'])}; adding {_f(p['delta'])} "
-           f"(half to bias_ih, half to bias_hh) sets {b} = {_f(p['b_new'])}, τ = {_f(p['tau_new'])} "
+    why = (f"The {gate} bias {b} = {fmt(p['b_now'])}{c.where} ({p['b_source']}) gives τ = -1/ln σ({b}) "
+           f"= {fmt(p['tau_now'])} steps{meas}. For the {path} to keep 1e-3 of the gradient over all "
+           f"{fmt(T)} steps, τ ≥ {fmt(T)}/ln(1000) = {fmt(p['tau_target'])} ⇒ {b} ≥ "
+           f"-ln(exp(1/{fmt(p['tau_target'])}) - 1) = {fmt(p['b_target'])}; adding {fmt(p['delta'])} "
+           f"(half to bias_ih, half to bias_hh) sets {b} = {fmt(p['b_new'])}, τ = {fmt(p['tau_new'])} "
            f"steps. Jozefowicz et al. (2015) recommend at least 1 (τ = 3.2).")
     if gru:
         why += " In PyTorch's GRU h′ = (1−z)⊙n + z⊙h, so z is the gate that keeps memory."
@@ -578,10 +551,10 @@ def _r_forget_bias(c: _Ctx) -> Remedy:
     stmts = [f"{{ih}}[H:2 * H] += {_lit(half, 4)}  # {b} {_lit(p['b_now'])} -> {_lit(p['b_new'])}",
              f"{{hh}}[H:2 * H] += {_lit(half, 4)}  # tau {tau_now} -> {tau_new} steps"]
     lines = ["import torch", "", f"H = {c.m}.hidden_size", f"with torch.no_grad():  {comment}"] + _bias_lines(c, stmts)
-    return Remedy("forget_bias", f"Raise the {gate} bias to {_f(p['b_new'])} (τ {_f(p['tau_now'])} → "
-                  f"{_f(p['tau_new'])} steps)", c.finish(why), "\n".join(lines) + "\n",
+    return Remedy("forget_bias", f"Raise the {gate} bias to {fmt(p['b_new'])} (τ {fmt(p['tau_now'])} → "
+                  f"{fmt(p['tau_new'])} steps)", c.finish(why), "\n".join(lines) + "\n",
                   "Jozefowicz, Zaremba & Sutskever 2015, An empirical exploration of recurrent network "
-                  "architectures; Gers, Schmidhuber & Cummins 2000, Learning to forget", True)
+                  "architectures; Gers, Schmidhuber & Cummins 2000, Learning to forget")
 
 
 def _r_chrono_init(c: _Ctx) -> Remedy:
@@ -590,7 +563,7 @@ def _r_chrono_init(c: _Ctx) -> Remedy:
     gru = c.site_kind == "gru"
     why = (f"Chrono initialisation draws b_f = ln u, u ~ U[1, T_max − 1] with T_max = {T_max} (the "
            f"sequence length){c.where}: σ(ln u) = u/(1+u), so each unit's memory time τ ≈ u + ½ "
-           f"spreads over 1.5 … {_f(T_max - 0.5)} steps and covers every dependency up to the "
+           f"spreads over 1.5 … {fmt(T_max - 0.5)} steps and covers every dependency up to the "
            f"sequence length (Tallec & Ollivier 2018).")
     if gru:
         why += (" For a GRU the update gate z plays the forget gate's role (h′ = (1−z)⊙n + z⊙h); the "
@@ -609,17 +582,17 @@ def _r_chrono_init(c: _Ctx) -> Remedy:
         + _bias_lines(c, stmts)
     return Remedy("chrono_init", f"Chrono initialisation of the gate biases (T_max = {T_max})",
                   c.finish(why), "\n".join(lines) + "\n",
-                  "Tallec & Ollivier 2018, Can recurrent neural networks warp time?", True)
+                  "Tallec & Ollivier 2018, Can recurrent neural networks warp time?")
 
 
 def _r_clip_grad_norm(c: _Ctx) -> Remedy:
     ct = clip_threshold(c.ev)
     mn = ct["max_norm"]
     if ct["known"]:
-        why = (f"Recorded global gradient norm: median {_f(ct['median'])}"
-               + (f", max {_f(ct['max'])} ({_f(ct['max'] / ct['median'])}× the median)"
+        why = (f"Recorded global gradient norm: median {fmt(ct['median'])}"
+               + (f", max {fmt(ct['max'])} ({fmt(ct['max'] / ct['median'])}× the median)"
                   if ct["max"] is not None else "")
-               + f". Clipping at 2× the median = {_f(mn)} (Pascanu et al. 2013 §3.2 suggest 0.5–10× "
+               + f". Clipping at 2× the median = {fmt(mn)} (Pascanu et al. 2013 §3.2 suggest 0.5–10× "
                  f"the running mean) rescales the spikes and leaves typical steps alone.")
         if ct["max"] is not None and ct["max"] <= mn:
             why += " No recorded step exceeded it: it only guards against future spikes."
@@ -629,32 +602,32 @@ def _r_clip_grad_norm(c: _Ctx) -> Remedy:
                "norm (Pascanu et al. 2013 §3.2).")
     lam = c.get("lambda1")
     if lam is not None and lam > 0:
-        why += (f" λ₁ = {_f(lam)} per step: the Jacobian grows ×1000 in {_f(math.log(1000) / lam)} "
+        why += (f" λ₁ = {fmt(lam)} per step: the Jacobian grows ×1000 in {fmt(math.log(1000) / lam)} "
                 f"steps{c.where}.")
     why += " Clipping keeps the direction of a step and bounds its size; it does not make a vanishing gradient larger."
     code = ["import torch", "",
             "# in the training loop, after loss.backward() and before optimizer.step():",
             f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={_lit(mn)})"]
-    return Remedy("clip_grad_norm", f"Clip the global gradient norm at {_f(mn)}", c.finish(why),
+    return Remedy("clip_grad_norm", f"Clip the global gradient norm at {fmt(mn)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural "
-                  "networks, §3.2", False)
+                  "networks, §3.2")
 
 
 def _r_lower_lr(c: _Ctx) -> Remedy:
     bits = []
     med, mx = c.get("grad_norm_median"), c.get("grad_norm_max")
     if med and mx:
-        bits.append(f"gradient-norm spikes up to {_f(mx / med)}× the median")
+        bits.append(f"gradient-norm spikes up to {fmt(mx / med)}× the median")
     sat = c.get("saturated")
     if sat is not None and c.kind == "saturated_gates":
-        bits.append(f"{_f(100 * sat)}% of gate activations saturated (< 0.1 or > 0.9)")
+        bits.append(f"{fmt(100 * sat)}% of gate activations saturated (< 0.1 or > 0.9)")
     dead = c.get("dead_units")
     if dead is not None and c.kind == "dead_units":
-        bits.append(f"{_f(100 * dead)}% of units dead")
+        bits.append(f"{fmt(100 * dead)}% of units dead")
     lam = c.get("lambda1")
     if lam is not None and lam > 0:
-        bits.append(f"λ₁ = {_f(lam)} per step")
+        bits.append(f"λ₁ = {fmt(lam)} per step")
     ev = ("; ".join(bits) + f"{c.where}. ") if bits else ""
     why = (f"{ev}Large steps push weights into regions where units saturate, die or the recurrence "
            f"turns chaotic; a smaller learning rate (÷3 here, then re-measure) makes each step "
@@ -663,8 +636,7 @@ def _r_lower_lr(c: _Ctx) -> Remedy:
             "for group in optimizer.param_groups:",
             "    group[\"lr\"] *= 0.3"]
     return Remedy("lower_lr", "Lower the learning rate (×0.3)", c.finish(why), "\n".join(code) + "\n",
-                  "Pascanu, Mikolov & Bengio 2013; Zhai et al. 2023 (attention: lower LR and warm-up)",
-                  False)
+                  "Pascanu, Mikolov & Bengio 2013; Zhai et al. 2023 (attention: lower LR and warm-up)")
 
 
 def _ln_cell_code(c: _Ctx) -> List[str]:
@@ -708,7 +680,7 @@ def _ln_cell_code(c: _Ctx) -> List[str]:
 def _r_layernorm_cell(c: _Ctx) -> Remedy:
     sat = c.get("saturated")
     if sat is not None:
-        ev = (f"{_f(100 * sat)}% of gate activations{c.where} are saturated (< 0.1 or > 0.9), where "
+        ev = (f"{fmt(100 * sat)}% of gate activations{c.where} are saturated (< 0.1 or > 0.9), where "
               f"σ′ < 0.09: those gates pass almost no gradient. ")
     else:
         ev = ""
@@ -717,12 +689,12 @@ def _r_layernorm_cell(c: _Ctx) -> Remedy:
            f"2016). It needs a cell written out per step (PyTorch's fused layers have no LayerNorm).")
     return Remedy("layernorm_cell", "LayerNorm inside the recurrent cell", c.finish(why),
                   "\n".join(_ln_cell_code(c)) + "\n",
-                  "Ba, Kiros & Hinton 2016, Layer normalization", False)
+                  "Ba, Kiros & Hinton 2016, Layer normalization")
 
 
 def _r_leaky_relu(c: _Ctx) -> Remedy:
     dead = c.get("dead_units")
-    ev = (f"{_f(100 * dead)}% of the units{c.where} are never active over any sample and step: ReLU′ = 0 "
+    ev = (f"{fmt(100 * dead)}% of the units{c.where} are never active over any sample and step: ReLU′ = 0 "
           f"there, so those rows of every Jacobian are zero and no gradient flows through them. "
           if dead is not None else "")
     why = (f"{ev}LeakyReLU keeps a slope (0.01) below zero, so a unit can come back. nn.RNN offers "
@@ -751,12 +723,12 @@ def _r_leaky_relu(c: _Ctx) -> Remedy:
         code += ["cell = LeakyRNNCell(input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE)"]
     return Remedy("leaky_relu", "LeakyReLU instead of ReLU", c.finish(why), "\n".join(code) + "\n",
                   "Maas, Hannun & Ng 2013, Rectifier nonlinearities improve neural network acoustic "
-                  "models", False)
+                  "models")
 
 
 def _r_reinit_dead(c: _Ctx) -> Remedy:
     dead = c.get("dead_units")
-    ev = (f"{_f(100 * dead)}% of the units{c.where} never fire on the probed batch. "
+    ev = (f"{fmt(100 * dead)}% of the units{c.where} never fire on the probed batch. "
           if dead is not None else "")
     why = (f"{ev}Re-drawing their incoming weights and biases (PyTorch's U(±1/√H)) gives them a "
            f"chance to fire again; their rows of the Jacobian stop being zero. Treat the cause too "
@@ -791,18 +763,18 @@ def _r_reinit_dead(c: _Ctx) -> Remedy:
                 "            p[dead] = torch.empty_like(p[dead]).uniform_(-bound, bound)"]
     return Remedy("reinit_dead", "Re-initialise the dead ReLU units", c.finish(why),
                   "\n".join(code) + "\n",
-                  "Lu et al. 2019, Dying ReLU and initialization: theory and numerical examples", True)
+                  "Lu et al. 2019, Dying ReLU and initialization: theory and numerical examples")
 
 
 def _r_truncated_bptt(c: _Ctx) -> Remedy:
     tw = truncation_window(c.ev)
     K = tw["window"]
     if tw["known"]:
-        why = (f"The gradient decays at {_f(tw['decay'])} per step{c.where}: beyond "
-               f"15.9/|λ₁| = {_f(tw['float32_lag'])} steps it is below float32 resolution and lost "
+        why = (f"The gradient decays at {fmt(tw['decay'])} per step{c.where}: beyond "
+               f"15.9/|λ₁| = {fmt(tw['float32_lag'])} steps it is below float32 resolution and lost "
                f"to rounding anyway. Back-propagating through windows of {tw['few']:g}/|λ₁| ≈ {K} "
                f"steps keeps every contribution above exp(−{tw['few']:g}) = "
-               f"{_f(math.exp(-tw['few']))} of the nearest and saves memory and time. It does not "
+               f"{fmt(math.exp(-tw['few']))} of the nearest and saves memory and time. It does not "
                f"make the model learn longer dependencies; gating does.")
     else:
         why = (f"No decay rate is known{c.where}; a window of {K} steps is a placeholder. Choose a "
@@ -819,20 +791,20 @@ def _r_truncated_bptt(c: _Ctx) -> Remedy:
     return Remedy("truncated_bptt", f"Truncated BPTT over windows of {K} steps", c.finish(why),
                   "\n".join(code) + "\n",
                   "Williams & Peng 1990; Sutskever 2013 (thesis), truncated backpropagation through "
-                  "time", False)
+                  "time")
 
 
 def _r_gating(c: _Ctx) -> Remedy:
     lam = c.get("lambda1")
-    prec = (f" With λ₁ = {_f(lam)} the ungated gradient is below float32 resolution after "
-            f"{_f(_LN_FLOAT32_EPS / abs(lam))} steps." if lam is not None and lam < 0 else "")
+    prec = (f" With λ₁ = {fmt(lam)} the ungated gradient is below float32 resolution after "
+            f"{fmt(_LN_FLOAT32_EPS / abs(lam))} steps." if lam is not None and lam < 0 else "")
     if c.gated():
         p = forget_bias_plan(c.ev, key="update_bias" if c.site_kind == "gru" else "forget_bias")
         why = (f"The site{c.where} is already gated; what limits it is how shut its keep gates "
-               f"are (b_f = {_f(p['b_now'])}, τ = {_f(p['tau_now'])} steps).{prec} Open them: "
+               f"are (b_f = {fmt(p['b_now'])}, τ = {fmt(p['tau_now'])} steps).{prec} Open them: "
                f"forget_bias or chrono_init.")
         return Remedy("gating", "Open the keep gates (the cell is already gated)", c.finish(why),
-                      _r_chrono_init(c).code, "Gers et al. 2000; Tallec & Ollivier 2018", False)
+                      _r_chrono_init(c).code, "Gers et al. 2000; Tallec & Ollivier 2018")
     why = (f"A gated update h′ = (1−z)⊙h + z⊙h̃ makes the per-step factor along the kept path z-close "
            f"to 1 instead of the W_hh product, so the gradient survives many more steps before "
            f"underflowing{c.where}.{prec} For nn.RNN this is a switch to nn.GRU.")
@@ -854,7 +826,7 @@ def _r_gating(c: _Ctx) -> Remedy:
         code_s = "\n".join(_switch_code(c, "GRU")) + "\n"
     return Remedy("gating", "Use a gated update (GRU-style)", c.finish(why), code_s,
                   "Hochreiter & Schmidhuber 1997; Cho et al. 2014; Chen et al. 2018 (gating enables "
-                  "signal propagation)", False)
+                  "signal propagation)")
 
 
 def _attn_ev(c: _Ctx) -> str:
@@ -865,7 +837,7 @@ def _attn_ev(c: _Ctx) -> str:
                        ("grad_ratio", "gradient ratio first/last")):
         v = c.get(key)
         if v is not None and label not in " ".join(bits):
-            bits.append(f"{label} {_f(v)}")
+            bits.append(f"{label} {fmt(v)}")
     return ("; ".join(bits) + f"{c.where}. ") if bits else ""
 
 
@@ -890,7 +862,7 @@ def _r_sigma_reparam(c: _Ctx) -> Remedy:
     return Remedy("sigma_reparam", "σReparam on the attention projections", c.finish(why),
                   "\n".join(code) + "\n",
                   "Zhai et al. 2023, Stabilizing transformer training by preventing attention "
-                  "entropy collapse", False)
+                  "entropy collapse")
 
 
 def _r_warmup(c: _Ctx) -> Remedy:
@@ -904,7 +876,7 @@ def _r_warmup(c: _Ctx) -> Remedy:
             "# call scheduler.step() after every optimizer.step()"]
     return Remedy("warmup", "Learning-rate warm-up (1000 steps)", c.finish(why), "\n".join(code) + "\n",
                   "Xiong et al. 2020, On layer normalization in the transformer architecture; Zhai et "
-                  "al. 2023", False)
+                  "al. 2023")
 
 
 def _r_qk_layernorm(c: _Ctx) -> Remedy:
@@ -922,7 +894,7 @@ def _r_qk_layernorm(c: _Ctx) -> Remedy:
     return Remedy("qk_layernorm", "QK-LayerNorm", c.finish(why), "\n".join(code) + "\n",
                   "Dehghani et al. 2023, Scaling vision transformers to 22 billion parameters; "
                   "Wortsman et al. 2023, Small-scale proxies for large-scale transformer training "
-                  "instabilities", False)
+                  "instabilities")
 
 
 def _r_residual_scaling(c: _Ctx) -> Remedy:
@@ -932,7 +904,7 @@ def _r_residual_scaling(c: _Ctx) -> Remedy:
     if assumed:
         c.notes.append("number of blocks unknown, L = 12 assumed")
     a = 1 / math.sqrt(L)
-    why = (f"{_attn_ev(c)}Scaling each residual branch by 1/√L = {_f(a)} (L = {L} blocks) keeps the "
+    why = (f"{_attn_ev(c)}Scaling each residual branch by 1/√L = {fmt(a)} (L = {L} blocks) keeps the "
            f"token representations from collapsing to one direction with depth, and with them the "
            f"query/key gradients (Noci et al. 2022).")
     code = ["import math", "",
@@ -941,10 +913,10 @@ def _r_residual_scaling(c: _Ctx) -> Remedy:
             "# in every block's forward:",
             "#     x = x + alpha * self.attn(self.norm1(x))",
             "#     x = x + alpha * self.mlp(self.norm2(x))"]
-    return Remedy("residual_scaling", f"Scale residual branches by 1/√L = {_f(a)}", c.finish(why),
+    return Remedy("residual_scaling", f"Scale residual branches by 1/√L = {fmt(a)}", c.finish(why),
                   "\n".join(code) + "\n",
                   "Noci et al. 2022, Signal propagation in transformers: theoretical perspectives "
-                  "and the role of rank collapse", False)
+                  "and the role of rank collapse")
 
 
 def _r_pre_ln(c: _Ctx) -> Remedy:
@@ -958,13 +930,13 @@ def _r_pre_ln(c: _Ctx) -> Remedy:
             "        m.norm_first = True",
             "# own blocks: x = x + attn(ln1(x)); x = x + mlp(ln2(x))  instead of  x = ln1(x + attn(x))"]
     return Remedy("pre_ln", "Pre-LN instead of Post-LN", c.finish(why), "\n".join(code) + "\n",
-                  "Xiong et al. 2020, On layer normalization in the transformer architecture", False)
+                  "Xiong et al. 2020, On layer normalization in the transformer architecture")
 
 
 # Folklore checks: not recommended by remedies_for, but measurable with try_remedies(remedies=[...]).
 def _r_relu_nonlinearity(c: _Ctx) -> Remedy:
     w = c.get("w_hh_norm")
-    ev = f"‖W_hh‖₂ = {_f(w)}{c.where}: " if w is not None else ""
+    ev = f"‖W_hh‖₂ = {fmt(w)}{c.where}: " if w is not None else ""
     why = (f"{ev}switching tanh to ReLU removes the factor tanh′ ≤ 1, but the step Jacobian "
            f"diag(1[a > 0]) W_hh still shrinks the gradient when W_hh is contractive and grows it "
            f"when ‖W_hh‖ > 1; it helps only with identity/orthogonal W_hh (see irnn). A folklore "
@@ -972,7 +944,7 @@ def _r_relu_nonlinearity(c: _Ctx) -> Remedy:
     code = [f"rnn = {c.m}  # nn.RNN",
             "rnn.nonlinearity, rnn.mode = \"relu\", \"RNN_RELU\"  # as nn.RNN(..., nonlinearity=\"relu\")"]
     return Remedy("relu_nonlinearity", "Folklore check: ReLU instead of tanh (weights unchanged)",
-                  c.finish(why), "\n".join(code) + "\n", "folklore; compare Le et al. 2015 (IRNN)", True)
+                  c.finish(why), "\n".join(code) + "\n", "folklore; compare Le et al. 2015 (IRNN)")
 
 
 def _r_init_check(name: str, title: str, fn: str, args: str, why_core: str, ref: str):
@@ -982,7 +954,7 @@ def _r_init_check(name: str, title: str, fn: str, args: str, why_core: str, ref:
                 f"    torch.nn.init.{fn}(W[k * H:(k + 1) * H]{args})"]
         lines = ["import torch", "", "with torch.no_grad():"] + _weight_hh_loop(c, body)
         return Remedy(name, title, c.finish(why_core + " A folklore check, not a recommendation."),
-                      "\n".join(lines) + "\n", ref, True)
+                      "\n".join(lines) + "\n", ref)
     return build
 
 
@@ -1002,57 +974,153 @@ _he = _r_init_check(
     "He et al. 2015, Delving deep into rectifiers")
 
 
-_BUILDERS: Dict[str, Callable[[_Ctx], Remedy]] = {
-    "clip_grad_norm": _r_clip_grad_norm,
-    "lower_lr": _r_lower_lr,
-    "orthogonal_init": _r_orthogonal_init,
-    "irnn": _r_irnn,
-    "critical_init": _r_critical_init,
-    "switch_to_lstm": _r_switch("LSTM"),
-    "switch_to_gru": _r_switch("GRU"),
-    "forget_bias": _r_forget_bias,
-    "chrono_init": _r_chrono_init,
-    "layernorm_cell": _r_layernorm_cell,
-    "leaky_relu": _r_leaky_relu,
-    "reinit_dead": _r_reinit_dead,
-    "truncated_bptt": _r_truncated_bptt,
-    "gating": _r_gating,
-    "sigma_reparam": _r_sigma_reparam,
-    "warmup": _r_warmup,
-    "qk_layernorm": _r_qk_layernorm,
-    "residual_scaling": _r_residual_scaling,
-    "pre_ln": _r_pre_ln,
-    "relu_nonlinearity": _r_relu_nonlinearity,
-    "xavier_init": _xavier,
-    "he_init": _he,
-}
+# ------------------------------------------------------------------------------------------------
+# the registry: one entry per remedy
 
-REMEDY_NAMES: Tuple[str, ...] = tuple(_BUILDERS)
+
+def _in_trials(fn_name: str) -> Callable:
+    """The applier ``trials.<fn_name>``, imported when first called (this module stays torch-free)."""
+    def apply(model, targets, ctx):
+        from . import trials
+        return getattr(trials, fn_name)(model, targets, ctx)
+    apply.__name__ = apply.__qualname__ = fn_name
+    return apply
+
+
+_RNN = ("rnn_tanh", "rnn_relu", "cell")      # Elman-type sites (a user cell may be one)
+_GATED = ("lstm", "gru", "cell")              # sites with a keep gate (a user cell may have one)
+_FUSED_RNN = ("rnn_tanh", "rnn_relu")         # fused nn.RNN layers (what the appliers rewrite)
+_FUSED = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+_ON_TRAINING = "acts on training, not on the Jacobians a probe measures"
+
+
+@dataclass(frozen=True)
+class RemedySpec:
+    """Everything gradscope knows about one remedy, in one place (the entry of :data:`REMEDIES`).
+
+    Attributes:
+        name: the catalogue key (``"forget_bias"``).
+        build: ``build(ctx) -> Remedy``: title, why, code and reference specialised to one site's
+            evidence (``ctx``: what the builder knows, see ``_Ctx``).
+        applies_to: the site kinds it makes sense on (None: every kind); :func:`remedies_for`
+            leaves it out elsewhere.
+        apply: ``apply(model, targets, ctx) -> (model, renames, what changed)`` — applies it to a
+            copy of the model for :func:`gradscope.analysis.trials.try_remedies`; None when it
+            cannot be measured on a copy, and then ``untestable`` says why (exactly one of the two).
+        apply_kinds: the site kinds whose fused layers ``apply`` rewrites.
+        untestable: why a probe of a copy cannot measure it (None when ``apply`` is given).
+        model_wide: it can answer a model-wide finding (a gradient-norm spike at ``"(model)"``).
+        reinitialising: it re-initialises weights or changes the architecture, so for a trained
+            model it undoes the training and is listed after the remedies that work during training.
+        folklore: a folklore check: never recommended by :func:`remedies_for`, only tried by name.
+    """
+
+    name: str
+    build: Callable[[_Ctx], Remedy]
+    applies_to: Optional[Tuple[str, ...]] = None
+    apply: Optional[Callable] = None
+    apply_kinds: Tuple[str, ...] = ()
+    untestable: Optional[str] = None
+    model_wide: bool = False
+    reinitialising: bool = False
+    folklore: bool = False
+
+    def __post_init__(self):
+        if (self.apply is None) == (self.untestable is None):
+            raise GradscopeError(f"remedy {self.name!r}: give either apply= or untestable= (why it cannot "
+                                 f"be measured on a copy), exactly one.")
+        if self.apply is not None and not self.apply_kinds:
+            raise GradscopeError(f"remedy {self.name!r}: apply= needs apply_kinds= (the site kinds it rewrites).")
+
+    @property
+    def testable(self) -> bool:
+        """:func:`~gradscope.analysis.trials.try_remedies` can apply it to a copy and measure it."""
+        return self.apply is not None
+
+    def applies(self, site_kind: str) -> bool:
+        """It makes sense on a site of this kind (``""``: unknown, so yes)."""
+        return not site_kind or self.applies_to is None or site_kind in self.applies_to
+
+
+def _specs(*specs: RemedySpec) -> Dict[str, RemedySpec]:
+    out: Dict[str, RemedySpec] = {}
+    for spec in specs:
+        if spec.name in out:
+            raise GradscopeError(f"remedy {spec.name!r} is registered twice.")
+        out[spec.name] = spec
+    return out
+
+
+REMEDIES: Dict[str, RemedySpec] = _specs(
+    RemedySpec("clip_grad_norm", _r_clip_grad_norm, model_wide=True,
+               untestable="clipping acts on the optimizer's step; it does not change the Jacobians a "
+                          "probe measures (watch a training run with and without it)"),
+    RemedySpec("lower_lr", _r_lower_lr, model_wide=True,
+               untestable="the learning rate acts on training, not on the Jacobians a probe measures"),
+    RemedySpec("orthogonal_init", _r_orthogonal_init, apply=_in_trials("_apply_orthogonal"),
+               apply_kinds=_FUSED, reinitialising=True),
+    RemedySpec("irnn", _r_irnn, applies_to=_RNN, apply=_in_trials("_apply_irnn"), apply_kinds=_FUSED_RNN,
+               reinitialising=True),
+    RemedySpec("critical_init", _r_critical_init, applies_to=_RNN, apply=_in_trials("_apply_critical"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("switch_to_lstm", _r_switch("LSTM"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_lstm"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("switch_to_gru", _r_switch("GRU"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_gru"),
+               apply_kinds=_FUSED_RNN, reinitialising=True),
+    RemedySpec("forget_bias", _r_forget_bias, applies_to=_GATED, apply=_in_trials("_apply_forget_bias"),
+               apply_kinds=("lstm", "gru")),
+    RemedySpec("chrono_init", _r_chrono_init, applies_to=_GATED, apply=_in_trials("_apply_chrono"),
+               apply_kinds=("lstm", "gru"), reinitialising=True),
+    RemedySpec("layernorm_cell", _r_layernorm_cell,
+               untestable="it needs a hand-written cell (PyTorch's fused layers have no LayerNorm), "
+                          "which gradscope does not build for you"),
+    RemedySpec("leaky_relu", _r_leaky_relu, applies_to=("rnn_relu", "cell"),
+               untestable="nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell"),
+    RemedySpec("reinit_dead", _r_reinit_dead, applies_to=("rnn_relu", "cell"),
+               apply=_in_trials("_apply_reinit_dead"), apply_kinds=("rnn_relu",), reinitialising=True),
+    RemedySpec("truncated_bptt", _r_truncated_bptt,
+               untestable="truncation changes which gradient terms training sums, not the Jacobians a "
+                          "probe measures"),
+    RemedySpec("gating", _r_gating,
+               untestable="gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or "
+                          "chrono_init (LSTM/GRU)"),
+    RemedySpec("sigma_reparam", _r_sigma_reparam,
+               untestable="it changes the parametrisation of every attention projection, which try_remedies "
+                          "does not rewrite on a copy yet; measure it by training with and without under watch"),
+    RemedySpec("warmup", _r_warmup, model_wide=True,
+               untestable="warm-up acts on the learning-rate schedule, not on the Jacobians a probe measures"),
+    RemedySpec("qk_layernorm", _r_qk_layernorm,
+               untestable="it adds modules inside the attention computation, which try_remedies does not "
+                          "rewrite on a copy yet; measure it by training with and without under watch"),
+    RemedySpec("residual_scaling", _r_residual_scaling,
+               untestable="it changes the block's forward code, which try_remedies does not rewrite on a "
+                          "copy yet; measure it by training with and without under watch"),
+    RemedySpec("pre_ln", _r_pre_ln,
+               untestable="it moves the normalisation inside each block's forward code, which try_remedies "
+                          "does not rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is "
+                          "the switch"),
+    RemedySpec("relu_nonlinearity", _r_relu_nonlinearity, applies_to=("rnn_tanh",),
+               apply=_in_trials("_apply_relu"), apply_kinds=("rnn_tanh",), reinitialising=True, folklore=True),
+    RemedySpec("xavier_init", _xavier, apply=_in_trials("_apply_xavier"), apply_kinds=_FUSED,
+               reinitialising=True, folklore=True),
+    RemedySpec("he_init", _he, apply=_in_trials("_apply_he"), apply_kinds=_FUSED, reinitialising=True,
+               folklore=True),
+)
+"""The remedy catalogue: name → :class:`RemedySpec`, in catalogue order. Every other table
+(:data:`REMEDY_NAMES`, :data:`UNTESTABLE`, :data:`FOLKLORE_CHECKS`, the trials' ``TESTABLE``,
+diagnose's ``REINITIALISING``) is derived from it."""
+
+REMEDY_NAMES: Tuple[str, ...] = tuple(REMEDIES)
 """Every remedy name :func:`get_remedy` knows (the last three are folklore checks)."""
 
-FOLKLORE_CHECKS: Tuple[str, ...] = ("relu_nonlinearity", "xavier_init", "he_init")
+FOLKLORE_CHECKS: Tuple[str, ...] = tuple(n for n, s in REMEDIES.items() if s.folklore)
 
-UNTESTABLE: Dict[str, str] = {
-    "clip_grad_norm": "clipping acts on the optimizer's step; it does not change the Jacobians a "
-                      "probe measures (watch a training run with and without it)",
-    "lower_lr": "the learning rate acts on training, not on the Jacobians a probe measures",
-    "warmup": "warm-up acts on the learning-rate schedule, not on the Jacobians a probe measures",
-    "truncated_bptt": "truncation changes which gradient terms training sums, not the Jacobians a "
-                      "probe measures",
-    "layernorm_cell": "it needs a hand-written cell (PyTorch's fused layers have no LayerNorm), "
-                      "which gradscope does not build for you",
-    "leaky_relu": "nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell",
-    "gating": "gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or chrono_init "
-              "(LSTM/GRU)",
-    "sigma_reparam": "it changes the parametrisation of every attention projection, which try_remedies "
-                     "does not rewrite on a copy yet; measure it by training with and without under watch",
-    "qk_layernorm": "it adds modules inside the attention computation, which try_remedies does not rewrite "
-                    "on a copy yet; measure it by training with and without under watch",
-    "residual_scaling": "it changes the block's forward code, which try_remedies does not rewrite on a copy "
-                        "yet; measure it by training with and without under watch",
-    "pre_ln": "it moves the normalisation inside each block's forward code, which try_remedies does not "
-              "rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is the switch",
-}
+UNTESTABLE: Dict[str, str] = {n: s.untestable for n, s in REMEDIES.items() if s.untestable is not None}
+"""Why each remedy :func:`~gradscope.analysis.trials.try_remedies` cannot measure is so."""
+
+REINITIALISING: Tuple[str, ...] = tuple(n for n, s in REMEDIES.items() if s.reinitialising)
+"""Remedies that re-initialise weights or change the architecture: for a trained model they undo
+the training, so they come after those that work during training."""
 
 # Ranked remedies per (finding kind, site kind); "*" is the fallback for other site kinds.
 _RANKING: Dict[str, Dict[str, Tuple[str, ...]]] = {
@@ -1097,25 +1165,10 @@ _RANKING: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "rank_collapse": {"*": ("residual_scaling", "pre_ln")},
     "postln_instability": {"*": ("pre_ln", "warmup")},
 }
-assert set(_RANKING) == set(FINDING_KINDS)
-
-# Remedies that make no sense on a site kind (filtered out of remedies_for).
-_APPLIES: Dict[str, Tuple[str, ...]] = {
-    "irnn": ("rnn_tanh", "rnn_relu", "cell"),
-    "critical_init": ("rnn_tanh", "rnn_relu", "cell"),
-    "switch_to_lstm": ("rnn_tanh", "rnn_relu", "cell"),
-    "switch_to_gru": ("rnn_tanh", "rnn_relu", "cell"),
-    "forget_bias": ("lstm", "gru", "cell"),
-    "chrono_init": ("lstm", "gru", "cell"),
-    "reinit_dead": ("rnn_relu", "cell"),
-    "leaky_relu": ("rnn_relu", "cell"),
-    "relu_nonlinearity": ("rnn_tanh",),
-}
-
-
-# What a model-wide finding (a gradient-norm spike with no site) can be told to do.
-_MODEL_WIDE = ("clip_grad_norm", "lower_lr", "warmup")
-
+FINDING_KINDS: Tuple[str, ...] = tuple(_RANKING)
+_unknown = sorted({n for t in _RANKING.values() for ns in t.values() for n in ns} - set(REMEDIES))
+if _unknown:  # a ranking names a remedy the registry lacks: fail at import, naming it
+    raise GradscopeError(f"_RANKING names remedies missing from REMEDIES: {_unknown}.")
 
 def _check_kind(kind: str, site_kind: str) -> None:
     if kind not in _RANKING:
@@ -1150,22 +1203,33 @@ def remedies_for(kind: str, site_kind: str = "", evidence: Optional[Mapping[str,
     table = _RANKING[kind]
     names = table.get(site_kind) or table.get("*") or next(iter(table.values()))
     if site.startswith("("):  # a model-wide finding ("(model)"): only remedies that act on training
-        names = tuple(n for n in names if n in _MODEL_WIDE)
+        names = tuple(n for n in names if REMEDIES[n].model_wide)
     out = []
     for name in names:
-        ok = _APPLIES.get(name)
-        if ok is not None and site_kind and site_kind not in ok:
+        if not REMEDIES[name].applies(site_kind):
             continue
         out.append(_build(name, evidence, kind=kind, site_kind=site_kind, site=site, module=module))
     return out
 
 
+def finding_remedies(kind: str, site_kind: str, evidence: Optional[Mapping[str, Any]], site: str,
+                     module: str) -> List[Remedy]:
+    """:func:`remedies_for` as a finding needs it: ``[]`` instead of an error for a finding or site
+    kind the catalogue does not know (a finding is reported with no remedy rather than not at all).
+
+    Example:
+        >>> finding_remedies("no_such_kind", "lstm", {}, "rnn.l0", "rnn")
+        []
+    """
+    try:
+        return list(remedies_for(kind, site_kind, evidence, site=site, module=module))
+    except GradscopeError:
+        return []
+
+
 def _build(name, evidence, *, kind="", site_kind="", site="", module="") -> Remedy:
-    c = _Ctx(evidence, kind, site_kind, site, module)
-    r = _BUILDERS[name](c)
-    if name in UNTESTABLE:
-        assert not r.testable, name
-    return r
+    spec = REMEDIES[name]
+    return replace(spec.build(_Ctx(evidence, kind, site_kind, site, module)), testable=spec.testable)
 
 
 def get_remedy(name: str, evidence: Optional[Mapping[str, Any]] = None, *, site: str = "",
@@ -1186,7 +1250,7 @@ def get_remedy(name: str, evidence: Optional[Mapping[str, Any]] = None, *, site:
         >>> get_remedy("clip_grad_norm", {"grad_norm_median": 0.5}).code.splitlines()[-1]
         'torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)'
     """
-    if name not in _BUILDERS:
+    if name not in REMEDIES:
         raise GradscopeError(f"unknown remedy {name!r}; known remedies: {', '.join(REMEDY_NAMES)}."
                              f"{did_you_mean(str(name), REMEDY_NAMES)}")
     if kind:
@@ -1279,24 +1343,6 @@ FOLKLORE: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _regime_of(ev: Mapping[str, Any]) -> str:
-    T = _num(ev, "seq_len")
-    hor = _raw(ev, "horizon")
-    exp_lag = _raw(ev, "explosion_lag")
-    lam = _num(ev, "lambda1")
-    if exp_lag is not None and T is not None and exp_lag <= T:
-        return "exploding"
-    if hor is not None and T is not None and hor < T:
-        return "vanishing"
-    if lam is not None:
-        if lam > 0.01:
-            return "exploding"
-        if lam < -0.01:  # exp(λ₁ k) reaches 1e-3 at k = 6.9/|λ₁|
-            return "vanishing" if T is None or math.log(1 / _DEFAULT_THRESHOLD) / abs(lam) < T else "stable"
-        return "stable"
-    return "unknown"
-
-
 def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind: str = "",
                       regime: str = "") -> List[Dict[str, Any]]:
     """The usual advice (the seed article's list) judged against the mechanism and the evidence.
@@ -1317,7 +1363,7 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
         ('does not address it', 'true')
     """
     ev = dict(evidence or {})
-    regime = regime or _regime_of(ev)
+    regime = regime or evidence_regime(ev)[0]
     lam, T = _num(ev, "lambda1"), _num(ev, "seq_len")
     w = _num(ev, "w_hh_norm")
     out = []
@@ -1328,17 +1374,17 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
             if site_kind == "rnn_relu":
                 d["verdict"] = "already applied"
                 dead = _num(ev, "dead_units")
-                note = (f"This site already uses ReLU{'' if dead is None else f' ({_f(100 * dead)}% of its units dead)'}"
-                        f"{'' if lam is None else f' and still has λ₁ = {_f(lam)}'}.")
+                note = (f"This site already uses ReLU{'' if dead is None else f' ({fmt(100 * dead)}% of its units dead)'}"
+                        f"{'' if lam is None else f' and still has λ₁ = {fmt(lam)}'}.")
             elif w is not None:
-                note = (f"‖W_hh‖₂ = {_f(w)}: with ReLU and unchanged weights the per-step factor would be "
-                        f"at most {_f(w)} along active units — "
+                note = (f"‖W_hh‖₂ = {fmt(w)}: with ReLU and unchanged weights the per-step factor would be "
+                        f"at most {fmt(w)} along active units — "
                         + ("still vanishing." if w < 1 else "it can grow: exploding risk."))
         elif key == "adam" and lam is not None and lam < 0:
             k32 = _LN_FLOAT32_EPS / abs(lam)
-            note = (f"λ₁ = {_f(lam)}: a contribution from k steps back is exp({_f(lam)}·k) of the "
-                    f"nearest; beyond k = {_f(k32)} steps it is below float32 resolution"
-                    + (f" (the sequence has {_f(T)})" if T is not None else "") + ", and no optimizer "
+            note = (f"λ₁ = {fmt(lam)}: a contribution from k steps back is exp({fmt(lam)}·k) of the "
+                    f"nearest; beyond k = {fmt(k32)} steps it is below float32 resolution"
+                    + (f" (the sequence has {fmt(T)})" if T is not None else "") + ", and no optimizer "
                     "recovers it.")
         elif key == "learning_rate":
             if regime == "exploding":
@@ -1349,7 +1395,7 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
             if site_kind in ("lstm", "gru"):
                 tau = _num(ev, "memory_time")
                 d["verdict"] = "already applied; its gates decide"
-                note = ("This site is already gated" + (f"; its memory time is τ = {_f(tau)} steps"
+                note = ("This site is already gated" + (f"; its memory time is τ = {fmt(tau)} steps"
                                                         if tau is not None else "")
                         + ": open the keep gates (forget_bias, chrono_init).")
                 d["test"] = ["forget_bias", "chrono_init"]
@@ -1357,9 +1403,9 @@ def folklore_verdicts(evidence: Optional[Mapping[str, Any]] = None, *, site_kind
                 d["verdict"] = "partly true"
                 note = "Gates bound the cell path but an LSTM can still explode through W_hh; clip as well."
         elif key == "dropout" and lam is not None:
-            note = f"It leaves λ₁ = {_f(lam)} where it is."
+            note = f"It leaves λ₁ = {fmt(lam)} where it is."
         elif key == "xavier_he" and w is not None and site_kind in ("rnn_tanh", "rnn_relu", "cell"):
-            note = f"Here ‖W_hh‖₂ = {_f(w)}."
+            note = f"Here ‖W_hh‖₂ = {fmt(w)}."
         d["evidence"] = note
         out.append(d)
     return out

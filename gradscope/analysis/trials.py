@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .._batch import call_model, fused_args
 from .._format import fmt, jsonable, text_table
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
@@ -510,8 +511,6 @@ def _apply_chrono(model, targets, ctx):
 
 @torch.no_grad()
 def _apply_reinit_dead(model, targets, ctx):
-    from ..measure.probe import call_model
-    from ..measure.sites import fused_args
     from ..measure.trajectories import fused_trajectories
 
     done = []
@@ -543,26 +542,14 @@ def _apply_reinit_dead(model, targets, ctx):
     return model, {}, "; ".join(done)
 
 
-_FUSED_LAYER = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-# name → (applier, site kinds it can be applied to)
-_APPLIERS: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {
-    "orthogonal_init": (_apply_orthogonal, _FUSED_LAYER),
-    "irnn": (_apply_irnn, ("rnn_tanh", "rnn_relu")),
-    "critical_init": (_apply_critical, ("rnn_tanh", "rnn_relu")),
-    "switch_to_lstm": (_switch(nn.LSTM), ("rnn_tanh", "rnn_relu")),
-    "switch_to_gru": (_switch(nn.GRU), ("rnn_tanh", "rnn_relu")),
-    "forget_bias": (_apply_forget_bias, ("lstm", "gru")),
-    "chrono_init": (_apply_chrono, ("lstm", "gru")),
-    "reinit_dead": (_apply_reinit_dead, ("rnn_relu",)),
-    "relu_nonlinearity": (_apply_relu, ("rnn_tanh",)),
-    "xavier_init": (_init_check(nn.init.xavier_uniform_, "Xavier-uniform"), _FUSED_LAYER),
-    "he_init": (_init_check(lambda b: nn.init.kaiming_normal_(b, nonlinearity="relu"), "He-normal"),
-                _FUSED_LAYER),
-}
-TESTABLE: Tuple[str, ...] = tuple(_APPLIERS)
-"""The remedies :func:`try_remedies` can apply to a copy of a model."""
+_apply_switch_to_lstm = _switch(nn.LSTM)
+_apply_switch_to_gru = _switch(nn.GRU)
+_apply_xavier = _init_check(nn.init.xavier_uniform_, "Xavier-uniform")
+_apply_he = _init_check(lambda b: nn.init.kaiming_normal_(b, nonlinearity="relu"), "He-normal")
 
-assert set(TESTABLE) == {n for n in R.REMEDY_NAMES if n not in R.UNTESTABLE}
+TESTABLE: Tuple[str, ...] = tuple(n for n, s in R.REMEDIES.items() if s.testable)
+"""The remedies :func:`try_remedies` can apply to a copy of a model (those with ``apply`` in
+:data:`~gradscope.analysis.remedies.REMEDIES`)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -681,11 +668,11 @@ def _plan(rec, diag, names: Optional[Sequence[str]], site_filter: Optional[set],
             wanted.setdefault(n, list(sites))
     plan, skipped = [], []
     for name, ss in wanted.items():
-        if name not in _APPLIERS:
-            skipped.append(SkippedRemedy(name, tuple(ss) if names is None else (), R.UNTESTABLE.get(
-                name, "gradscope cannot apply it to a copy of the model")))
+        spec = R.REMEDIES[name]
+        if not spec.testable:
+            skipped.append(SkippedRemedy(name, tuple(ss) if names is None else (), spec.untestable))
             continue
-        kinds = _APPLIERS[name][1]
+        kinds = spec.apply_kinds
         targets, bad = [], []
         for s in ss:
             t = _targets_of(rec, s, evidence.get(s, {}), model)
@@ -755,14 +742,6 @@ def _loss_of(out, y, loss_fn):
     return loss_fn(out) if y is None else loss_fn(out, y)
 
 
-def _call(model, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _train(model: nn.Module, batches: List, loss_fn, make_optimizer, clip: Optional[float], seed: int,
            bar) -> TrainingRun:
     """Train ``model`` in place on ``batches`` (one optimizer step each); its loss curve."""
@@ -772,7 +751,7 @@ def _train(model: nn.Module, batches: List, loss_fn, make_optimizer, clip: Optio
         opt = make_optimizer(model.parameters())
         model.train()
         for x, y in batches:
-            loss = _loss_of(_call(model, x), y, loss_fn)
+            loss = _loss_of(call_model(model, x), y, loss_fn)
             value = float(loss.detach())
             bar.update(1)
             if not math.isfinite(value):
@@ -926,7 +905,7 @@ TRAINED_MARGIN = 0.02
 
 def _applied_copy(model, name, targets, batch, seed, skipped):
     """``(copy with remedy ``name`` applied, renames, what changed)``; ``(None, …)`` when skipped."""
-    applier = _APPLIERS[name][0]
+    applier = R.REMEDIES[name].apply
     work = _copy(model)
     try:
         with _seeded(work, seed):
@@ -973,9 +952,9 @@ def apply_remedy(model: nn.Module, name: str, batch, *, site: Optional[str] = No
     if name not in R.REMEDY_NAMES:
         raise GradscopeError(f"unknown remedy {name!r}; known remedies: {', '.join(R.REMEDY_NAMES)}."
                              f"{did_you_mean(str(name), R.REMEDY_NAMES)}")
-    if name not in _APPLIERS:
+    if not R.REMEDIES[name].testable:
         raise GradscopeError(f"remedy {name!r} cannot be applied to a copy of the model: "
-                             f"{R.UNTESTABLE.get(name, 'gradscope has no applier for it')}.")
+                             f"{R.REMEDIES[name].untestable}.")
     rec = _probe(model, batch, loss_fn, target, None, seed, 1e-3)
     if site is not None and site not in rec.sites:
         raise GradscopeError(f"unknown site {site!r}; the model has sites {list(rec.sites)}."

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._batch import call_model
 from ..capture.scope import Scope, check_model
 from ..capture.sites import FUSED_TYPES, flatten_tensors
 from ..errors import GradscopeError
 from ..recording import Recording
 from .sites import WORKING_DTYPE
 
-__all__ = ["probe", "default_loss", "nonfinite_tensors", "call_model"]
+__all__ = ["probe", "default_loss", "nonfinite_tensors"]
 
 
 def default_loss(output, target=None) -> Tensor:
@@ -50,16 +51,6 @@ def default_loss(output, target=None) -> Tensor:
             f"target shape {tuple(target.shape)} differs from the output shape {tuple(y.shape)} "
             f"(mean squared error needs equal shapes). Pass loss_fn= for another loss.")
     return F.mse_loss(y.float(), target.float())
-
-
-
-def call_model(model, inputs):
-    """``model(inputs)``, ``model(*inputs)`` for a tuple or list, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 
@@ -201,7 +192,7 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
         meta["nonfinite_weights"] = nonfinite
     measures = {k: v for k, v in rec.measures().items() if not k[1].startswith("probe_")}
     mmeta = {site: {k: v for k, v in m.items() if k != "probe_step"} for site, m in rec.measure_meta.items()}
-    return rec._replace(measures=measures, measure_meta=mmeta, meta=meta)
+    return rec.replace(measures=measures, measure_meta=mmeta, meta=meta)
 
 
 def _has_embedding(model: nn.Module) -> bool:

@@ -17,23 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._batch import fused_args
 from ..capture.sites import flatten_tensors
 from ..errors import GradscopeError, NonFiniteWarning
 from ..estimators import decay_rate, hidden_spectrum, jacobian_norms, lyapunov_spectrum
 from ..estimators._util import progress_iter
 from .trajectories import CellStep, Trajectory, cell_trajectory, fused_trajectories
 
-__all__ = ["measure_sites", "measure_trajectory", "fused_args", "WORKING_DTYPE"]
+__all__ = ["measure_sites", "measure_trajectory", "WORKING_DTYPE"]
 
 # Half precision has too little range and resolution for products of T Jacobians (and torch's
 # linear algebra refuses it): such sites are measured in float32, and the Recording says so.
 WORKING_DTYPE = torch.float32
-
-def fused_args(args, kwargs):
-    """``(input, hx)`` of a recorded call of a fused nn.RNN / LSTM / GRU."""
-    input = args[0] if args else kwargs.get("input")
-    hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    return input, hx
 
 
 

@@ -6,11 +6,11 @@ drawing (logarithms, masks for zeros / NaN / inf, medians and ranges over sample
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._format import fmt as _fmt
+from .._format import fmt  # the one number formatter; plots use it as C.fmt
 from ..errors import GradscopeError, MissingMeasureError
 
 # Colours of values a log scale cannot show. Chosen outside viridis (purple → yellow).
@@ -271,10 +271,6 @@ def finite_quantiles(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
         med[j], lo[j], hi[j] = float(np.median(col)), float(col.min()), float(col.max())
     return med, lo, hi
 
-
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number for a label: ∞ for inf, 3 significant digits, exponents for very large/small."""
-    return _fmt(v, digits)
 
 
 

@@ -376,7 +376,7 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             probe_sites = False
         if probe_sites:
             rec = probe(model, x, k=k, threshold=threshold, progress=progress)
-            diag = diagnose(rec._replace(meta=dict(_with_bad(rec.meta, bad), **measured)), threshold=threshold,
+            diag = diagnose(rec.replace(meta=dict(_with_bad(rec.meta, bad), **measured)), threshold=threshold,
                             trained=True)
     else:
         rebuilt, xs = {}, []
@@ -404,7 +404,7 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
                 root = _Rebuilt(rebuilt).train(train_mode)
                 rec = probe(root, tuple(xs), loss_fn=_sum_loss, k=k, threshold=threshold, progress=progress)
             # name the report after the file, not the internal container module
-            diag = diagnose(rec._replace(meta=dict(_with_bad(rec.meta, bad), model=path.name, **measured)),
+            diag = diagnose(rec.replace(meta=dict(_with_bad(rec.meta, bad), model=path.name, **measured)),
                             threshold=threshold, trained=True)
     extra: List[Finding] = []
     if diag is None and bad:  # no probe (--no-probe, nothing to rebuild, over budget): still a finding

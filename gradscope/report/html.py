@@ -66,10 +66,6 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _fmt(v: Any) -> str:
-    return fmt(v)
-
-
 def _anchor(name: str) -> str:
     return "site-" + "".join(c if c.isalnum() else "-" for c in name)
 
@@ -123,7 +119,7 @@ def _site_table(diag, links: bool) -> str:
         name = f'<a href="#{_anchor(n)}">{_e(n)}</a>' if links else _e(n)
         rows.append(
             f"<tr><td><code>{name}</code></td><td>{_e(s['kind'])}</td><td>{_regime(s['regime'])}</td>"
-            + "".join(f'<td class="num">{_e(_fmt(ev.get(k)))}</td>' for k in ("horizon", "seq_len", "rate",
+            + "".join(f'<td class="num">{_e(fmt(ev.get(k)))}</td>' for k in ("horizon", "seq_len", "rate",
                                                                            "lambda1", "memory_time"))
             + f"<td>{_e(', '.join(s['evidence_used']) or '—')}</td></tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
@@ -165,7 +161,7 @@ def _remedy_list(remedies: Sequence[Dict[str, Any]], copy: bool) -> str:
 def _evidence_table(ev: Dict[str, Any]) -> str:
     if not ev:
         return ""
-    rows = "".join(f'<tr><td><code>{_e(k)}</code></td><td class="num">{_e(_fmt(v))}</td></tr>' for k, v in ev.items())
+    rows = "".join(f'<tr><td><code>{_e(k)}</code></td><td class="num">{_e(fmt(v))}</td></tr>' for k, v in ev.items())
     return f"<table><thead><tr><th>evidence</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -335,8 +331,8 @@ def diagnosis_to_html(diag, path=None, *, notes=None) -> str:
             caveats = caveats_of.get(n, [])
             parts.append(f'<h3 id="{_anchor(n)}"><code>{_e(n)}</code> {_regime(s["regime"])}</h3>')
             parts.append(f"<p>{_e(s['kind'])} in module <code>{_e(s['module'] or '(model)')}</code> — "
-                         f"{_e(s['reason'])}. Horizon {_e(_fmt(s['horizon']))} of {_e(_fmt(s['seq_len']))} steps, "
-                         f"rate {_e(_fmt(s['rate']))}/step, λ₁ {_e(_fmt(s['lambda1']))}.</p>")
+                         f"{_e(s['reason'])}. Horizon {_e(fmt(s['horizon']))} of {_e(fmt(s['seq_len']))} steps, "
+                         f"rate {_e(fmt(s['rate']))}/step, λ₁ {_e(fmt(s['lambda1']))}.</p>")
             parts += [f'<p><span class="caveat">{_e(c)}</span></p>' for c in caveats]
             if rec is not None and n in rec.sites:
                 figs = _site_figures(rec, n)
@@ -550,11 +546,11 @@ def trials_repr_html(trials) -> str:
                                  f"</span></td>")
                 cells += [f"<td><code>{_e(site)}</code></td>",
                           f"<td>{_regime(ch.get('regime_before', '?'))} → {_regime(ch.get('regime_after', '?'))}</td>",
-                          f"<td class=\"num\">{_e(_fmt(_num(ch.get('horizon_before'))))} → "
-                          f"{_e(_fmt(_num(ch.get('horizon_after'))))}</td>",
-                          f"<td class=\"num\">{_e(_fmt(_num(ch.get('seq_len'))))}</td>",
-                          f"<td class=\"num\">{_e(_fmt(_num(ch.get('lambda1_before'))))} → "
-                          f"{_e(_fmt(_num(ch.get('lambda1_after'))))}</td>"]
+                          f"<td class=\"num\">{_e(fmt(_num(ch.get('horizon_before'))))} → "
+                          f"{_e(fmt(_num(ch.get('horizon_after'))))}</td>",
+                          f"<td class=\"num\">{_e(fmt(_num(ch.get('seq_len'))))}</td>",
+                          f"<td class=\"num\">{_e(fmt(_num(ch.get('lambda1_before'))))} → "
+                          f"{_e(fmt(_num(ch.get('lambda1_after'))))}</td>"]
                 if first:
                     ok = bool(r.get("improved"))
                     cells += [f"<td{span} class=\"num\">{_e(_signed(r.get('score')))}</td>",
@@ -587,4 +583,4 @@ def _signed(v: Any) -> str:
     v = _num(v)
     if isinstance(v, (int, float)) and math.isfinite(v):
         return f"{v:+.2f}"
-    return _fmt(v)
+    return fmt(v)
