@@ -199,8 +199,8 @@ def test_no_tracker_when_off_and_bad_option():
     model = Net()
     with gradscope.watch(model, every=1, update_ratio=False) as scope:
         _loss(model, _batches(1)[0]).backward()
-    assert scope._updates is None and scope.recording.update_ratios() == {}
-    with pytest.raises(GradscopeError, match="update_ratio must be True or False, got 'yes'"):
+    assert scope.recording.update_ratios() == {}
+    with pytest.raises(GradscopeError, match="update_ratio must be True, False or 'auto', got 'yes'"):
         gradscope.watch(model, update_ratio="yes")
 
 
@@ -336,3 +336,26 @@ def test_no_memory_for_the_copy_stops_measuring_not_training(monkeypatch):
     r = rec.update_ratios()["head.weight"]
     assert r[0] > 0 and np.all(np.isnan(r[1:])) and calls == [0, 1] and len(rec.steps) == 4
     assert any("update-to-weight ratio not measured from step 1 on" in n for n in rec.notes)
+
+
+def test_auto_skips_the_ratio_for_a_large_model_with_a_note(monkeypatch):
+    """update_ratio="auto" (the default) records while the parameter copy is small; over the limit it
+    records none and says how to turn it on; True records whatever the size."""
+    import gradscope.capture.scope as scope_mod
+
+    m = torch.nn.LSTM(3, 4)
+    nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    x = torch.randn(5, 2, 3)
+    for limit, option, expect in ((nbytes, "auto", True), (nbytes - 1, "auto", False), (nbytes - 1, True, True)):
+        monkeypatch.setattr(scope_mod, "UPDATE_RATIO_AUTO_BYTES", limit)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with gradscope.watch(m, every=1, probe_every=None, update_ratio=option) as scope:
+            for _ in range(2):
+                opt.zero_grad()
+                m(x)[0].sum().backward()
+                opt.step()
+        rec = scope.recording
+        assert bool(rec.update_ratios()) == expect
+        assert any("update_ratio=True" in n for n in rec.notes) == (not expect)
+    with pytest.raises(gradscope.GradscopeError, match="'auto'"):
+        gradscope.watch(m, update_ratio="sometimes")

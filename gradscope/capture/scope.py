@@ -57,6 +57,10 @@ from .updates import UpdateTracker
 from .sites import (FUSED_TYPES, SiteSpec, find_cells, flatten_tensors, fused_sites, state_names,
                     unsupported_reason)
 
+#: update_ratio="auto" records the ratios while the trainable parameters take at most this much
+#: (the copy held from a recorded step to the next forward pass).
+UPDATE_RATIO_AUTO_BYTES = 256 << 20
+
 __all__ = ["watch", "Scope"]
 
 # Which models are watched right now (model -> scope). Only liveness lives here; every piece of
@@ -137,7 +141,7 @@ class Scope:
                  max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
                  probe_options: Optional[Dict[str, Any]] = None, overhead: float = DEFAULT_OVERHEAD,
                  max_interval: int = DEFAULT_MAX_INTERVAL, on_event: Optional[Callable] = None,
-                 raise_on: Sequence[str] = (), update_ratio: bool = True):
+                 raise_on: Sequence[str] = (), update_ratio: Union[bool, str] = AUTO):
         check_model(model)
         # A torch.compile'd module: watch the eager module inside it. Dynamo breaks the graph at
         # gradscope's hooks and runs them eagerly, so the recording equals an eager run's (tested);
@@ -172,8 +176,8 @@ class Scope:
         self.probe_every = probe_every
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
         self._on_event, self._raise_on = _check_alerts(on_event, raise_on)
-        if not isinstance(update_ratio, bool):
-            raise GradscopeError(f"update_ratio must be True or False, got {update_ratio!r}.")
+        if not (isinstance(update_ratio, bool) or update_ratio == AUTO):
+            raise GradscopeError(f"update_ratio must be True, False or 'auto', got {update_ratio!r}.")
         self._alerts: List[Dict[str, Any]] = []   # events of this step not yet delivered
         self.probe_options = dict(probe_options or {})
         self._probe_latest: Optional[Tuple[int, Dict, Dict]] = None
@@ -211,6 +215,16 @@ class Scope:
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._param_index = {n: i for i, (n, _) in enumerate(self._params)}
         self._history = History(len(self._params))
+        if update_ratio == AUTO:
+            # one copy of the trainable parameters at recorded steps: by default only while that
+            # copy is small (a large model's spare memory is the user's, not ours)
+            nbytes = sum(p.numel() * p.element_size() for _, p in self._params)
+            update_ratio = nbytes <= UPDATE_RATIO_AUTO_BYTES
+            if not update_ratio:
+                self._notes.append(
+                    f"update-to-weight ratios not recorded: they need a copy of the trainable parameters "
+                    f"({nbytes / 2**20:.0f} MiB, over the {UPDATE_RATIO_AUTO_BYTES >> 20} MiB default); "
+                    f"watch(model, update_ratio=True) records them.")
         self._update_ratio = update_ratio
         self._updates = UpdateTracker([p for _, p in self._params]) if update_ratio else None
 
@@ -1197,7 +1211,7 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
           max_interval: int = DEFAULT_MAX_INTERVAL, sites: Optional[Sequence[str]] = None,
           max_steps: int = 10_000, probe_every: Union[int, str, None] = AUTO,
           probe_options: Optional[Dict[str, Any]] = None, on_event: Optional[Callable] = None,
-          raise_on: Sequence[str] = (), update_ratio: bool = True) -> Scope:
+          raise_on: Sequence[str] = (), update_ratio: Union[bool, str] = AUTO) -> Scope:
     """Record ‖∂L/∂h_t‖ for every recurrent state and every parameter's gradient norm.
 
     By default the watch stays within an overhead budget: the deep passes (per-timestep capture)
@@ -1251,7 +1265,8 @@ def watch(model: nn.Module, *, every: Optional[int] = None, overhead: float = DE
             recorded steps (``rec.update_ratios()``): the parameters are copied at a recorded
             step's forward pass (one copy on their device, freed at the next forward pass) and
             compared with their values at the next step's forward pass
-            (:mod:`gradscope.capture.updates`). False: no copy, no ratio.
+            (:mod:`gradscope.capture.updates`). False: no copy, no ratio. ``"auto"`` (default):
+            True while the trainable parameters take at most 256 MiB, else False with a note.
 
     Returns:
         A :class:`Scope`; ``scope.recording`` is the :class:`~gradscope.Recording` so far.
