@@ -978,15 +978,6 @@ _he = _r_init_check(
 # the registry: one entry per remedy
 
 
-def _in_trials(fn_name: str) -> Callable:
-    """The applier ``trials.<fn_name>``, imported when first called (this module stays torch-free)."""
-    def apply(model, targets, ctx):
-        from . import trials
-        return getattr(trials, fn_name)(model, targets, ctx)
-    apply.__name__ = apply.__qualname__ = fn_name
-    return apply
-
-
 _RNN = ("rnn_tanh", "rnn_relu", "cell")      # Elman-type sites (a user cell may be one)
 _GATED = ("lstm", "gru", "cell")              # sites with a keep gate (a user cell may have one)
 _FUSED_RNN = ("rnn_tanh", "rnn_relu")         # fused nn.RNN layers (what the appliers rewrite)
@@ -1004,9 +995,10 @@ class RemedySpec:
             evidence (``ctx``: what the builder knows, see ``_Ctx``).
         applies_to: the site kinds it makes sense on (None: every kind); :func:`remedies_for`
             leaves it out elsewhere.
-        apply: ``apply(model, targets, ctx) -> (model, renames, what changed)`` — applies it to a
-            copy of the model for :func:`gradscope.analysis.trials.try_remedies`; None when it
-            cannot be measured on a copy, and then ``untestable`` says why (exactly one of the two).
+        apply: the name of the function in :mod:`gradscope.analysis.trials` that applies it to a
+            copy of the model, ``fn(model, targets, ctx) -> (model, renames, what changed)`` (a
+            name, so this module stays torch-free and never imports trials); None when it cannot
+            be measured on a copy, and then ``untestable`` says why (exactly one of the two).
         apply_kinds: the site kinds whose fused layers ``apply`` rewrites.
         untestable: why a probe of a copy cannot measure it (None when ``apply`` is given).
         model_wide: it can answer a model-wide finding (a gradient-norm spike at ``"(model)"``).
@@ -1018,7 +1010,7 @@ class RemedySpec:
     name: str
     build: Callable[[_Ctx], Remedy]
     applies_to: Optional[Tuple[str, ...]] = None
-    apply: Optional[Callable] = None
+    apply: Optional[str] = None
     apply_kinds: Tuple[str, ...] = ()
     untestable: Optional[str] = None
     model_wide: bool = False
@@ -1057,19 +1049,19 @@ REMEDIES: Dict[str, RemedySpec] = _specs(
                           "probe measures (watch a training run with and without it)"),
     RemedySpec("lower_lr", _r_lower_lr, model_wide=True,
                untestable="the learning rate acts on training, not on the Jacobians a probe measures"),
-    RemedySpec("orthogonal_init", _r_orthogonal_init, apply=_in_trials("_apply_orthogonal"),
+    RemedySpec("orthogonal_init", _r_orthogonal_init, apply="_apply_orthogonal",
                apply_kinds=_FUSED, reinitialising=True),
-    RemedySpec("irnn", _r_irnn, applies_to=_RNN, apply=_in_trials("_apply_irnn"), apply_kinds=_FUSED_RNN,
+    RemedySpec("irnn", _r_irnn, applies_to=_RNN, apply="_apply_irnn", apply_kinds=_FUSED_RNN,
                reinitialising=True),
-    RemedySpec("critical_init", _r_critical_init, applies_to=_RNN, apply=_in_trials("_apply_critical"),
+    RemedySpec("critical_init", _r_critical_init, applies_to=_RNN, apply="_apply_critical",
                apply_kinds=_FUSED_RNN, reinitialising=True),
-    RemedySpec("switch_to_lstm", _r_switch("LSTM"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_lstm"),
+    RemedySpec("switch_to_lstm", _r_switch("LSTM"), applies_to=_RNN, apply="_apply_switch_to_lstm",
                apply_kinds=_FUSED_RNN, reinitialising=True),
-    RemedySpec("switch_to_gru", _r_switch("GRU"), applies_to=_RNN, apply=_in_trials("_apply_switch_to_gru"),
+    RemedySpec("switch_to_gru", _r_switch("GRU"), applies_to=_RNN, apply="_apply_switch_to_gru",
                apply_kinds=_FUSED_RNN, reinitialising=True),
-    RemedySpec("forget_bias", _r_forget_bias, applies_to=_GATED, apply=_in_trials("_apply_forget_bias"),
+    RemedySpec("forget_bias", _r_forget_bias, applies_to=_GATED, apply="_apply_forget_bias",
                apply_kinds=("lstm", "gru")),
-    RemedySpec("chrono_init", _r_chrono_init, applies_to=_GATED, apply=_in_trials("_apply_chrono"),
+    RemedySpec("chrono_init", _r_chrono_init, applies_to=_GATED, apply="_apply_chrono",
                apply_kinds=("lstm", "gru"), reinitialising=True),
     RemedySpec("layernorm_cell", _r_layernorm_cell,
                untestable="it needs a hand-written cell (PyTorch's fused layers have no LayerNorm), "
@@ -1077,7 +1069,7 @@ REMEDIES: Dict[str, RemedySpec] = _specs(
     RemedySpec("leaky_relu", _r_leaky_relu, applies_to=("rnn_relu", "cell"),
                untestable="nn.RNN offers only tanh and ReLU; a LeakyReLU RNN needs a hand-written cell"),
     RemedySpec("reinit_dead", _r_reinit_dead, applies_to=("rnn_relu", "cell"),
-               apply=_in_trials("_apply_reinit_dead"), apply_kinds=("rnn_relu",), reinitialising=True),
+               apply="_apply_reinit_dead", apply_kinds=("rnn_relu",), reinitialising=True),
     RemedySpec("truncated_bptt", _r_truncated_bptt,
                untestable="truncation changes which gradient terms training sums, not the Jacobians a "
                           "probe measures"),
@@ -1100,10 +1092,10 @@ REMEDIES: Dict[str, RemedySpec] = _specs(
                           "does not rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is "
                           "the switch"),
     RemedySpec("relu_nonlinearity", _r_relu_nonlinearity, applies_to=("rnn_tanh",),
-               apply=_in_trials("_apply_relu"), apply_kinds=("rnn_tanh",), reinitialising=True, folklore=True),
-    RemedySpec("xavier_init", _xavier, apply=_in_trials("_apply_xavier"), apply_kinds=_FUSED,
+               apply="_apply_relu", apply_kinds=("rnn_tanh",), reinitialising=True, folklore=True),
+    RemedySpec("xavier_init", _xavier, apply="_apply_xavier", apply_kinds=_FUSED,
                reinitialising=True, folklore=True),
-    RemedySpec("he_init", _he, apply=_in_trials("_apply_he"), apply_kinds=_FUSED, reinitialising=True,
+    RemedySpec("he_init", _he, apply="_apply_he", apply_kinds=_FUSED, reinitialising=True,
                folklore=True),
 )
 """The remedy catalogue: name → :class:`RemedySpec`, in catalogue order. Every other table

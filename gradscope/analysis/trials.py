@@ -905,7 +905,7 @@ TRAINED_MARGIN = 0.02
 
 def _applied_copy(model, name, targets, batch, seed, skipped):
     """``(copy with remedy ``name`` applied, renames, what changed)``; ``(None, …)`` when skipped."""
-    applier = R.REMEDIES[name].apply
+    applier = globals()[R.REMEDIES[name].apply]
     work = _copy(model)
     try:
         with _seeded(work, seed):
