@@ -87,7 +87,12 @@ The LSTM replay. A scheduled step of a fused `nn.LSTM` back-propagates with a ha
 loop in plain PyTorch (one `[B, 4H] @ [4H, H]` product and the cell arithmetic per step) that
 yields the total ∂L/∂h_t and ∂L/∂c_t; weight gradients are then a few large products. No code is
 compiled at run time (an earlier C++ extension, removed, bought every=1 on the small LSTM 1.6 →
-1.2× and nothing on a GPU)."""
+1.2× and nothing on a GPU).
+
+Off schedule, reproduced (2026-12-04, same machine, the two checkouts alternating runs): the
+checkout before gradient checkpointing, update ratios and the capture restructure gave 1.012× and
+1.019×, this one 1.022× and 1.017×: no change beyond run-to-run noise, and neither meets ≤ 1.01×
+reliably (an earlier 1.006× did not reproduce). The default rows are within ±1% of 1.03×."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). A scheduled watched
