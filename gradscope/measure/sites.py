@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import fused_args
-from ..capture.sites import flatten_tensors
 from ..errors import GradscopeError, NonFiniteWarning
 from ..estimators import decay_rate, hidden_spectrum, jacobian_norms, lyapunov_spectrum
 from ..estimators._util import progress_iter
@@ -67,18 +66,10 @@ class _Float32Cell:
 
     def __call__(self, h, x):
         from torch.func import functional_call
-        from torch.utils._pytree import tree_unflatten
 
         st = self.step
-        hs = h if isinstance(h, tuple) else (h,)
-        leaves = list(self.leaves)
-        for p, v in zip(st.state_pos, hs):
-            leaves[p] = v
-        leaves[st.x_pos] = x
-        args, kwargs = tree_unflatten(leaves, st.spec)
-        outs = flatten_tensors(functional_call(st.module, self.params, tuple(args), dict(kwargs)))
-        out = tuple(outs[i] for i in st.out_idx)
-        return out if len(out) > 1 else out[0]
+        args, kwargs = st.inputs(h, x, self.leaves)
+        return st.state_of(functional_call(st.module, self.params, tuple(args), dict(kwargs)))
 
 
 def _stored_dtype(tr: Trajectory) -> Optional[torch.dtype]:

@@ -193,16 +193,25 @@ class CellStep:
         self.module, self.leaves, self.spec = module, list(leaves), spec
         self.state_pos, self.x_pos, self.out_idx = tuple(state_pos), x_pos, tuple(out_idx)
 
-    def __call__(self, h, x):
+    def inputs(self, h, x, leaves=None):
+        """``(args, kwargs)`` of the recorded call (or of ``leaves`` in its layout) with the state
+        ``h`` and the per-step input ``x`` put in."""
         hs = h if isinstance(h, tuple) else (h,)
-        leaves = list(self.leaves)
+        leaves = list(self.leaves if leaves is None else leaves)
         for p, v in zip(self.state_pos, hs):
             leaves[p] = v
         leaves[self.x_pos] = x
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        outs = flatten_tensors(self.module(*args, **kwargs))
+        return tree_unflatten(leaves, self.spec)
+
+    def state_of(self, output):
+        """The state (a tensor, or a tuple of its parts) among the module's ``output``."""
+        outs = flatten_tensors(output)
         st = tuple(outs[i] for i in self.out_idx)
         return st if len(st) > 1 else st[0]
+
+    def __call__(self, h, x):
+        args, kwargs = self.inputs(h, x)
+        return self.state_of(self.module(*args, **kwargs))
 
     def __repr__(self) -> str:
         return f"CellStep({type(self.module).__name__})"
