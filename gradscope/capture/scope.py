@@ -464,8 +464,7 @@ class Scope:
             return
         if self._pending:
             self._settle()
-        if self._updates is not None and self._updates.pending and self._step > self._updates.step:
-            self._measure_update()  # before begin(): its time counts towards the recorded step's cost
+        self._measure_update()  # before begin(): its time counts towards the recorded step's cost
         deep, probe = eager(self._schedule.begin)(self._step)
         p = _Pass(deep or probe, probe, deep)
         p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
@@ -509,7 +508,10 @@ class Scope:
                                            f"watch(model, update_ratio=False) skips it from the start.")
 
     def _measure_update(self) -> None:
-        """‖Δw‖ and ‖w‖ of the snapshot's step into its history row; frees the snapshot."""
+        """‖Δw‖ and ‖w‖ of the snapshot's step into its history row once a later step has begun (the
+        optimizer ran in between); frees the snapshot. Nothing to do otherwise."""
+        if self._updates is None or not self._updates.pending or self._step <= self._updates.step:
+            return
         step, upd, wn = eager(self._updates.measure)()
         self._history.set_update(step, upd, wn)
 
@@ -1088,9 +1090,8 @@ class Scope:
         if self.closed:
             return
         self._settle()
-        if self._updates is not None and self._updates.pending:
-            if self._step > self._updates.step:  # the last recorded step's update (the loop ended after it)
-                self._measure_update()
+        if self._updates is not None:
+            self._measure_update()  # the last recorded step's update (the loop ended after it)
             self._updates.drop()
         self.closed = True
         self._remove_param_hooks()
