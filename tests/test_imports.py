@@ -134,7 +134,7 @@ def test_the_graph_sees_the_edges_it_should():
     assert "gradscope.measure.sites" in g["gradscope.capture.scope"]
     assert "gradscope.measure" in g["gradscope.capture.scope"]       # the package runs first
     assert "gradscope.capture.scope" in g["gradscope.measure.probe"]
-    assert "gradscope.capture.fastbptt" in g["gradscope.capture.replay"]   # from . import fastbptt
+    assert "gradscope.capture.bptt" in g["gradscope.capture.replay"]   # from . import bptt
     assert "gradscope.capture" not in g["gradscope.capture.replay"]        # its own package
 
 
