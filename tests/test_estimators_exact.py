@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from gradscope.estimators import (ElmanStep, LSTMStep, decay_rate, hidden_spectrum, jacobian_norms,
                                   lyapunov_spectrum, step_jacobians)
+from gradscope.estimators.gates import bias_of_memory_time, memory_time, memory_time_of_keep
 
 F64 = torch.float64  # (conftest.py runs the suite on one torch thread)
 
@@ -317,3 +318,31 @@ def test_diagonal_maps_of_any_size_and_length(d, T):
                                rtol=1e-10, atol=1e-12)
     lam = lyapunov_spectrum(_linear(torch.diag(D)), h0, x)
     assert lam[0].sum() == pytest.approx(float(torch.log(D.abs()).sum()), rel=1e-10, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory time τ = −1/ln σ(b) of a gate
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [-20.0, -3.0, 0.0, 1.0, 2.5, 8.0])
+def test_memory_time_of_sigmoid_bias_round_trips(b):
+    keep = 1.0 / (1.0 + math.exp(-b))   # σ(b) (1 − σ(b) stays far above float64 rounding here)
+    tau = memory_time(b)
+    assert tau == pytest.approx(-1.0 / math.log(keep), rel=1e-9)
+    assert bias_of_memory_time(tau) == pytest.approx(b, rel=1e-9, abs=1e-9)
+    assert memory_time_of_keep(keep) == pytest.approx(tau, rel=1e-9)
+    # σ(b)^τ = e^{-1}: a stored value shrinks by e over τ steps
+    assert keep ** tau == pytest.approx(math.exp(-1.0), rel=1e-9)
+
+
+def test_memory_time_exact_values_and_limits():
+    assert memory_time(0.0) == pytest.approx(1 / math.log(2), rel=1e-15)
+    assert memory_time(1000.0) == math.inf and math.isnan(memory_time(math.nan))
+    assert memory_time(40.0) == pytest.approx(math.exp(40.0), rel=1e-9)          # τ ≈ e^b for large b
+    np.testing.assert_allclose(memory_time(np.array([[0.0, 1.0]])), [[1 / math.log(2), memory_time(1.0)]], rtol=1e-15)
+    assert memory_time_of_keep(0.5) == pytest.approx(1 / math.log(2), rel=1e-15)
+    assert memory_time_of_keep(1.0) == math.inf and memory_time_of_keep(0.0) == 0.0
+    keep = torch.tensor([0.5, math.exp(-0.1)], dtype=F64)
+    torch.testing.assert_close(memory_time_of_keep(keep), torch.tensor([1 / math.log(2), 10.0], dtype=F64),
+                               rtol=1e-12, atol=0)
