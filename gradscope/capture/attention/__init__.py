@@ -5,7 +5,8 @@
 * :mod:`.probabilities` — attention probabilities observed and recomputed from the calls a module
   makes (``F.multi_head_attention_forward``, ``F.scaled_dot_product_attention``, ``softmax``);
 * :mod:`.calls` — a block's hidden-state argument and its ``[B, P, features]`` view;
-* :mod:`.capture` — :class:`AttentionCapture`, what is recorded per scheduled pass.
+* :mod:`.capture` — :class:`AttentionCapture`, what is recorded per scheduled pass;
+* :mod:`.rows` — from the collected values to one row of measures per step, and to arrays per run.
 
 The measures themselves (entropy, rank-collapse residual, token cosine, ‖W_Qᵀ W_K‖₂) are pure
 functions in :mod:`gradscope.estimators.attention`.

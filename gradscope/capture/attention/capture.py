@@ -39,6 +39,7 @@ from . import hf
 from .calls import block_view, call_arg, hidden_index, replace_arg
 from .layout import AttentionLayout, AttnModule, Block
 from .probabilities import Interceptor, attention_events, scores_of
+from .rows import finalize_row, recording_measures
 
 __all__ = ["AttentionCapture", "Host"]
 
@@ -393,79 +394,12 @@ class AttentionCapture:
                 st.vals, st.keys = [], []
 
     def finalize_row(self, step: int, items, grads: Dict[Tuple[str, str], np.ndarray]) -> Dict[Tuple[str, str], Any]:
-        """Turn this step's host values into measures; NaN the depth flow of all-padding positions."""
-        acc: Dict[Tuple[str, str, str, str], Any] = {}
-        navg: Dict[Tuple, int] = {}
-        for key, v in items:
-            site, rel, name, mode = key
-            k = (site, rel, name, mode)
-            v = np.asarray(v, dtype=np.float64)
-            if k in acc and acc[k].shape == v.shape:
-                acc[k] = acc[k] + v
-            else:
-                acc[k] = v.copy()
-            navg[k] = navg.get(k, 0) + 1
-        row: Dict[Tuple[str, str], Any] = {}
-        for (site, rel, name, mode), v in acc.items():
-            mname = name if not rel else f"{name}[{rel}]"
-            if mode == "sum":
-                if name == "valid":
-                    continue
-                c = acc.get((site, rel, name, "cnt"))
-                if c is None:
-                    continue
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    row[(site, mname)] = np.where(c > 0, v / np.where(c > 0, c, 1), np.nan)
-            elif mode == "avg":
-                row[(site, mname)] = v / navg[(site, rel, name, mode)]
-        for (site, rel, name, mode), v in acc.items():
-            if name == "valid":
-                g = grads.get((site, "h"))
-                if g is not None and len(g):
-                    n = min(len(g), len(v))
-                    g = g.copy()
-                    g[:n][v[:n] <= 0] = np.nan
-                    grads[(site, "h")] = g
-                    if np.any(v[:n] <= 0):
-                        row[(site, "padding_positions")] = np.asarray(float(np.sum(v[:n] <= 0)))
-        for k, v in row.items():
-            if np.ndim(v) == 0:
-                row[k] = float(v)
-        return row
+        """This step's attention measures from its collected values (:func:`.rows.finalize_row`)."""
+        return finalize_row(items, grads)
 
     def recording_measures(self, rows: List[Dict[str, Any]], grads) -> Dict[Tuple[str, str], np.ndarray]:
-        """``{(site, measure): [S, …]}`` from the rows, plus ``(stack, "depth_grad_norms")``."""
-        keys: Dict[Tuple[str, str], int] = {}
-        for r in rows:
-            for k, v in (r.get("attn") or {}).items():
-                keys[k] = max(keys.get(k, 0), int(np.size(v)) if np.ndim(v) else 0)
-        out: Dict[Tuple[str, str], np.ndarray] = {}
-        S = len(rows)
-        for k, width in keys.items():
-            if k[1] == "padding_positions":
-                continue
-            a = np.full((S, width) if width else (S,), np.nan)
-            for i, r in enumerate(rows):
-                v = (r.get("attn") or {}).get(k)
-                if v is None:
-                    continue
-                if width:
-                    v = np.ravel(v)
-                    a[i, :len(v)] = v
-                else:
-                    a[i] = float(v)
-            out[k] = a
-        for stack, names in self.layout.stacks.items():
-            blks = [self.layout.blocks[b] for b in names if b in self.wanted_blocks]
-            if not blks:
-                continue
-            arrs = [grads.get((b.site, "h"), np.zeros((S, 0))) for b in blks]
-            P = max((a.shape[1] for a in arrs), default=0)
-            d = np.full((S, len(arrs), P), np.nan)
-            for i, a in enumerate(arrs):
-                d[:, i, :a.shape[1]] = a
-            out[(stack, "depth_grad_norms")] = d
-        return out
+        """The Recording's attention arrays from the rows (:func:`.rows.recording_measures`)."""
+        return recording_measures(self.layout, self.wanted_blocks, rows, grads)
 
     # ------------------------------------------------------------------ probe
     def run_probe(self, p, step: int, measure: Callable, **options) -> List[str]:
