@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import _archive, _ckpt_io, _ckpt_tree
 from ._archive import DEFAULT_MAX_LOAD_BYTES
 from ._ckpt_io import INSTALL_HINT, one_line
-from .analysis.evidence import memory_time  # τ = −1/ln σ(b), re-exported here
+from .estimators.gates import memory_time  # τ = −1/ln σ(b), re-exported here
 from .errors import CheckpointError, LoadLimitError, ModelSpecError, UnsafeCheckpointError, did_you_mean
 
 __all__ = [

@@ -134,7 +134,7 @@ def test_the_graph_sees_the_edges_it_should():
     assert "gradscope.measure.sites" in g["gradscope.capture.scope"]
     assert "gradscope.measure" in g["gradscope.capture.scope"]       # the package runs first
     assert "gradscope.capture.scope" in g["gradscope.measure.probe"]
-    assert "gradscope.capture.fastbptt" in g["gradscope.capture.replay"]   # from . import fastbptt
+    assert "gradscope.capture.bptt" in g["gradscope.capture.replay"]   # from . import bptt
     assert "gradscope.capture" not in g["gradscope.capture.replay"]        # its own package
 
 
@@ -153,7 +153,8 @@ def test_capture_and_measure_import_one_way():
     nothing in capture imports measure.probe, also not from inside a function. Of capture only
     scope imports measure at all."""
     g = import_graph(deferred=True)
-    describe = {"gradscope.capture.sites", "gradscope.capture.attention", "gradscope.capture._hf"}
+    describe = {"gradscope.capture.sites", "gradscope.capture.attention", "gradscope.capture.attention.layout",
+                "gradscope.capture.attention.calls", "gradscope.capture.attention.hf"}
     for name, deps in g.items():
         if name.startswith("gradscope.capture."):
             assert "gradscope.measure.probe" not in deps, name

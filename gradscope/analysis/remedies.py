@@ -39,7 +39,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .._format import fmt
 from ..errors import GradscopeError, did_you_mean
-from .evidence import HORIZON_THRESHOLD, bias_of_memory_time, memory_time
+from ..estimators.gates import bias_of_memory_time, memory_time
+from .evidence import HORIZON_THRESHOLD
 from .evidence import regime as evidence_regime
 
 __all__ = ["Remedy", "RemedySpec", "REMEDIES", "REINITIALISING", "remedies_for", "finding_remedies", "get_remedy", "REMEDY_NAMES", "FOLKLORE_CHECKS", "FINDING_KINDS",

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..capture._hf import without_cache
-from ..capture.attention import AttentionLayout, Block, block_view, call_arg
+from ..capture.attention.calls import block_view, call_arg
+from ..capture.attention.hf import without_cache
+from ..capture.attention.layout import AttentionLayout, Block
 from ..capture.sites import flatten_tensors
 from ..estimators import decay_rate, jacobian_norms
 
