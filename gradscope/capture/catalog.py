@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import GradscopeError, did_you_mean
-from .attention import find_attention
-from .options import attention_extra
+from .attention import find_attention, qkv_of
 from .sites import FUSED_TYPES, SiteSpec, fused_sites, unsupported_reason
 
 __all__ = ["SiteTable"]
@@ -62,7 +61,7 @@ class SiteTable:
                 self.fused[name] = m
                 for spec in fused_sites(name, m):
                     self.sites[spec.name] = spec
-        self.attn_layout = find_attention(model, attention_extra(sites, self.modules))
+        self.attn_layout = find_attention(model, _attention_extra(sites, self.modules))
         for spec in self.attn_layout.specs():
             self.sites[spec.name] = spec
         self.explicit_cells: Dict[str, nn.Module] = {}
@@ -107,3 +106,19 @@ class SiteTable:
                     f"{did_you_mean(w, cands)} Site names are qualified module names "
                     f"(model.named_modules()), with '.l<k>' / '.l<k>_reverse' for fused layers.")
         self.selected = selected
+
+
+def _attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
+    """Modules named in ``sites=`` to treat as attention modules: ``"attention:NAME"`` entries and
+    modules with recognisable query/key/value projections."""
+    if sites is None or isinstance(sites, str):
+        return []
+    out = []
+    for w in sites:
+        if not isinstance(w, str):
+            continue
+        if w.startswith("attention:"):
+            out.append(w[len("attention:"):])
+        elif w and w in names and qkv_of(names[w], "") is not None:
+            out.append(w)
+    return out

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import GradscopeError, did_you_mean
-from .attention import qkv_of
 from .schedule import AUTO, DEFAULT_MAX_INTERVAL, DEFAULT_OVERHEAD, check_schedule
 
 __all__ = ["ALERT_KINDS", "UPDATE_RATIO_AUTO_BYTES", "check_model", "check_watch_options", "check_alerts",
-           "resolve_update_ratio", "unwrap", "attention_extra"]
+           "resolve_update_ratio", "unwrap"]
 
 #: update_ratio="auto" records the ratios while the trainable parameters take at most this much
 #: (the copy held from a recorded step to the next forward pass).
@@ -116,22 +115,6 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[nn.Module], Optional[n
             ddp, model = model, model.module
         else:
             return model, compiled, ddp
-
-
-def attention_extra(sites, names: Dict[str, nn.Module]) -> List[str]:
-    """Modules named in ``sites=`` to treat as attention modules: ``"attention:NAME"`` entries and
-    modules with recognisable query/key/value projections."""
-    if sites is None or isinstance(sites, str):
-        return []
-    out = []
-    for w in sites:
-        if not isinstance(w, str):
-            continue
-        if w.startswith("attention:"):
-            out.append(w[len("attention:"):])
-        elif w and w in names and qkv_of(names[w], "") is not None:
-            out.append(w)
-    return out
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -54,7 +54,7 @@ from .catalog import SiteTable
 from .cells import Cells
 from .collector import Collector
 from .discovery import Discovery
-from .options import (check_alerts, check_model, check_watch_options, resolve_update_ratio, unwrap)
+from .options import check_alerts, check_model, check_watch_options, resolve_update_ratio, unwrap
 from .params import ParamGrads
 from .passes import CaptureHost, Pass, Passes
 from .probing import Probes
