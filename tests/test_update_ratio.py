@@ -359,3 +359,29 @@ def test_auto_skips_the_ratio_for_a_large_model_with_a_note(monkeypatch):
         assert any("update_ratio=True" in n for n in rec.notes) == (not expect)
     with pytest.raises(gradscope.GradscopeError, match="'auto'"):
         gradscope.watch(m, update_ratio="sometimes")
+
+
+def test_update_ratio_rides_with_the_steps_one_host_copy(monkeypatch):
+    """Measuring the update adds no host copy of its own: a recorded step copies its values to the
+    host once (on a GPU every copy waits for the queue), update norms included."""
+    model = Net()
+    opt = torch.optim.SGD(model.trained(), lr=0.1)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        copies.append(tuple(self.shape))
+        return real_cpu(self, *a, **k)
+
+    with gradscope.watch(model, every=1, probe_every=None) as scope:
+        for i, x in enumerate(_batches(4)):
+            if i == 2:
+                monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == 2:
+                monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+    assert len(copies) == 1, copies              # step 2's values and step 1's update norms together
+    r = scope.recording.update_ratios()["head.weight"]
+    assert np.all(np.isfinite(r)) and np.all(r > 0)   # every step measured, the last at close

@@ -52,6 +52,7 @@ class Builder:
         self.notes, self.events, self.attn = notes, events, attn
         self.schedule, self.max_steps, self.update_ratio = schedule, max_steps, update_ratio
         self.history = History(len(params.params))
+        self.updates = None  # the watch's UpdateRatios, set once it exists (it writes into this history)
 
     def end_step(self, step: int, passes: List[Pass]) -> None:
         """Turn the values of step ``step`` (scheduled ``passes``) into a history row; deliver alerts."""
@@ -61,6 +62,8 @@ class Builder:
             self.attn.end_step()
         self.params.remove()
         items = self.collector.take()  # one host copy per device
+        if self.updates is not None:  # an earlier recorded step's update ratio, copied with these values
+            self.updates.receive(items)
 
         seq_len: Dict[str, int] = {}
         for p in passes:

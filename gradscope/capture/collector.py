@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._norms import norms as _norms
 
-__all__ = ["StateKey", "SiteKey", "ParamKey", "AttentionKey", "Key", "Collector", "sum_squares"]
+__all__ = ["StateKey", "SiteKey", "ParamKey", "AttentionKey", "UpdateKey", "Key", "Collector", "sum_squares"]
 
 
 class StateKey(NamedTuple):
@@ -51,7 +51,14 @@ class AttentionKey(NamedTuple):
     mode: str
 
 
-Key = Union[StateKey, SiteKey, ParamKey, AttentionKey]
+class UpdateKey(NamedTuple):
+    """‖Δw‖ then ‖w‖ of one device's parameters for the update ratio of recorded step ``step``
+    (:mod:`.updates`); carried by the next host copy, whichever step makes it."""
+    step: int
+    group: int
+
+
+Key = Union[StateKey, SiteKey, ParamKey, AttentionKey, UpdateKey]
 
 
 class Collector:

@@ -5,9 +5,13 @@ watch sees neither the optimizer nor its step, only the forward passes (the root
 pre-hook). So on a recorded step (a deep pass) the parameters are copied at the forward pass
 (:meth:`UpdateTracker.snapshot`: one device copy of every parameter, their norms ‖w‖ reduced on the
 device), and at the next forward pass with gradients of a *later* step (or when the watch closes)
-``w_snapshot − w_now`` is taken in place and normed (:meth:`UpdateTracker.measure`): one
-multi-tensor norm and one host copy per device. The copy is then freed, so at most one copy of
-the parameters lives at a time, and only between a recorded step and the next step.
+``w_snapshot − w_now`` is taken in place and normed on the device (:meth:`UpdateTracker.measure`:
+one multi-tensor norm per device). The copy is then freed, so at most one copy of the parameters
+lives at a time, and only between a recorded step and the next step. The norms stay on the device
+and go to the host with the next host copy the watch makes anyway (the collector's, at the end of
+the next recorded step's backward pass, or at close): measuring adds no synchronisation of its own
+(on a GPU each host copy waits for the queue), so a recorded step's ratio is in the recording once
+the next recorded step has ended.
 
 What is measured is every change between those two forward passes — an optimizer step, weight
 decay, a scheduler, a user's manual edit, several optimizer steps if the loop takes them without
@@ -25,6 +29,7 @@ from torch import Tensor
 
 from ._autograd import eager
 from ._norms import norms as _norms
+from .collector import UpdateKey
 
 __all__ = ["UpdateTracker", "UpdateRatios"]
 
@@ -59,13 +64,14 @@ class UpdateTracker:
             self._wnorm = {dev: _norms([self._snap[i] for i in idx]) for dev, idx in self._groups.items()}
         self.step = step
 
-    def measure(self) -> Tuple[int, np.ndarray, np.ndarray]:
-        """``(step, ‖Δw‖ [P], ‖w‖ [P])`` of the snapshot against the parameters now, in float64;
-        frees the snapshot. A parameter whose shape changed since gets NaN."""
+    def measure(self) -> Tuple[int, List[Tuple[List[int], List[int], Tensor]]]:
+        """``(step, groups)``: per device ``(ok, idx, values)`` — ``values`` on the device holds
+        ‖Δw‖ of the parameters ``ok`` (the snapshot against the parameters now; a parameter whose
+        shape changed since is left out) then ‖w‖ of all the device's parameters ``idx``, float64.
+        Frees the snapshot; copies nothing to the host (:meth:`to_host` reads ``values`` there)."""
         snap, wnorm, step = self._snap, self._wnorm, self.step
         self.drop()
-        P = len(self.params)
-        dn, wn = np.full(P, np.nan), np.full(P, np.nan)
+        groups = []
         with torch.no_grad():
             for dev, idx in self._groups.items():
                 ok = [i for i in idx if snap[i].shape == self.params[i].shape]
@@ -73,9 +79,19 @@ class UpdateTracker:
                     continue
                 olds = [snap[i] for i in ok]
                 torch._foreach_sub_(olds, [self.params[i].detach() for i in ok])  # in place: no second copy
-                host = torch.cat([_norms(olds), wnorm[dev][[idx.index(i) for i in ok]]]).cpu().numpy()
-                dn[ok], wn[ok] = host[:len(ok)], host[len(ok):]
-        return step, dn, wn
+                groups.append((ok, idx, torch.cat([_norms(olds), wnorm[dev]])))
+        return step, groups
+
+    def to_host(self, groups: List[Tuple[List[int], List[int], np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
+        """``(‖Δw‖ [P], ‖w‖ [P])`` from :meth:`measure`'s groups with their values on the host;
+        NaN where a parameter was left out."""
+        P = len(self.params)
+        dn, wn = np.full(P, np.nan), np.full(P, np.nan)
+        for ok, idx, host in groups:
+            host = np.asarray(host, dtype=np.float64)
+            dn[ok] = host[:len(ok)]
+            wn[ok] = host[len(ok):][[idx.index(i) for i in ok]]
+        return dn, wn
 
     def drop(self) -> None:
         """Free the snapshot without measuring."""
@@ -89,22 +105,43 @@ class UpdateRatios:
         params: the watched parameters, in the order of the recording's parameter columns.
         history: the watch's :class:`~.history.History` (``set_update`` receives each result).
         note: adds a note to the recording, once per key.
+        collector: the watch's :class:`~.collector.Collector`: measured norms ride with its next host
+            copy under :class:`~.collector.UpdateKey` (:meth:`receive` takes them back).
 
     Attributes:
         tracker: the :class:`UpdateTracker`, or None once memory for a copy ran out.
     """
 
-    def __init__(self, params: List[Tensor], history, note: Callable[[Any, str], None]):
+    def __init__(self, params: List[Tensor], history, note: Callable[[Any, str], None], collector):
         self.tracker: Optional[UpdateTracker] = UpdateTracker(params)
-        self._history, self._note = history, note
+        self._reader = self.tracker   # reads results back even after the tracker is given up (no memory)
+        self._history, self._note, self._collector = history, note, collector
+        self._waiting: Dict[int, List[Tuple[List[int], List[int]]]] = {}   # step -> groups on the device
 
     def measure_due(self, step: int) -> None:
-        """‖Δw‖ and ‖w‖ of the snapshot's step into its history row once a later step (``step``)
-        has begun (the optimizer ran in between); frees the snapshot. Nothing to do otherwise."""
+        """Norm ‖Δw‖ and ‖w‖ of the snapshot's step on the device once a later step (``step``) has
+        begun (the optimizer ran in between) and hand them to the collector; frees the snapshot.
+        Nothing to do otherwise."""
         if self.tracker is None or not self.tracker.pending or step <= self.tracker.step:
             return
-        snap_step, upd, wn = eager(self.tracker.measure)()
-        self._history.set_update(snap_step, upd, wn)
+        snap_step, groups = eager(self.tracker.measure)()
+        self._waiting[snap_step] = [(ok, idx) for ok, idx, _ in groups]
+        for g, (_, _, values) in enumerate(groups):
+            self._collector.add(UpdateKey(snap_step, g), values)
+
+    def receive(self, items) -> None:
+        """The :class:`~.collector.UpdateKey` values among a host copy's ``(value, key)`` items into
+        the history (before the copying step's own row is added: the measured step is the last row)."""
+        got: Dict[int, Dict[int, Any]] = {}
+        for v, key in items:
+            if type(key) is UpdateKey:
+                got.setdefault(key.step, {})[key.group] = v
+        for snap_step, values in got.items():
+            groups = self._waiting.pop(snap_step, None)
+            if groups is None:
+                continue
+            dn, wn = self._reader.to_host([(ok, idx, values[g]) for g, (ok, idx) in enumerate(groups) if g in values])
+            self._history.set_update(snap_step, dn, wn)
 
     def snapshot(self, step: int) -> None:
         """Copy the parameters at recorded step ``step`` (unless a copy is held already); without the
@@ -121,7 +158,11 @@ class UpdateRatios:
                                            f"watch(model, update_ratio=False) skips it from the start.")
 
     def close(self, step: int) -> None:
-        """Measure the last recorded step's update (the loop ended after it) and free the copy."""
+        """Measure the last recorded step's update (the loop ended after it), copy what still waits
+        on the device (one host copy; the collector holds nothing else a closed watch needs) and
+        free the copy."""
         if self.tracker is not None:
             self.measure_due(step)
             self.tracker.drop()
+        if self._waiting:
+            self.receive(self._collector.take())

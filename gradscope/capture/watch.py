@@ -130,7 +130,9 @@ class Scope:
                                 self._attn, self._schedule, max_steps, self._update_ratio)
         self.updates: Optional[UpdateRatios] = None
         if self._update_ratio:
-            self.updates = UpdateRatios([p for _, p in self._params.params], self._builder.history, self._notes.add)
+            self.updates = UpdateRatios([p for _, p in self._params.params], self._builder.history,
+                                        self._notes.add, self._collector)
+            self._builder.updates = self.updates
 
         self._root_handles: List[Any] = []
         _ACTIVE[model] = weakref.ref(self)
