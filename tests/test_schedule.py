@@ -42,6 +42,28 @@ def test_budget_keeps_the_realised_overhead_near_the_budget(overhead):
     assert meta["deep_passes"] == sum(d for d, _ in marks) and meta["probes"] == sum(p for _, p in marks)
 
 
+def test_the_light_tier_is_paid_from_the_same_budget():
+    """Hooks costing 1% of every plain step leave 2% of a 3% budget for deep passes and probes."""
+    def run(light):
+        s = Schedule(overhead=0.03, max_interval=10 ** 6)
+        now = 0.0
+        for step in range(20_000):
+            deep, probe = s.begin(step, now)
+            if not (deep or probe):
+                s.light(light)
+            now += 1.0 + light + (0.4 if deep else 0.0) + (20.0 if probe else 0.0)
+        s.begin(20_000, now)
+        return s.meta()
+
+    free, paid = run(0.0), run(0.01)
+    assert paid["deep_passes"] == pytest.approx(free["deep_passes"] * 2 / 3, rel=0.1)
+    # every plain step paid (steps with both a deep pass and a probe counted once: rel 1e-3)
+    assert paid["light_seconds"] == pytest.approx(0.01 * (20_000 - paid["deep_passes"] - paid["probes"]), rel=1e-3)
+    assert paid["realised_overhead"] == pytest.approx(0.03, rel=0.15)   # light tier included
+    # hooks that cost more than the budget leave nothing for deep passes beyond the first
+    assert run(0.05)["deep_passes"] == 1
+
+
 def test_budget_adapts_to_the_measured_cost():
     cheap, dear = Schedule(), Schedule()
     simulate(cheap, 5000, deep_extra=0.1)

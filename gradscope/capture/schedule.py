@@ -13,6 +13,9 @@ norms. Two kinds of work cost more:
 time within ``overhead`` (default 3%) of the training loop's own time, split evenly between deep
 passes and probes: each kind earns ``overhead / 2`` of every step's duration as credit, a pass of
 that kind runs when the credit covers its last measured extra cost, and the cost is then charged.
+The light tier is paid from the same budget: the watch reports the time its own hooks take on
+plain steps (:meth:`Schedule.light`), and that time is taken from both kinds' credit before they
+earn any (the cost of the hooks' mere presence in nn.Module's call path is not seen by this clock).
 The first step always gets both (discovery needs one, and ``diagnose`` needs Jacobian evidence);
 neither is ever rarer than ``max_interval`` steps (which can overrun the budget: say so in the
 meta). Durations are host wall-clock times between consecutive forward passes (on a GPU the host
@@ -87,6 +90,8 @@ class Schedule:
         self._plain = deque(maxlen=_RECENT)
         self._unpriced: Optional[Tuple[float, bool, bool]] = None  # a costly step before any plain one
         self.elapsed = 0.0              # seconds of all measured steps
+        self.light_seconds = 0.0        # the watch's own time on plain steps (light tier), all steps
+        self._light_new = 0.0           # ... since the last step was accounted
 
     @property
     def budgeted(self) -> bool:
@@ -117,6 +122,12 @@ class Schedule:
         self._open = (now, deep, probe)
         return deep, probe
 
+    def light(self, seconds: float) -> None:
+        """``seconds`` of the watch's own work on a plain step (its hooks): paid from the budget."""
+        if seconds > 0:
+            self.light_seconds += seconds
+            self._light_new += seconds
+
     def _account(self, seconds: float, deep: bool, probe: bool) -> None:
         if not math.isfinite(seconds) or seconds < 0:
             return
@@ -124,8 +135,9 @@ class Schedule:
         if not deep and not probe:
             self._plain.append(seconds)
         plain = sum(self._plain) / len(self._plain) if self._plain else None
+        light, self._light_new = self._light_new, 0.0
         for b in (self._deep, self._probe):
-            b.credit += seconds * self.overhead / 2
+            b.credit += (seconds * self.overhead - light) / 2
         if (deep or probe) and plain is not None:
             # at least a tenth of a plain step: timing noise must not make the work look free
             extra = max(seconds - plain, _MIN_COST * plain)
@@ -151,12 +163,13 @@ class Schedule:
 
     def meta(self) -> Dict[str, Any]:
         """What the Recording and every report state about the schedule and its cost."""
-        spent = self._deep.spent + self._probe.spent
+        spent = self._deep.spent + self._probe.spent + self.light_seconds
         base = self.elapsed - spent
         return {"mode": "budget" if self.budgeted else "fixed", "every": self.every,
                 "probe_every": self.probe_every, "overhead_budget": self.overhead if self.budgeted else None,
                 "max_interval": self.max_interval, "stride": self.stride,
                 "deep_passes": self._deep.count, "probes": self._probe.count,
+                "light_seconds": self.light_seconds,
                 "realised_overhead": spent / base if base > 0 else None,
                 "measured_seconds": self.elapsed}
 

@@ -36,6 +36,7 @@ raises. Forwards are swapped only by :mod:`.patching` (removable handles).
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -153,6 +154,7 @@ class Scope:
 
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
+        t0 = time.perf_counter()
         passes = self.passes
         if passes.current is None and passes.now() is not None:
             return  # a checkpoint recomputation of a pending pass inside backward: no new step
@@ -171,6 +173,8 @@ class Scope:
         passes.current = p
         if deep and self.updates is not None:
             self.updates.snapshot(passes.step)
+        if not p.scheduled:  # the light tier's time, paid from the overhead budget
+            self._schedule.light(time.perf_counter() - t0)
         if p.scheduled:
             self._params.hook()
             if self._attn is not None:
@@ -180,6 +184,7 @@ class Scope:
             self._cells.begin_pass()
 
     def _root_post(self, module, args, output):
+        t0 = time.perf_counter()
         p = self.passes.current
         self.passes.current = None
         if p is None or self.closed:
@@ -196,6 +201,8 @@ class Scope:
                 eager(self._probe)(p)  # never traced by Dynamo under torch.compile
         if outs:
             self.passes.add(p, outs)
+        if not p.scheduled:
+            self._schedule.light(time.perf_counter() - t0)
 
     def _probe(self, p: Pass) -> None:
         """Probe pass ``p``'s batch; a critical finding not seen before becomes an event."""
