@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
-from .errors import GradscopeError
+from .. import __version__
+from ..errors import GradscopeError
 
 __all__ = ["main", "main_entry"]
 
@@ -153,12 +153,12 @@ def _check_numbers(args) -> None:
         raise GradscopeError(f"--inputs {str(args.inputs)!r}: no such file; pass a file written with "
                              f"torch.save(tensor).")
     if args.model_args is not None:
-        from .checkpoint import _parse_args
-        _parse_args(args.model_args)
+        from ..checkpoint.rebuild import parse_model_args
+        parse_model_args(args.model_args)
 
 
 def _fail_kinds(text: str):
-    from .errors import did_you_mean
+    from ..errors import did_you_mean
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     for k in kinds:
         if k not in FINDING_KINDS:
@@ -168,7 +168,7 @@ def _fail_kinds(text: str):
 
 
 def _check_format(fmt: str) -> None:
-    from .errors import did_you_mean
+    from ..errors import did_you_mean
     if fmt not in FORMATS:
         raise GradscopeError(f"--format: unknown format {fmt!r}.{did_you_mean(fmt, FORMATS)} "
                              f"Use one of {', '.join(FORMATS)}.")
@@ -195,8 +195,8 @@ def _exit_for(findings, fail) -> int:
 
 
 def _report(args) -> int:
-    from ._archive import parse_size
-    from .report.checkpoint_report import report_checkpoint
+    from .._archive import parse_size
+    from ..report.checkpoint_report import report_checkpoint
     _check_format(args.format)
     fail = _fail_kinds(args.fail_on)
     _check_numbers(args)
@@ -216,9 +216,9 @@ def _report(args) -> int:
 
 
 def _show(args) -> int:
-    from ._archive import parse_size
-    from .analysis.diagnose import diagnose
-    from .recording import load
+    from .._archive import parse_size
+    from ..analysis.diagnose import diagnose
+    from ..recording import load
     _check_format(args.format)
     fail = _fail_kinds(args.fail_on)
     _check_numbers(args)
@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from ..demo import run_demo
             return run_demo(out=args.out, seq_len=args.seq_len, steps=args.steps, seed=args.seed)
         if args.command == "report":
             return _report(args)
