@@ -16,9 +16,9 @@ from torch import nn
 
 import gradscope
 from gradscope import RecordingFormatError
-from gradscope._archive import parse_size
 from gradscope.checkpoint import estimate_probe_seconds, load_checkpoint
 from gradscope.cli import main
+from gradscope.cli.args import parse_size
 from gradscope.errors import CheckpointError, GradscopeError, LoadLimitError
 
 import hostile as H

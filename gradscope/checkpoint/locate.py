@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._format import one_line
 from ..errors import CheckpointError
-from .io import one_line
 
 __all__ = ["FoundModule", "find_modules", "default_num_heads", "RECURRENT_KINDS", "CELL_KINDS", "FUSED_KEY",
            "site_name"]

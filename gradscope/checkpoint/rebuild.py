@@ -12,11 +12,10 @@ import pkgutil
 import sys
 from typing import Any, Dict, List, Mapping, Union
 
-import torch
 from torch import Tensor, nn
 
+from .._format import one_line
 from ..errors import ModelSpecError, did_you_mean
-from .io import one_line
 
 __all__ = ["build_user_model", "parse_model_args"]
 
@@ -124,7 +123,7 @@ def build_user_model(spec: str, model_args: Union[None, str, Mapping[str, Any]],
             do not fit: "missing keys (N): ...; unexpected keys (M): ...; shape mismatches (K): ...".
 
     Example:
-        >>> sd = torch.nn.GRU(3, 4).state_dict()
+        >>> sd = nn.GRU(3, 4).state_dict()
         >>> model = build_user_model("torch.nn:GRU", {"input_size": 3, "hidden_size": 4}, sd)
         >>> type(model).__name__
         'GRU'
