@@ -37,7 +37,7 @@ MAX_INFLATE_RATIO = 100
 #: Archives that declare less than this are never refused for their inflate ratio.
 RATIO_FLOOR = 16 * 2 ** 20
 _CHUNK = 1 << 20
-RAISE_HINT = "if you trust the file, raise the limit (max_load_bytes=, CLI --max-load-bytes)"
+RAISE_HINT = "if you trust the file, raise the limit (max_load_bytes=)"
 
 
 def fmt_bytes(n: float) -> str:
@@ -65,7 +65,8 @@ def check_file_size(what: str, size: int, limit: Optional[int]) -> None:
     """Refuse a file larger than the limit."""
     if limit is not None and size > limit:
         raise LoadLimitError(
-            f"{what} is {fmt_bytes(size)}, more than the load limit of {fmt_bytes(limit)}; {RAISE_HINT}.")
+            f"{what} is {fmt_bytes(size)}, more than the load limit of {fmt_bytes(limit)}; {RAISE_HINT}.",
+            limit=limit)
 
 
 def inspect_zip(zf: zipfile.ZipFile, what: str, file_size: int, limit: Optional[int],
@@ -92,12 +93,13 @@ def inspect_zip(zf: zipfile.ZipFile, what: str, file_size: int, limit: Optional[
     if limit is not None and total > limit:
         raise LoadLimitError(
             f"{what} declares {fmt_bytes(total)} once inflated ({len(infos)} zip members in a "
-            f"{fmt_bytes(file_size)} file), more than the load limit of {fmt_bytes(limit)}; {RAISE_HINT}.")
+            f"{fmt_bytes(file_size)} file), more than the load limit of {fmt_bytes(limit)}; {RAISE_HINT}.",
+            limit=limit)
     if limit is not None and total > RATIO_FLOOR and total > MAX_INFLATE_RATIO * max(file_size, 1):
         raise LoadLimitError(
             f"{what} declares {fmt_bytes(total)} once inflated from a {fmt_bytes(file_size)} file "
             f"(ratio {total / max(file_size, 1):.0f}:1, beyond {MAX_INFLATE_RATIO}:1): a zip bomb? "
-            f"If you trust the file, pass max_load_bytes=None (CLI --max-load-bytes none).")
+            f"If you trust the file, pass max_load_bytes=None.", limit=limit, bomb=True)
     return infos
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _archive
 from .._archive import DEFAULT_MAX_LOAD_BYTES
 from .._format import one_line
-from ..errors import CheckpointError, LoadLimitError, UnsafeCheckpointError, did_you_mean
+from ..errors import CheckpointError, LoadLimitError, PlainPickleError, UnsafeCheckpointError, did_you_mean
 from .contents import locate_state_dict, metadata_without, strip_wrapper_prefixes
 
 __all__ = ["Checkpoint", "load_checkpoint", "INSTALL_HINT"]
@@ -35,7 +35,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 INSTALL_HINT = 'pip install "gradscope[ckpt]"'
-UNSAFE_HINT = "unsafe=True (CLI: --unsafe-load)"
 
 # torch.save(..., _use_new_zipfile_serialization=False) writes this pickled magic number first.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -219,7 +218,7 @@ def _load_torchscript(path: Path, name: str, unsafe: bool) -> Tuple[Any, str, Li
     if not unsafe:
         raise UnsafeCheckpointError(
             f"{name!r} is a TorchScript archive (torch.jit.save): loading it runs the code it contains; "
-            f"if you trust the file, load it with {UNSAFE_HINT} (torch.jit.load) to report its weights.")
+            f"if you trust the file, load it with unsafe=True (torch.jit.load) to report its weights.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch deprecates TorchScript; the file is still what it is
         try:
@@ -259,9 +258,9 @@ def _failure(name: str, kind: str, suffix: str, exc: BaseException,
             f"{name!r} is an old-format torch.save file but it is corrupt ({reason}); "
             f"re-save or re-download it.")
     if kind == "pickle":
-        return CheckpointError(
+        return PlainPickleError(
             f"{name!r} is a plain pickle (pickle.dump), not a torch.save file, and weights-only loading "
-            f"cannot read it ({reason}); re-save it with torch.save(obj, path), or pass {UNSAFE_HINT} "
+            f"cannot read it ({reason}); re-save it with torch.save(obj, path), or pass unsafe=True "
             f"if you trust it.")
     if kind == "json":
         return CheckpointError(
@@ -393,18 +392,20 @@ def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None)
             if unsafe and re.search(r"Can't get attribute '(\w+)' on <module '[\w.]*__main__'", str(exc)):
                 main_classes = ["__main__." + re.search(r"attribute '(\w+)'", str(exc)).group(1)]
             if main_classes:
-                raise (CheckpointError if unsafe else UnsafeCheckpointError)(
+                message = (
                     f"cannot load {name!r}: it pickles a whole model whose class "
                     f"({', '.join(main_classes[:3])}) was defined in the script that saved it, so only "
-                    f"a program that defines that class can unpickle it (with {UNSAFE_HINT}, which runs "
-                    f"code) and the CLI never can; in that script save model.state_dict() and report on "
-                    f"that file, or move the class into an importable module."
-                ) from None
+                    f"a program that defines that class can unpickle it (with unsafe=True, which runs "
+                    f"code); in that script save model.state_dict() and report on that file, or move the "
+                    f"class into an importable module.")
+                if unsafe:
+                    raise CheckpointError(message) from None
+                raise UnsafeCheckpointError(message, loadable=False) from None
             if bad:
                 raise UnsafeCheckpointError(
                     f"refusing to load {name!r}: it asks to run code from the file "
                     f"({', '.join(bad[:6])}{', …' if len(bad) > 6 else ''}), which weights-only loading "
-                    f"does not allow; if you trust the file, load it with {UNSAFE_HINT}, which runs "
+                    f"does not allow; if you trust the file, load it with unsafe=True, which runs "
                     f"that code, or re-save only the weights with torch.save(model.state_dict(), path)."
                 ) from None
             if unsafe and kind in ("zip", "torch-legacy", "pickle") and "central directory" not in str(exc):
@@ -513,8 +514,11 @@ def load_checkpoint(path: PathLike, *, unsafe: bool = False,
 
     Raises:
         UnsafeCheckpointError: The file needs to run code to load (it names the globals it
-            wanted) and ``unsafe`` is False.
-        LoadLimitError: The file is, or declares, more than ``max_load_bytes`` (a CheckpointError).
+            wanted) and ``unsafe`` is False; ``.loadable`` says whether ``unsafe=True`` can load it.
+        PlainPickleError: A plain pickle that weights-only loading cannot read (``unsafe=True``
+            reads it with ``pickle.load``).
+        LoadLimitError: The file is, or declares, more than ``max_load_bytes`` (a CheckpointError;
+            ``.limit`` and ``.bomb`` say which limit refused it).
         CheckpointError: Missing file, directory, empty/truncated/corrupt file, a JSON or text
             file, unreadable safetensors, safetensors not installed, no tensors or no state dict
             in the file. Every message is one line saying what arrived and how to fix it. No other
@@ -572,7 +576,7 @@ def _densified(p: Path, sd: Dict[str, Any], notes: List[str], max_load_bytes: Op
         if max_load_bytes is not None and size > max_load_bytes:
             raise LoadLimitError(
                 f"{str(p)!r}: the sparse tensor {key!r} {list(t.shape)} is {size} bytes once dense, more than "
-                f"--max-load-bytes {max_load_bytes}; raise the limit for a file you trust.")
+                f"max_load_bytes={max_load_bytes}; raise the limit for a file you trust.", limit=max_load_bytes)
         try:
             out[key] = t.to_dense()
         except (RuntimeError, ValueError) as exc:

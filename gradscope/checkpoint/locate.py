@@ -132,7 +132,7 @@ def _where(prefix: str) -> str:
 def _rnn_note(kind: str, nonlinearity: str) -> str:
     other = "relu" if nonlinearity == "tanh" else "tanh"
     return (f"{kind} nonlinearity tanh vs relu cannot be told from weights; assumed {nonlinearity} "
-            f"(change with --rnn-nonlinearity {other})")
+            f"(change with rnn_nonlinearity={other!r})")
 
 
 def default_num_heads(embed_dim: int) -> int:
@@ -445,7 +445,7 @@ def _mha(prefix: str, locals_: Dict[str, str], sd: Mapping[str, Tensor], num_hea
         notes.append(
             f"num_heads cannot be told from weights; assumed {heads} (the largest divisor of "
             f"embed_dim {embed} that is ≤ 8 with head size ≥ 8, else 1); outputs and per-head "
-            f"measures depend on it (change with --num-heads N)")
+            f"measures depend on it (change with num_heads=N)")
     else:
         if embed % num_heads:
             raise CheckpointError(

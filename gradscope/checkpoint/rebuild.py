@@ -20,8 +20,12 @@ from ..errors import ModelSpecError, did_you_mean
 __all__ = ["build_user_model", "parse_model_args"]
 
 
-def parse_model_args(model_args: Union[None, str, Mapping[str, Any]]) -> Dict[str, Any]:
+def parse_model_args(model_args: Union[None, str, Mapping[str, Any]], name: str = "model_args") -> Dict[str, Any]:
     """The keyword arguments for the user's factory: a dict, a JSON object string, or None (none).
+
+    Args:
+        model_args: The arguments.
+        name: What the caller calls them, for the messages (the CLI passes its option's name).
 
     Raises:
         ModelSpecError: The string is not JSON, or not an object with string keys.
@@ -33,11 +37,11 @@ def parse_model_args(model_args: Union[None, str, Mapping[str, Any]]) -> Dict[st
             model_args = json.loads(model_args)
         except json.JSONDecodeError as exc:
             raise ModelSpecError(
-                f"--model-args is not valid JSON ({exc.msg} at character {exc.pos}); pass an object "
+                f"{name} is not valid JSON ({exc.msg} at character {exc.pos}); pass an object "
                 f"such as '{{\"hidden_size\": 64}}'.") from None
     if not isinstance(model_args, Mapping) or not all(isinstance(k, str) for k in model_args):
         raise ModelSpecError(
-            f"--model-args must be a JSON object of keyword arguments, got {type(model_args).__name__}; "
+            f"{name} must be a JSON object of keyword arguments, got {type(model_args).__name__}; "
             f"pass e.g. '{{\"hidden_size\": 64}}'.")
     return dict(model_args)
 
@@ -49,13 +53,13 @@ def _import_module(module_name: str, spec: str):
         missing = exc.name or module_name
         if missing != module_name and not module_name.startswith(missing + "."):
             raise ModelSpecError(
-                f"importing {module_name!r} for --model {spec!r} failed: it imports {missing!r}, which is "
-                f"not installed; install it.") from None
+                f"importing {module_name!r} for {spec!r} failed: it imports {missing!r}, which is "
+                f"not installed; install it.", spec=spec) from None
         if module_name.endswith(".py"):
             raise ModelSpecError(
-                f"--model {spec!r} names a file; give the module's import name instead, e.g. "
+                f"{spec!r} names a file; give the module's import name instead, e.g. "
                 f"{module_name[:-3].replace(os.sep, '.') + ':' + spec.split(':')[1]!r}, with its folder on "
-                f"PYTHONPATH.") from None
+                f"PYTHONPATH.", spec=spec) from None
         parent, _, leaf = missing.rpartition(".")
         siblings: List[str] = []
         try:
@@ -67,12 +71,12 @@ def _import_module(module_name: str, spec: str):
         except Exception:
             pass
         raise ModelSpecError(
-            f"no module named {missing!r} (from --model {spec!r}); check the spelling, and that its "
-            f"package is installed or on PYTHONPATH.{did_you_mean(leaf, siblings)}") from None
+            f"no module named {missing!r} (from {spec!r}); check the spelling, and that its "
+            f"package is installed or on PYTHONPATH.{did_you_mean(leaf, siblings)}", spec=spec) from None
     except Exception as exc:
         raise ModelSpecError(
-            f"importing {module_name!r} for --model {spec!r} raised {type(exc).__name__}: "
-            f"{one_line(str(exc), 100)}; fix the module.") from None
+            f"importing {module_name!r} for {spec!r} raised {type(exc).__name__}: "
+            f"{one_line(str(exc), 100)}; fix the module.", spec=spec) from None
 
 
 def _key_list(keys: List[str], limit: int = 4) -> str:
@@ -130,8 +134,8 @@ def build_user_model(spec: str, model_args: Union[None, str, Mapping[str, Any]],
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ModelSpecError(
-            f"--model expects 'package.module:factory_or_class', got {spec!r}; separate the module "
-            f"from the attribute with one ':' (e.g. 'mypkg.models:build_model').")
+            f"a model spec is 'package.module:factory_or_class', got {spec!r}; separate the module "
+            f"from the attribute with one ':' (e.g. 'mypkg.models:build_model').", spec=spec)
     module_name, attr_path = spec.split(":")
     kwargs = parse_model_args(model_args)
     module = _import_module(module_name, spec)
@@ -141,28 +145,28 @@ def build_user_model(spec: str, model_args: Union[None, str, Mapping[str, Any]],
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             raise ModelSpecError(
-                f"{walked!r} has no attribute {part!r} (from --model {spec!r}); name a function or "
-                f"class defined there.{did_you_mean(part, names)}")
+                f"{walked!r} has no attribute {part!r} (from {spec!r}); name a function or "
+                f"class defined there.{did_you_mean(part, names)}", spec=spec)
         obj = getattr(obj, part)
         walked = f"{walked}.{part}" if walked != module_name else f"{module_name}:{part}"
     if not callable(obj):
         raise ModelSpecError(
-            f"{spec!r} is a {type(obj).__name__}, not callable; --model must name a class or a "
-            f"function that returns the model.")
+            f"{spec!r} is a {type(obj).__name__}, not callable; the spec must name a class or a "
+            f"function that returns the model.", spec=spec)
     try:
         model = obj(**kwargs)
     except Exception as exc:
         raise ModelSpecError(
             f"calling {spec}(**{one_line(json.dumps(kwargs, default=str), 80)}) raised "
-            f"{type(exc).__name__}: {one_line(str(exc), 120)}; check --model-args.") from None
+            f"{type(exc).__name__}: {one_line(str(exc), 120)}; check the model arguments.", spec=spec) from None
     if isinstance(model, type) and issubclass(model, nn.Module):
         raise ModelSpecError(
-            f"{spec!r} returned the class {model.__name__}, not an instance; point --model at the "
-            f"class itself or at a function that instantiates it.")
+            f"{spec!r} returned the class {model.__name__}, not an instance; point the spec at the "
+            f"class itself or at a function that instantiates it.", spec=spec)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(
-            f"{spec!r} returned a {type(model).__name__}, expected an nn.Module; point --model at a "
-            f"class or a function that builds the model.")
+            f"{spec!r} returned a {type(model).__name__}, expected an nn.Module; point the spec at a "
+            f"class or a function that builds the model.", spec=spec)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -179,11 +183,12 @@ def build_user_model(spec: str, model_args: Union[None, str, Mapping[str, Any]],
     if problems:
         raise ModelSpecError(
             f"the checkpoint does not fit {spec}: {'; '.join(problems)}"
-            f"{_prefix_hint(missing, unexpected)}; check --model-args or that the checkpoint belongs to this model.")
+            f"{_prefix_hint(missing, unexpected)}; check the model arguments or that the checkpoint belongs to "
+            f"this model.", spec=spec)
     try:
         model.load_state_dict(state_dict, strict=True)
     except Exception as exc:
         raise ModelSpecError(
             f"load_state_dict(strict=True) on {spec} failed ({one_line(str(exc), 160)}); check "
-            f"--model-args or that the checkpoint belongs to this model.") from None
+            f"the model arguments or that the checkpoint belongs to this model.", spec=spec) from None
     return model

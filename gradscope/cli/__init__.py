@@ -2,7 +2,8 @@
 
 Every failure the user can cause prints one line on stderr and exits with status 2; a traceback
 is a bug. :mod:`~gradscope.cli.args` parses and checks the options, :mod:`~gradscope.cli.commands`
-runs a subcommand, :mod:`~gradscope.cli.messages` turns a library error into the line printed.
+runs a subcommand, :mod:`~gradscope.cli.messages` turns a library error into the line printed,
+adding the flag that addresses it: library messages name keyword arguments, never flags.
 """
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def check_numbers(args: argparse.Namespace) -> None:
                              f"torch.save(tensor).")
     if args.model_args is not None:
         from ..checkpoint.rebuild import parse_model_args  # imports torch: only when given
-        parse_model_args(args.model_args)
+        parse_model_args(args.model_args, name="--model-args")
 
 
 def fail_kinds(text: str) -> Set[str]:
