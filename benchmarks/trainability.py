@@ -18,7 +18,11 @@ Protocol (fixed; change it only together with a new data file):
   forget-gate bias (b_ih + b_hh) set to −3 … +5, ``nn.GRU`` default and with the update-gate bias
   shifted by ±3, a 2-layer ``nn.LSTM`` and two user-written cells run in a Python loop (an Elman
   tanh cell and a minimal gated unit).
-* T ∈ {20, 60, 150}; seeds 0 and 1 (seed 0: calibration half, seed 1: held-out half).
+* T ∈ {20, 60, 150}; seeds 0–3. Seeds 0, 1 and 2 are the calibration half, seed 3 the held-out
+  half (:func:`split_of`). History: the first 264 runs (seeds 0 and 1) were split seed 0 /
+  seed 1, and seed 1's outcomes were quoted in ``RESULTS.md``; a quoted split cannot stay held out
+  once the rule is refitted, so seed 1 joined the calibration half and seeds 2 and 3 were run
+  (on the same protocol) before the rule was refitted; seed 3 was not looked at until then.
 * Training: Adam lr 1e-3, batch 64 (fresh sequences each step), gradient-norm clipping at 1.0,
   at most 1 500 steps. Every 250 steps the model is evaluated on 2 000 held-out sequences (a fixed
   seed per task and T); a run *learns* when the criterion holds at one of these evaluations, and it
@@ -54,13 +58,24 @@ from gradscope.zoo import RECALL_TOKENS as N_TOKENS, adding_problem, recall_prob
 
 H = 64
 LENGTHS = (20, 60, 150)
-SEEDS = (0, 1)
+CALIBRATION_SEEDS = (0, 1, 2)
+HELD_OUT_SEEDS = (3,)
+SEEDS = CALIBRATION_SEEDS + HELD_OUT_SEEDS
 TASKS = ("adding", "recall")
 PROTOCOL = dict(optimizer="Adam", lr=1e-3, batch=64, clip=1.0, max_steps=1500, eval_every=250,
                 eval_n=2000, hidden=H, adding_mse=0.05, recall_acc=0.9, threads=1)
 
 
 # ----------------------------------------------------------------------------------------- tasks
+
+def split_of(seed: int) -> str:
+    """``"calibration"`` or ``"held-out"``: the half a run of ``seed`` belongs to."""
+    if seed in CALIBRATION_SEEDS:
+        return "calibration"
+    if seed in HELD_OUT_SEEDS:
+        return "held-out"
+    raise ValueError(f"seed {seed} is in neither half (calibration {CALIBRATION_SEEDS}, held-out {HELD_OUT_SEEDS})")
+
 
 def task_batch(task: str, n: int, T: int, gen: torch.Generator):
     """``(x [n, T, I], y)`` for ``task``; ``y`` is ``[n, 1]`` floats (adding) or ``[n]`` classes."""
@@ -307,7 +322,7 @@ def train_one(task: str, config: str, T: int, seed: int, device: str = "cpu", mo
                 status = "learned"
                 break
     return dict(key=run_key(task, config, T, seed), task=task, config=config, T=T, seed=seed,
-                split="calibration" if seed == SEEDS[0] else "held-out",
+                split=split_of(seed),
                 learned=status == "learned", status=status, steps=steps_done,
                 final_score=curve[-1][1], curve=curve, seconds=round(time.perf_counter() - t0, 2),
                 protocol=p, torch=torch.__version__, device=dev.type)

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
 
 _LAZY = {
-    "watch": ".capture.scope", "Scope": ".capture.scope",
+    "watch": ".capture.watch", "Scope": ".capture.watch",
     "probe": ".measure.probe",
     "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
     "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",

@@ -22,7 +22,7 @@ from ._format import fmt
 from .analysis.diagnose import Diagnosis, diagnose
 from .analysis.trials import try_remedies
 from .measure.probe import probe
-from .capture.scope import watch
+from .capture.watch import watch
 from .errors import GradscopeError
 from .zoo import RECALL_TOKENS, recall_problem
 

@@ -9,8 +9,7 @@ from torch import nn
 
 import gradscope
 from gradscope import GradscopeError, MissingMeasureError
-from gradscope.capture.attention import (find_attention, normalized_entropy, qk_spectral_norms, rank_residual,
-                                         recompute_probabilities, token_cosine)
+from gradscope.capture.attention import find_attention, recompute_probabilities
 
 from conftest import assert_no_hooks
 
@@ -125,13 +124,8 @@ def test_one_hot_attention_has_entropy_zero_and_is_a_collapse_finding(device):
     compile(f[0].remedies[0].code, "<remedy>", "exec")
 
 
-def test_identical_tokens_have_residual_zero_and_cosine_one(device):
-    X = torch.randn(1, 1, 8).expand(3, 6, 8).to(device)
-    assert float(rank_residual(X)) < 1e-6
-    assert abs(float(token_cosine(X)) - 1) < 1e-6
-    assert rank_residual(X).device == X.device
-    empty = torch.zeros(2, 3, dtype=torch.bool, device=device)  # no valid token: NaN, on the device
-    assert math.isnan(float(rank_residual(X[:2, :3], empty))) and token_cosine(X[:2, :3], empty).device == X.device
+def test_uniform_attention_collapses_the_block_output(device):
+    # the pure measures on identical tokens: tests/test_estimators_exact.py
     # uniform attention makes every output token the mean value vector: the block output collapses
     mha = zero_query(nn.MultiheadAttention(16, 2, batch_first=True)).to(device)
     rec = gradscope.probe(mha, (torch.randn(2, 5, 16).to(device),) * 3, loss_fn=lambda o: o[0].sum())
@@ -154,27 +148,6 @@ def test_pure_attention_collapses_with_depth_and_skips_prevent_it(device):
     kinds = {f.kind for f in gradscope.diagnose(pure).findings}
     assert "rank_collapse" in kinds
     assert "rank_collapse" not in {f.kind for f in gradscope.diagnose(skip).findings}
-
-
-def test_normalized_entropy_pure_function(device):
-    p = torch.softmax(torch.randn(2, 3, 5, 5), -1).to(device)
-    allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril().to(device)
-    pc = torch.softmax(torch.randn(2, 3, 5, 5).to(device).masked_fill(~allowed, float("-inf")), -1)
-    got = normalized_entropy(pc, allowed)
-    ent = -(pc * pc.clamp(min=1e-30).log()).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 6.0, device=device))
-    torch.testing.assert_close(got, ent.mean((0, 2)))
-    assert torch.all((normalized_entropy(p) > 0) & (normalized_entropy(p) < 1))
-
-
-def test_qk_spectral_norm_by_power_iteration_matches_svd(device):
-    g = torch.Generator().manual_seed(1)
-    wq, wk = torch.randn(12, 16, generator=g, dtype=torch.float64), torch.randn(12, 16, generator=g, dtype=torch.float64)
-    wq, wk = wq.to(device), wk.to(device)
-    got, v = qk_spectral_norms(wq, wk, heads=3, scale=0.5, iters=200)
-    want = [0.5 * torch.linalg.matrix_norm(wq[4 * h:4 * h + 4].T @ wk[4 * h:4 * h + 4], ord=2) for h in range(3)]
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=0)
-    warm, _ = qk_spectral_norms(wq, wk, heads=3, scale=0.5, v0=v, iters=1)  # warm start stays converged
-    torch.testing.assert_close(warm, got, rtol=1e-8, atol=0)
 
 
 # ----------------------------------------------------------------------------- recomputed probabilities

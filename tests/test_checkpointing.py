@@ -267,9 +267,9 @@ def test_probe_of_a_checkpointed_model(problem, reentrant):
 def test_lstmcell_where_it_is_fused_runs_op_by_op_in_the_recomputation_too(reentrant, monkeypatch):
     # On accelerators a scheduled pass runs nn.LSTMCell op by op; its recomputation must do the
     # same (non-reentrant checkpointing compares the saved tensors). Pretend the CPU is such a device.
-    from gradscope.capture import scope as scope_mod
+    from gradscope.capture import cells as cells_mod
 
-    monkeypatch.setattr(scope_mod, "fused_cell_device", lambda device: True)
+    monkeypatch.setattr(cells_mod, "fused_cell_device", lambda device: True)
     torch.manual_seed(4)
     model = PROBLEMS["lstmcell-chunks"](reentrant).double()
     plain = copy.deepcopy(model)

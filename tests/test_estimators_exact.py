@@ -9,6 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from gradscope.estimators import (ElmanStep, LSTMStep, decay_rate, hidden_spectrum, jacobian_norms,
                                   lyapunov_spectrum, step_jacobians)
+from gradscope.estimators.attention import (entropy_sums, normalized_entropy, qk_spectral_norms, rank_residual,
+                                            token_cosine, token_sums)
+from gradscope.estimators.gates import bias_of_memory_time, memory_time, memory_time_of_keep
 
 F64 = torch.float64  # (conftest.py runs the suite on one torch thread)
 
@@ -317,3 +320,103 @@ def test_diagonal_maps_of_any_size_and_length(d, T):
                                rtol=1e-10, atol=1e-12)
     lam = lyapunov_spectrum(_linear(torch.diag(D)), h0, x)
     assert lam[0].sum() == pytest.approx(float(torch.log(D.abs()).sum()), rel=1e-10, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention measures (index letters: B samples, H heads, T queries, S keys, P tokens, E features)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [2, 5, 17])
+def test_uniform_attention_has_entropy_ln_t(T, device):
+    """Uniform rows have entropy exactly ln T: normalised 1; the raw sum is ln T times the rows."""
+    p = torch.full((2, 3, T, T), 1.0 / T, dtype=F64, device=device)
+    torch.testing.assert_close(normalized_entropy(p), torch.ones(3, dtype=F64, device=device), rtol=1e-12, atol=0)
+    s, n = entropy_sums(p)
+    assert torch.equal(n, torch.full((3,), 2.0 * T, dtype=F64, device=device))
+    ent = torch.special.entr(p).sum(-1)                         # un-normalised row entropy [B, H, T]
+    torch.testing.assert_close(ent, torch.full_like(ent, math.log(T)), rtol=1e-12, atol=0)
+
+
+def test_one_hot_attention_has_entropy_zero_and_short_rows_are_left_out(device):
+    p = torch.eye(4, dtype=F64, device=device).expand(1, 2, 4, 4)   # every query attends only itself
+    assert torch.equal(normalized_entropy(p), torch.zeros(2, dtype=F64, device=device))
+    causal = torch.ones(4, 4, dtype=torch.bool, device=device).tril()
+    uniform = causal.to(F64) / causal.sum(-1, keepdim=True)
+    s, n = entropy_sums(uniform[None, None], causal)       # row 0 has one key: not counted
+    assert float(n) == 3 and float(s) == pytest.approx(3.0, rel=1e-12)
+    valid = torch.tensor([[True, True, False, False]], device=device)
+    assert float(entropy_sums(uniform[None, None], causal, valid)[1]) == 1
+    assert math.isnan(float(normalized_entropy(uniform[None, None, :1, :1])))  # no row: NaN
+
+
+def test_rank_one_output_has_residual_zero(device):
+    """Every token the same vector (the rank-one 1xᵀ): residual 0, cosine 1. With opposite tokens
+    ±x the mean is 0, so the residual is 1 and the cosine −1."""
+    x = torch.tensor([[[1.0, -2.0, 3.0, 0.5, -0.25, 4.0, 8.0, -1.0]]], dtype=F64, device=device)  # exact sums
+    X = x.expand(3, 6, 8)
+    assert float(rank_residual(X)) == 0.0
+    assert float(token_cosine(X)) == pytest.approx(1.0, rel=1e-12)
+    pm = torch.cat([x, -x], dim=1)
+    assert float(rank_residual(pm)) == pytest.approx(1.0, rel=1e-12)
+    assert float(token_cosine(pm)) == pytest.approx(-1.0, rel=1e-12)
+    r, c, n = token_sums(torch.cat([X, torch.cat([x, -x, x, -x, x, -x], dim=1)]))
+    assert float(n) == 4 and float(r) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_identical_tokens_have_residual_zero_and_cosine_one(device):
+    X = torch.randn(1, 1, 8).expand(3, 6, 8).to(device)
+    assert float(rank_residual(X)) < 1e-6
+    assert abs(float(token_cosine(X)) - 1) < 1e-6
+    assert rank_residual(X).device == X.device
+    empty = torch.zeros(2, 3, dtype=torch.bool, device=device)  # no valid token: NaN, on the device
+    assert math.isnan(float(rank_residual(X[:2, :3], empty))) and token_cosine(X[:2, :3], empty).device == X.device
+
+
+def test_normalized_entropy_pure_function(device):
+    p = torch.softmax(torch.randn(2, 3, 5, 5), -1).to(device)
+    allowed = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril().to(device)
+    pc = torch.softmax(torch.randn(2, 3, 5, 5).to(device).masked_fill(~allowed, float("-inf")), -1)
+    got = normalized_entropy(pc, allowed)
+    ent = -(pc * pc.clamp(min=1e-30).log()).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 6.0, device=device))
+    torch.testing.assert_close(got, ent.mean((0, 2)))
+    assert torch.all((normalized_entropy(p) > 0) & (normalized_entropy(p) < 1))
+
+
+def test_qk_spectral_norm_by_power_iteration_matches_svd(device):
+    g = torch.Generator().manual_seed(1)
+    wq, wk = torch.randn(12, 16, generator=g, dtype=torch.float64), torch.randn(12, 16, generator=g, dtype=torch.float64)
+    wq, wk = wq.to(device), wk.to(device)
+    got, v = qk_spectral_norms(wq, wk, heads=3, scale=0.5, iters=200)
+    want = [0.5 * torch.linalg.matrix_norm(wq[4 * h:4 * h + 4].T @ wk[4 * h:4 * h + 4], ord=2) for h in range(3)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=0)
+    warm, _ = qk_spectral_norms(wq, wk, heads=3, scale=0.5, v0=v, iters=1)  # warm start stays converged
+    torch.testing.assert_close(warm, got, rtol=1e-8, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory time τ = −1/ln σ(b) of a gate
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [-20.0, -3.0, 0.0, 1.0, 2.5, 8.0])
+def test_memory_time_of_sigmoid_bias_round_trips(b):
+    keep = 1.0 / (1.0 + math.exp(-b))   # σ(b) (1 − σ(b) stays far above float64 rounding here)
+    tau = memory_time(b)
+    assert tau == pytest.approx(-1.0 / math.log(keep), rel=1e-9)
+    assert bias_of_memory_time(tau) == pytest.approx(b, rel=1e-9, abs=1e-9)
+    assert memory_time_of_keep(keep) == pytest.approx(tau, rel=1e-9)
+    # σ(b)^τ = e^{-1}: a stored value shrinks by e over τ steps
+    assert keep ** tau == pytest.approx(math.exp(-1.0), rel=1e-9)
+
+
+def test_memory_time_exact_values_and_limits():
+    assert memory_time(0.0) == pytest.approx(1 / math.log(2), rel=1e-15)
+    assert memory_time(1000.0) == math.inf and math.isnan(memory_time(math.nan))
+    assert memory_time(40.0) == pytest.approx(math.exp(40.0), rel=1e-9)          # τ ≈ e^b for large b
+    np.testing.assert_allclose(memory_time(np.array([[0.0, 1.0]])), [[1 / math.log(2), memory_time(1.0)]], rtol=1e-15)
+    assert memory_time_of_keep(0.5) == pytest.approx(1 / math.log(2), rel=1e-15)
+    assert memory_time_of_keep(1.0) == math.inf and memory_time_of_keep(0.0) == 0.0
+    keep = torch.tensor([0.5, math.exp(-0.1)], dtype=F64)
+    torch.testing.assert_close(memory_time_of_keep(keep), torch.tensor([1 / math.log(2), 10.0], dtype=F64),
+                               rtol=1e-12, atol=0)

@@ -131,10 +131,10 @@ def cycles(graph: Dict[str, Set[str]]) -> List[frozenset]:
 
 def test_the_graph_sees_the_edges_it_should():
     g = import_graph()
-    assert "gradscope.measure.sites" in g["gradscope.capture.scope"]
-    assert "gradscope.measure" in g["gradscope.capture.scope"]       # the package runs first
-    assert "gradscope.capture.scope" in g["gradscope.measure.probe"]
-    assert "gradscope.capture.fastbptt" in g["gradscope.capture.replay"]   # from . import fastbptt
+    assert "gradscope.measure.sites" in g["gradscope.capture.probing"]
+    assert "gradscope.measure" in g["gradscope.capture.probing"]       # the package runs first
+    assert "gradscope.capture.watch" in g["gradscope.measure.probe"]
+    assert "gradscope.capture.bptt" in g["gradscope.capture.replay"]   # from . import bptt
     assert "gradscope.capture" not in g["gradscope.capture.replay"]        # its own package
 
 
@@ -148,16 +148,17 @@ def test_deferred_imports_close_no_cycle_but_the_data_renderer_one():
 
 
 def test_capture_and_measure_import_one_way():
-    """Scope imports measure's site and depth measurement; those read what capture recorded
-    (sites, the attention layout) but never import capture.scope; only measure.probe does, and
-    nothing in capture imports measure.probe, also not from inside a function. Of capture only
-    scope imports measure at all."""
+    """capture.probing imports measure's site and depth measurement; those read what capture
+    recorded (sites, the attention layout) but never import capture.watch; only measure.probe
+    does, and nothing in capture imports measure.probe, also not from inside a function. Of
+    capture only probing imports measure at all."""
     g = import_graph(deferred=True)
-    describe = {"gradscope.capture.sites", "gradscope.capture.attention", "gradscope.capture._hf"}
+    describe = {"gradscope.capture.sites", "gradscope.capture.attention", "gradscope.capture.attention.layout",
+                "gradscope.capture.attention.calls", "gradscope.capture.attention.hf"}
     for name, deps in g.items():
         if name.startswith("gradscope.capture."):
             assert "gradscope.measure.probe" not in deps, name
-            if name != "gradscope.capture.scope":
+            if name != "gradscope.capture.probing":
                 assert not {d for d in deps if d.startswith("gradscope.measure")}, name
         if name.startswith("gradscope.measure.") and name != "gradscope.measure.probe":
             assert not {d for d in deps if d.startswith("gradscope.capture.")} - describe, name

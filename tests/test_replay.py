@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gradscope.capture import fastbptt
+from gradscope.capture import bptt
 from gradscope.capture.replay import replay_fused
 
 # Problems as data: every recurrent variant meets every check.
@@ -182,14 +182,14 @@ def own_lstm_loop(monkeypatch, device):
     """Force the LSTM fast path's own forward loop (used on the CPU from H >= 128) at any size;
     yields the list of calls so a test can check the loop really ran."""
     calls = []
-    real = fastbptt._lstm_forward_loop
+    real = bptt._lstm_forward_loop
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(fastbptt, "LSTM_OWN_LOOP_MIN_HIDDEN", 0)
-    monkeypatch.setattr(fastbptt, "_lstm_forward_loop", spy)
+    monkeypatch.setattr(bptt, "LSTM_OWN_LOOP_MIN_HIDDEN", 0)
+    monkeypatch.setattr(bptt, "_lstm_forward_loop", spy)
     yield calls
     if device.type == "cpu":
         assert calls, "the own forward loop never ran"

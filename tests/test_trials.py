@@ -115,7 +115,7 @@ def test_short_memory_lstm_forget_bias_lengthens_tau_and_horizon(x, device):
     ch = fb.changes[0]
     assert ch.memory_time_before < 0.5 and ch.memory_time_after > 10 * ch.memory_time_before
     assert ch.horizon_after > ch.horizon_before and fb.improved
-    assert "b_f -3.00 → 2.64" in fb.applied                       # the τ arithmetic for T = 100
+    assert "b_f -3.00 → 4.60" in fb.applied                       # the τ arithmetic for T = 100 (τ ≥ T)
     assert by["chrono_init"].changes[0].horizon_after > ch.horizon_before
     skipped = {s.remedy: s.reason for s in trials.skipped}
     assert "layernorm_cell" in skipped and "hand-written cell" in skipped["layernorm_cell"]

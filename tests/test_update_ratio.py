@@ -180,7 +180,7 @@ def test_snapshot_is_freed_after_the_step_and_on_exit():
     xs = _batches(2)
     with gradscope.watch(model, every=2, probe_every=None) as scope:
         _loss(model, xs[0]).backward()
-        tracker = scope._updates
+        tracker = scope.updates.tracker
         assert tracker.pending
         ref = weakref.ref(tracker._snap[0])
         opt.step()
@@ -341,13 +341,13 @@ def test_no_memory_for_the_copy_stops_measuring_not_training(monkeypatch):
 def test_auto_skips_the_ratio_for_a_large_model_with_a_note(monkeypatch):
     """update_ratio="auto" (the default) records while the parameter copy is small; over the limit it
     records none and says how to turn it on; True records whatever the size."""
-    import gradscope.capture.scope as scope_mod
+    import gradscope.capture.options as options_mod
 
     m = torch.nn.LSTM(3, 4)
     nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
     x = torch.randn(5, 2, 3)
     for limit, option, expect in ((nbytes, "auto", True), (nbytes - 1, "auto", False), (nbytes - 1, True, True)):
-        monkeypatch.setattr(scope_mod, "UPDATE_RATIO_AUTO_BYTES", limit)
+        monkeypatch.setattr(options_mod, "UPDATE_RATIO_AUTO_BYTES", limit)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         with gradscope.watch(m, every=1, probe_every=None, update_ratio=option) as scope:
             for _ in range(2):

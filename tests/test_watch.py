@@ -514,7 +514,7 @@ def test_memory_of_pending_forwards_is_bounded():
     with gradscope.watch(model, every=1) as scope:
         for _ in range(40):  # grad-enabled forwards never followed by backward
             model(torch.randn(5, 2, 3))
-        assert len(scope._pending) <= 16
+        assert len(scope.passes.pending) <= 16
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -673,7 +673,7 @@ def test_op_by_op_lstm_cell_equals_nn_lstmcell(batched, given):
 def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monkeypatch):
     # On accelerators nn.LSTMCell is fused and hides c_t -> h_t from a hook on c_t; there the watch
     # swaps in the op-by-op cell for scheduled passes only. Pretend the CPU is such a device.
-    from gradscope.capture import scope as scope_mod
+    from gradscope.capture import cells as cells_mod
 
     model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
     plain = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
@@ -683,9 +683,9 @@ def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monk
         for step in range(3):
             plain(x).pow(2).sum().backward()
     calls = []
-    real = scope_mod.lstm_cell_ops
-    monkeypatch.setattr(scope_mod, "fused_cell_device", lambda device: True)
-    monkeypatch.setattr(scope_mod, "lstm_cell_ops", lambda *a: calls.append(1) or real(*a))
+    real = cells_mod.lstm_cell_ops
+    monkeypatch.setattr(cells_mod, "fused_cell_device", lambda device: True)
+    monkeypatch.setattr(cells_mod, "lstm_cell_ops", lambda *a: calls.append(1) or real(*a))
     with gradscope.watch(model, every=2) as scope:
         for step in range(3):
             before = len(calls)
@@ -703,17 +703,18 @@ def test_lstmcell_runs_op_by_op_on_scheduled_passes_where_the_cell_is_fused(monk
 
 def test_state_gradients_are_normed_in_chunks_during_backward(monkeypatch):
     # long sequences must not keep every state gradient alive until the end of the backward pass
-    from gradscope.capture import scope as scope_mod
+    from gradscope.capture import watch as watch_mod
+    from gradscope.capture.collector import Collector
 
     model = CellLoop(nn.LSTMCell(3, 4), 4, lstm=True).double()
     x = torch.randn(9, 2, 3, dtype=torch.float64)
     with gradscope.watch(model, every=1) as ref:
         model(x).pow(2).sum().backward()
-    monkeypatch.setattr(scope_mod, "_NORM_CHUNK", 3)
-    held = []
+    monkeypatch.setattr(watch_mod, "NORM_CHUNK", 3)
+    held = []   # gradients waiting to be normed, after each one a state hook hands over
+    real = Collector.add_gradient
+    monkeypatch.setattr(Collector, "add_gradient", lambda c, k, g: [real(c, k, g), held.append(len(c.kept))] and None)
     with gradscope.watch(model, every=1) as scope:
-        real = scope._on_state_grad
-        monkeypatch.setattr(scope, "_on_state_grad", lambda k, g: [real(k, g), held.append(len(scope._collector.kept))] and None)
         model(x).pow(2).sum().backward()
     assert held and max(held) < 3
     for state in ("h", "c"):
@@ -1035,14 +1036,14 @@ def test_no_code_is_compiled_and_no_c_type_replaces_a_forward():
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 def test_setup_interrupted_after_hooks_are_registered_leaves_the_model_untouched(exc, monkeypatch):
     from conftest import assert_no_hooks
-    from gradscope.capture.scope import Scope
+    from gradscope.capture.cells import Cells
 
     model = Seq(nn.LSTM(3, 4), 4)
 
     def boom(self, m, name):
         raise exc("interrupted during setup")
 
-    monkeypatch.setattr(Scope, "_patch", boom)   # runs after the root hooks are registered
+    monkeypatch.setattr(Cells, "patch_fused", boom)   # runs after the root hooks are registered
     with pytest.raises(exc, match="interrupted during setup"):
         gradscope.watch(model)
     assert_no_hooks(model)

@@ -1,10 +1,9 @@
-"""The regime rule and the memory time: pure functions of evidence numbers, used everywhere.
+"""The regime rule: a pure function of evidence numbers, used everywhere.
 
 :func:`regime` is the one rule that names a site's regime (vanishing / exploding / stable) from
 the numbers :func:`gradscope.diagnose` collects; :func:`gradscope.diagnose`, the remedy catalogue
 (:func:`~gradscope.analysis.remedies.folklore_verdicts`) and the remedy trials all go through it.
-:func:`memory_time` is τ = −1/ln σ(b), the memory of a gate held at σ(b) (SCIENCE.md, "LSTM
-constant error carousel").
+The memory time τ = −1/ln σ(b) of a gate is :func:`gradscope.estimators.gates.memory_time`.
 
 Plain Python only (no torch, no numpy at import), so the remedy catalogue can use it anywhere.
 """
@@ -13,8 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Tuple
 
-__all__ = ["regime", "memory_time", "bias_of_memory_time", "HORIZON_THRESHOLD", "LYAPUNOV_MARGIN",
-           "LYAPUNOV_MIN_GROWTH"]
+__all__ = ["regime", "HORIZON_THRESHOLD", "LYAPUNOV_MARGIN", "LYAPUNOV_MIN_GROWTH"]
 
 #: The norm ratio that ends the gradient horizon: the first lag where ‖∂h_T/∂h_{T−k}‖ (or the
 #: gradient-norm profile relative to its peak) falls below it. Growth past its inverse within the
@@ -83,41 +81,4 @@ def regime(evidence: Mapping[str, Any], *, threshold: float = HORIZON_THRESHOLD,
             and math.log(1.0 / threshold) / abs(lam) < T_lam:
         return "vanishing", "top Lyapunov exponent puts the gradient horizon ln(1/threshold)/|λ₁| inside the sequence"
     return "stable", "horizon covers the sequence and no growth"
-
-
-def memory_time(bias):
-    """τ = −1/ln σ(b): steps for a gate held at σ(b) to shrink a stored value by a factor e.
-
-    ``ln σ(b) = −softplus(−b)``, computed stably in float64, so τ ≈ e^b for large b; τ = inf only
-    once softplus(−b) underflows to 0 (b ≳ 745, or b = +inf). A float gives a float (plain Python);
-    an array gives an array of the same shape (numpy).
-
-    Example:
-        >>> [round(memory_time(b), 1) for b in (0.0, 1.0, 2.0, 3.0)]
-        [1.4, 3.2, 7.9, 20.6]
-    """
-    if isinstance(bias, (int, float)):
-        b = float(bias)
-        if math.isnan(b):
-            return math.nan
-        # softplus(−b) = ln(1 + e^{−b}), without overflow for very negative b
-        softplus = (-b + math.log1p(math.exp(b))) if b < 0 else math.log1p(math.exp(-b))
-        return 1.0 / softplus if softplus > 0 else math.inf
-    import numpy as np  # arrays only: the catalogue stays importable without numpy
-
-    b = np.asarray(bias, dtype=np.float64)
-    softplus = np.logaddexp(0.0, -b)
-    with np.errstate(divide="ignore"):
-        tau = np.where(softplus > 0, 1.0 / np.where(softplus > 0, softplus, 1.0), np.inf)
-    return float(tau) if tau.ndim == 0 else tau
-
-
-def bias_of_memory_time(tau: float) -> float:
-    """The bias b with −1/ln σ(b) = τ (the inverse of :func:`memory_time`): b = −ln(exp(1/τ) − 1).
-
-    Example:
-        >>> round(memory_time(bias_of_memory_time(14.5)), 6)
-        14.5
-    """
-    return -math.log(math.expm1(1.0 / tau))
 

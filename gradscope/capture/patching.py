@@ -1,7 +1,7 @@
 """The only code that swaps a module's ``forward``; each swap hands back a handle that undoes it.
 
 gradscope shadows a module's forward with an instance attribute in four places: the fused
-nn.RNN/LSTM/GRU replay (:meth:`Scope._patch`), the per-pass wrappers of user cells and accelerator
+nn.RNN/LSTM/GRU replay (:meth:`.cells.Cells.patch_fused`), the per-pass wrappers of user cells and accelerator
 LSTMCells, and the attention blocks. :func:`swap_forward` installs one and returns a
 :class:`ForwardHandle`, shaped like torch's ``RemovableHandle``: ``remove()`` undoes the swap, and
 removing twice is harmless. The owner keeps its handles and removes them in ``close()`` (or at the

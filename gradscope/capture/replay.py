@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..estimators.steps import RecurrentStep, step_from_module
-from . import fastbptt
+from . import bptt
 
 # on_state(layer, reverse, t, state) is called once per layer, direction and time step with the
 # freshly computed state (a Tensor, or (h, c) for LSTM) for the samples active at step t.
@@ -98,7 +98,7 @@ def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] 
         on_state: called with ``(layer, reverse, t, state)`` for every new state (the autograd
             replay: hooks on those tensors receive the total gradients).
         on_norms: when given, dense input outside autocast takes the fast path
-            (:mod:`.fastbptt`): ``on_norms(layer, reverse, {"h": [T], "c": [T]})`` receives the
+            (:mod:`.bptt`): ``on_norms(layer, reverse, {"h": [T], "c": [T]})`` receives the
             per-position norms of the total gradients during backward, and ``on_state`` is not
             called for those layers.
 
@@ -148,11 +148,11 @@ def replay_fused(module: nn.Module, input, hx=None, on_state: Optional[OnState] 
             if fast:
                 sink = functools.partial(on_norms, layer, bool(d))
                 if is_lstm:
-                    out, *final = fastbptt.lstm_layer(layer_input, state0[0], state0[1], step, bool(d), sink)
+                    out, *final = bptt.lstm_layer(layer_input, state0[0], state0[1], step, bool(d), sink)
                 elif isinstance(module, nn.GRU):
-                    out, final = fastbptt.gru_layer(layer_input, state0, step, bool(d), sink)
+                    out, final = bptt.gru_layer(layer_input, state0, step, bool(d), sink)
                 else:
-                    out, final = fastbptt.elman_layer(layer_input, state0, step, bool(d), sink)
+                    out, final = bptt.elman_layer(layer_input, state0, step, bool(d), sink)
             else:
                 out, final = _run_direction(step, layer_input, state0, bool(d), batch_sizes, layer, on_state)
             dir_outs.append(out)

@@ -17,15 +17,16 @@ between optimizer steps measure 0.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._autograd import eager
 from ._norms import norms as _norms
 
-__all__ = ["UpdateTracker"]
+__all__ = ["UpdateTracker", "UpdateRatios"]
 
 
 class UpdateTracker:
@@ -79,3 +80,48 @@ class UpdateTracker:
     def drop(self) -> None:
         """Free the snapshot without measuring."""
         self._snap, self._wnorm, self.step = None, {}, None
+
+
+class UpdateRatios:
+    """The update ratio as a watch measures it: snapshots at recorded steps, results into the history.
+
+    Args:
+        params: the watched parameters, in the order of the recording's parameter columns.
+        history: the watch's :class:`~.history.History` (``set_update`` receives each result).
+        note: adds a note to the recording, once per key.
+
+    Attributes:
+        tracker: the :class:`UpdateTracker`, or None once memory for a copy ran out.
+    """
+
+    def __init__(self, params: List[Tensor], history, note: Callable[[Any, str], None]):
+        self.tracker: Optional[UpdateTracker] = UpdateTracker(params)
+        self._history, self._note = history, note
+
+    def measure_due(self, step: int) -> None:
+        """‖Δw‖ and ‖w‖ of the snapshot's step into its history row once a later step (``step``)
+        has begun (the optimizer ran in between); frees the snapshot. Nothing to do otherwise."""
+        if self.tracker is None or not self.tracker.pending or step <= self.tracker.step:
+            return
+        snap_step, upd, wn = eager(self.tracker.measure)()
+        self._history.set_update(snap_step, upd, wn)
+
+    def snapshot(self, step: int) -> None:
+        """Copy the parameters at recorded step ``step`` (unless a copy is held already); without the
+        memory for a copy, stop measuring (and say so) rather than fail the user's step."""
+        if self.tracker is None or self.tracker.pending:
+            return
+        try:
+            eager(self.tracker.snapshot)(step)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            self.tracker.drop()
+            self.tracker = None
+            self._note("update-ratio-oom", f"update-to-weight ratio not measured from step {step} on: no "
+                                           f"memory for a copy of the parameters ({type(e).__name__}). "
+                                           f"watch(model, update_ratio=False) skips it from the start.")
+
+    def close(self, step: int) -> None:
+        """Measure the last recorded step's update (the loop ended after it) and free the copy."""
+        if self.tracker is not None:
+            self.measure_due(step)
+            self.tracker.drop()

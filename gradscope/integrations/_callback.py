@@ -36,7 +36,7 @@ class WatchingCallback:
 
     def _init_watch(self, *, every: int, sites: Optional[Sequence[str]], max_steps: int,
                     probe_every: Optional[int], probe_options: Optional[Dict[str, Any]]) -> None:
-        from ..capture.scope import check_watch_options
+        from ..capture.options import check_watch_options
 
         check_watch_options(every=every, max_steps=max_steps, probe_every=probe_every,
                             probe_options=probe_options)
@@ -74,7 +74,7 @@ class WatchingCallback:
 
     def _start(self, target: nn.Module) -> None:
         """Watch ``target`` (closing a watch left from an earlier run of this callback)."""
-        from ..capture.scope import watch
+        from ..capture.watch import watch
 
         self.close()
         self.diagnosis = None

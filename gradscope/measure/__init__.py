@@ -5,11 +5,11 @@ Imports run one way, capture never reaching the one-shot entry point:
 * :mod:`.trajectories` and :mod:`.sites` (recurrent sites) and :mod:`.depth` (attention stacks)
   measure a model from the calls recorded in one forward pass. They import
   :mod:`gradscope.estimators` and the modules of capture that describe what was recorded
-  (``capture.sites``; ``capture.attention``'s layout and ``capture._hf`` for depth), never
-  ``capture.scope``; so :class:`~gradscope.capture.scope.Scope` imports them to probe on its
+  (``capture.sites``; ``capture.attention``'s layout, calls and hf modules for depth), never
+  ``capture.watch``; so :mod:`gradscope.capture.probing` imports them to probe on a watch's
   schedule, and hands :func:`.depth.depth_jacobians` to its attention capture, which imports no
   measurement code.
-* :mod:`.probe` (:func:`probe`) drives a :class:`~gradscope.capture.scope.Scope` for one forward and
+* :mod:`.probe` (:func:`probe`) drives a :class:`~gradscope.capture.watch.Scope` for one forward and
   backward pass; nothing in capture imports it.
 
 The names below are loaded on first use, so importing ``gradscope.measure.sites`` from capture

@@ -2,7 +2,7 @@
 
 The blocks of a stack are composed as a recurrence over depth (block ℓ is step ℓ), with the calls
 recorded in one forward pass, and :func:`~gradscope.estimators.jacobian_norms` measures the RMS gain
-‖∂x_L/∂x_{L−k}‖_F/√N for every lag k. :class:`~gradscope.capture.scope.Scope` runs it on its probe
+‖∂x_L/∂x_{L−k}‖_F/√N for every lag k. :class:`~gradscope.capture.watch.Scope` runs it on its probe
 schedule (through the attention capture, which holds the recorded calls).
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..capture._hf import without_cache
-from ..capture.attention import AttentionLayout, Block, block_view, call_arg
+from ..capture.attention.calls import block_view, call_arg
+from ..capture.attention.hf import without_cache
+from ..capture.attention.layout import AttentionLayout, Block
 from ..capture.sites import flatten_tensors
 from ..estimators import decay_rate, jacobian_norms
 

@@ -1,7 +1,8 @@
 """probe(): a one-shot measurement of a model on one batch, without a training loop.
 
-One forward and backward pass under a :class:`~gradscope.capture.scope.Scope` that probes once;
-the Scope calls :func:`gradscope.measure.sites.measure_sites` for the Jacobians and exponents.
+One forward and backward pass under a :class:`~gradscope.capture.watch.Scope` that probes once;
+its probe (:mod:`gradscope.capture.probing`) calls :func:`gradscope.measure.sites.measure_sites`
+for the Jacobians and exponents.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batch import call_model
-from ..capture.scope import Scope, check_model
+from ..capture.options import check_model
 from ..capture.sites import FUSED_TYPES, flatten_tensors
+from ..capture.watch import Scope
 from ..errors import GradscopeError
 from ..recording import Recording
 from .sites import WORKING_DTYPE
@@ -159,7 +161,7 @@ def probe(model: nn.Module, inputs, *, loss_fn: Optional[Callable] = None, targe
             raise GradscopeError(f"the loss must be a scalar tensor, got {type(loss).__name__}"
                                  f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))}.")
         params = [p for p in model.parameters() if p.requires_grad]
-        if loss.requires_grad and scope._reruns_in_backward():
+        if loss.requires_grad and scope.passes.reruns_in_backward():
             # Reentrant torch.utils.checkpoint refuses torch.autograd.grad: a plain backward,
             # and the .grad it writes is put back (parameters below, input leaves here).
             leaves = [t for t in flatten_tensors(inputs) if t.requires_grad and t.is_leaf]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..estimators.gates import memory_time_of_keep
 from ..estimators.steps import ElmanStep, GRUStep, LSTMStep, RecurrentStep, step_from_module
 from ..capture.sites import flatten_tensors
 
@@ -92,13 +93,12 @@ class _GateAccumulator:
             out["saturated_high"] = tot_high / tot_n
             out["saturated"] = (tot_low + tot_high) / tot_n
         if keep is not None and self.keep_unit is not None:
-            import math
             per_unit = (self.keep_unit / max(self.count_units, 1)).clamp(1e-12, 1 - 1e-12)
             mean = float(per_unit.mean())
             out["keep_gate"] = keep
             out["keep_mean"] = mean
-            out["memory_time"] = -1.0 / math.log(mean) if 0 < mean < 1 else math.inf
-            taus = -1.0 / torch.log(per_unit)
+            out["memory_time"] = memory_time_of_keep(mean)
+            taus = memory_time_of_keep(per_unit)
             out["memory_time_median"] = float(taus.median())
             out["memory_time_max"] = float(taus.max())
         return out
