@@ -38,8 +38,8 @@ Nothing here needs a GPU: everything is loaded to the CPU.
 from __future__ import annotations
 
 from .._archive import DEFAULT_MAX_LOAD_BYTES
-from ..analysis.evidence import memory_time  # τ = −1/ln σ(b), re-exported here
 from ..errors import CheckpointError, ModelSpecError, UnsafeCheckpointError
+from ..estimators.gates import memory_time  # τ = −1/ln σ(b), re-exported here
 from .io import INSTALL_HINT, Checkpoint, load_checkpoint
 from .locate import FoundModule, default_num_heads, find_modules
 from .rebuild import build_user_model

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..analysis.evidence import memory_time
 from ..errors import CheckpointError
+from ..estimators.gates import memory_time
 from .locate import CELL_KINDS, GATE_NAMES, FoundModule, site_name
 
 __all__ = ["static_analysis", "estimate_probe_seconds"]
