@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import sys
 import textwrap
 from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["fmt", "text_table", "jsonable", "wrap", "wrap_lines", "remedy_index", "unique", "WIDTH"]
+__all__ = ["fmt", "text_table", "jsonable", "wrap", "wrap_lines", "remedy_index", "unique", "one_line", "WIDTH"]
 
 
 def _np():
@@ -175,3 +176,10 @@ def unique(items: Sequence[str]) -> List[str]:
             seen.add(x)
             out.append(x)
     return out
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """Squash whitespace (newlines, tabs, ANSI colour codes) and cap the length."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -5,7 +5,7 @@ Every message says what arrived, what was expected and how to fix it.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Optional
 
 
 class GradscopeError(Exception):
@@ -14,6 +14,19 @@ class GradscopeError(Exception):
 
 class RecordingFormatError(GradscopeError):
     """A file is not a gradscope Recording, is corrupt, or has an unknown format version."""
+
+
+class NotARecordingError(RecordingFormatError):
+    """A readable archive that is not a gradscope Recording.
+
+    Attributes:
+        holds: What it is instead: ``"checkpoint"`` (``torch.save``), ``"torchscript"``
+            (``torch.jit.save``) or ``"archive"`` (another zip or npz).
+    """
+
+    def __init__(self, message: str, *, holds: str):
+        super().__init__(message)
+        self.holds = holds
 
 
 class MissingMeasureError(GradscopeError):
@@ -45,19 +58,52 @@ class CheckpointError(GradscopeError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint asks to run code from the file to load; refused unless ``unsafe=True``."""
+    """A checkpoint needs to run code from the file to load; refused unless ``unsafe=True``.
+
+    Attributes:
+        loadable: Whether ``unsafe=True`` loads it in this process. False for a whole model whose
+            class was defined in the script that saved it (``__main__``): only a program that
+            defines that class can unpickle it.
+    """
+
+    def __init__(self, message: str, *, loadable: bool = True):
+        super().__init__(message)
+        self.loadable = loadable
+
+
+class PlainPickleError(CheckpointError):
+    """A plain pickle (``pickle.dump``) that weights-only loading cannot read, though it asks to run
+    no code; ``unsafe=True`` reads it with ``pickle.load``."""
 
 
 class ModelSpecError(CheckpointError):
-    """A ``--model package.module:factory`` spec cannot be imported, called, or loaded strictly."""
+    """A ``package.module:factory`` model spec cannot be imported, called, or loaded strictly.
+
+    Attributes:
+        spec: The spec as given; None when the keyword arguments were refused before it was read.
+    """
+
+    def __init__(self, message: str, *, spec: Optional[str] = None):
+        super().__init__(message)
+        self.spec = spec
 
 
 class LoadLimitError(CheckpointError, RecordingFormatError):
     """A file declares more data than the load limit allows, or inflates like a zip bomb.
 
     Raised before anything is inflated, so memory stays bounded. Raise the limit with
-    ``max_load_bytes=`` (CLI ``--max-load-bytes``) for a file you trust.
+    ``max_load_bytes=`` (or pass None) for a file you trust.
+
+    Attributes:
+        limit: The limit in force, in bytes.
+        bomb: True when refused for its inflate ratio rather than its size: only switching the
+            checks off (``max_load_bytes=None``) loads it.
     """
+
+    def __init__(self, message: str, *, limit: Optional[int] = None, bomb: bool = False):
+        super().__init__(message)
+        self.limit = limit
+        self.bomb = bomb
 
 
 class NonFiniteWarning(UserWarning):

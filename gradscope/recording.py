@@ -30,7 +30,7 @@ import numpy as np
 
 from ._archive import DEFAULT_MAX_LOAD_BYTES, check_file_size, check_limit, inspect_zip, read_npz
 from ._format import jsonable
-from .errors import GradscopeError, MissingMeasureError, RecordingFormatError, did_you_mean
+from .errors import GradscopeError, MissingMeasureError, NotARecordingError, RecordingFormatError, did_you_mean
 
 FORMAT_VERSION = 1
 _META_KEY = "__meta__"
@@ -476,19 +476,22 @@ def load(path, *, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Rec
         return _read(fh, repr(str(path)), limit)
 
 
-def _not_a_recording(what: str, infos, hint: str) -> str:
+def _not_a_recording(what: str, infos, hint: str) -> NotARecordingError:
     """The error for a zip archive without gradscope metadata: what it holds, and what to do instead."""
     names = [i.filename for i in infos]
     if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-        return (f"{what} is a TorchScript archive (torch.jit.save), not a gradscope recording; for a "
-                f"report on the model it holds use `gradscope report` with --unsafe-load (loading "
-                f"TorchScript runs its code).")
+        return NotARecordingError(
+            f"{what} is a TorchScript archive (torch.jit.save), not a gradscope recording; to analyse the "
+            f"model it holds, load it with gradscope.checkpoint.load_checkpoint(path, unsafe=True) (loading "
+            f"TorchScript runs its code).", holds="torchscript")
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-        return (f"{what} is a PyTorch checkpoint (torch.save), not a gradscope recording; for a "
-                f"report on the weights it holds use `gradscope report` on it.")
+        return NotARecordingError(
+            f"{what} is a PyTorch checkpoint (torch.save), not a gradscope recording; to analyse the "
+            f"weights it holds, load it with gradscope.checkpoint.load_checkpoint(path).", holds="checkpoint")
     kind = (f"a NumPy .npz archive of {len(names)} array(s)"
             if names and all(n.endswith(".npy") for n in names) else f"a zip archive of {len(names)} member(s)")
-    return f"{what} is {kind} without gradscope metadata, not a gradscope recording. {hint}"
+    return NotARecordingError(f"{what} is {kind} without gradscope metadata, not a gradscope recording. {hint}",
+                              holds="archive")
 
 
 def _read(fh, what: str, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Recording:
@@ -500,7 +503,7 @@ def _read(fh, what: str, max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES)
         with zipfile.ZipFile(fh) as z:
             infos = inspect_zip(z, what, size, max_load_bytes, RecordingFormatError)
             if not any(i.filename in (_META_KEY, _META_KEY + ".npy") for i in infos):
-                raise RecordingFormatError(_not_a_recording(what, infos, hint))
+                raise _not_a_recording(what, infos, hint)
             arrays = read_npz(z, infos, what, RecordingFormatError)
     except RecordingFormatError:
         raise

@@ -29,7 +29,7 @@ from gradscope.checkpoint import (
     memory_time,
     static_analysis,
 )
-from gradscope.errors import CheckpointError, GradscopeError, ModelSpecError, UnsafeCheckpointError
+from gradscope.errors import CheckpointError, GradscopeError, ModelSpecError, PlainPickleError, UnsafeCheckpointError
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -181,7 +181,7 @@ def test_rnn_nonlinearity_is_a_noted_guess():
     (found,) = find_modules(relu.state_dict())
     assert found.config["nonlinearity"] == "tanh"
     assert found.notes[0] == ("RNN nonlinearity tanh vs relu cannot be told from weights; assumed tanh "
-                              "(change with --rnn-nonlinearity relu)")
+                              "(change with rnn_nonlinearity='relu')")
     assert found.build(nonlinearity="relu").nonlinearity == "relu"
     with pytest.raises(CheckpointError, match="rnn_nonlinearity must be 'tanh' or 'relu'"):
         find_modules(relu.state_dict(), rnn_nonlinearity="sigmoid")
@@ -355,7 +355,7 @@ def test_torch_save_payload_is_refused_and_runs_only_with_unsafe(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|nt\.system") as e:
         load_checkpoint(path)
     msg = _one_line(e)
-    assert "unsafe=True" in msg and "--unsafe-load" in msg
+    assert "unsafe=True" in msg and "--" not in msg and e.value.loadable   # the CLI adds --unsafe-load
     assert not marker.exists()
     ckpt = load_checkpoint(path, unsafe=True)
     assert marker.exists()
@@ -392,6 +392,7 @@ def test_plain_pickle_without_code_is_explained(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a plain pickle \(pickle\.dump\), not a torch\.save file") as e:
         load_checkpoint(path)
     assert not isinstance(e.value, UnsafeCheckpointError)
+    assert isinstance(e.value, PlainPickleError) and "--" not in str(e.value)   # the CLI adds --unsafe-load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,23 +636,23 @@ def test_build_user_model_errors(user_module):
     ref = importlib.import_module(user_module).Model()
     sd = ref.state_dict()
     cases = [
-        ("no_colon.module", None, sd, r"--model expects 'package.module:factory_or_class', got 'no_colon.module'"),
+        ("no_colon.module", None, sd, r"a model spec is 'package.module:factory_or_class', got 'no_colon.module'"),
         (f"{user_module[:-1]}:make_model", None, sd, rf"no module named '{user_module[:-1]}'.*Did you mean '{user_module}'\?"),
         ("json:nothing", None, sd, r"'json' has no attribute 'nothing'"),
         (f"{user_module}:make_modle", None, sd, r"has no attribute 'make_modle'.*Did you mean 'make_model'\?"),
         (f"{user_module}.py:make_model", None, sd, rf"names a file; give the module's import name instead, e\.g\. '{user_module}:make_model'"),
-        (f"{user_module}:HIDDEN", None, sd, r"is a int, not callable; --model must name a class or a function"),
+        (f"{user_module}:HIDDEN", None, sd, r"is a int, not callable; the spec must name a class or a function"),
         (f"{user_module}:not_a_model", None, sd, r"returned a int, expected an nn.Module"),
         (f"{user_module}:give_class", None, sd, r"returned the class Model, not an instance"),
-        (f"{user_module}:boom", None, sd, r"raised ValueError: no GPU here; check --model-args"),
+        (f"{user_module}:boom", None, sd, r"raised ValueError: no GPU here; check the model arguments"),
         (f"{user_module}:make_model", {"hiden": 4}, sd, r"raised TypeError: .*unexpected keyword argument 'hiden'"),
-        (f"{user_module}:make_model", "{hidden: 4}", sd, r"--model-args is not valid JSON"),
-        (f"{user_module}:make_model", "[4]", sd, r"--model-args must be a JSON object of keyword arguments, got list"),
+        (f"{user_module}:make_model", "{hidden: 4}", sd, r"model_args is not valid JSON"),
+        (f"{user_module}:make_model", "[4]", sd, r"model_args must be a JSON object of keyword arguments, got list"),
         (f"{user_module}:make_model", {"hidden": 5}, sd,
          r"does not fit .*: shape mismatches \(5\): rnn.weight_ih_l0 checkpoint \[12, 3\] vs model \[15, 3\]"),
         (f"{user_module}:make_model", None, {**sd, "extra.w": torch.zeros(1)}, r"unexpected keys \(1\): extra.w;"),
         (f"{user_module}:make_model", None, {k: v for k, v in sd.items() if not k.startswith("out.")},
-         r"missing keys \(2\): out.weight, out.bias; check --model-args"),
+         r"missing keys \(2\): out.weight, out.bias; check the model arguments"),
         (f"{user_module}:make_wrapped", None, sd,
          r"missing keys \(6\): inner.rnn.weight_ih_l0, inner.rnn.weight_hh_l0, inner.rnn.bias_ih_l0, "
          r"inner.rnn.bias_hh_l0, … \(2 more\); unexpected keys \(6\).*prefix 'inner.' the checkpoint lacks"),
@@ -660,6 +661,8 @@ def test_build_user_model_errors(user_module):
         with pytest.raises(ModelSpecError, match=pattern) as e:
             build_user_model(spec, args, state)
         _one_line(e)
+        assert "--" not in str(e.value), "library messages name no CLI flags; the CLI adds them"
+        assert e.value.spec == (None if isinstance(args, str) else spec)
 
 
 def test_missing_submodule_suggests_sibling(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import sys
 
 import gradscope
 from gradscope.cli import main
+from gradscope.errors import NotARecordingError
 
 
 def test_version_and_help(capsys):
@@ -91,6 +92,11 @@ def test_show_names_what_a_non_recording_zip_is(tmp_path, capsys):
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.jit"))
     err = _show_error(tmp_path / "m.jit", capsys)
     assert "TorchScript archive" in err and "--unsafe-load" in err
+    # the library says what the file holds; the flag and the command come from the CLI
+    for name, holds in (("m.jit", "torchscript"), ("run.pt", "checkpoint"), ("notes.zip", "archive")):
+        with pytest.raises(NotARecordingError) as e:
+            gradscope.load(tmp_path / name)
+        assert e.value.holds == holds and "--" not in str(e.value) and "gradscope report" not in str(e.value)
 
 
 def test_whole_model_pickled_from_main_says_what_can_help(tmp_path):

@@ -118,6 +118,21 @@ def test_user_model_spec(ckpt, tmp_path, capsys, monkeypatch):
     assert code == 2 and err.count("\n") == 1
 
 
+def test_the_cli_names_the_flag_the_library_error_is_about(ckpt, tmp_path, capsys):
+    """Library messages name keyword arguments (model spec, model arguments, unsafe=True); the CLI
+    puts the flag that fixes it on the same line."""
+    code, _, err = run(["report", ckpt, "--model", "no_colon.module"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "error: --model 'no_colon.module': a model spec is 'package.module:factory_or_class'" in err
+    code, _, err = run(["report", ckpt, "--model", "torch.nn:GRU", "--model-args", "[4]"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "error: --model-args must be a JSON object of keyword arguments, got list" in err
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"epoch": 1}, protocol=2))
+    code, _, err = run(["report", tmp_path / "plain.pkl"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "plain pickle" in err
+    assert "--unsafe-load reads it with pickle.load" in err
+
+
 def test_no_recurrent_weights(tmp_path, capsys):
     torch.save(nn.Linear(3, 4).state_dict(), tmp_path / "lin.pt")
     code, out, _ = run(["report", tmp_path / "lin.pt"], capsys)

@@ -16,9 +16,9 @@ from torch import nn
 
 import gradscope
 from gradscope import RecordingFormatError
-from gradscope._archive import parse_size
 from gradscope.checkpoint import estimate_probe_seconds, load_checkpoint
 from gradscope.cli import main
+from gradscope.cli.args import parse_size
 from gradscope.errors import CheckpointError, GradscopeError, LoadLimitError
 
 import hostile as H
@@ -334,7 +334,7 @@ def test_probe_estimate_skips_large_modules_with_a_note(tmp_path, capsys):
 
 
 def test_large_recurrent_weights_get_iterative_spectra():
-    from gradscope.checkpoint import _spectrum
+    from gradscope.checkpoint.static import _spectrum
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((1100, 1100)))
     m = q * np.linspace(0.1, 2.0, 1100)            # singular values known exactly: 2.0, 1.998…, …

@@ -21,8 +21,11 @@ from .. import __version__
 from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, Finding, diagnose, nonfinite_weight_findings
 from ..measure.probe import nonfinite_tensors, probe
-from ..checkpoint import (_FUSED_KEY, CELL_KINDS, DEFAULT_MAX_LOAD_BYTES, _site, build_user_model,
-                          estimate_probe_seconds, find_modules, load_checkpoint, static_analysis)
+from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
+                          load_checkpoint, static_analysis)
+from ..checkpoint.locate import CELL_KINDS
+from ..checkpoint.locate import FUSED_KEY as _FUSED_KEY
+from ..checkpoint.locate import site_name as _site
 from ..errors import GradscopeError
 
 RECURRENT = ("LSTM", "GRU", "RNN")

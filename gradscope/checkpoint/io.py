@@ -1,38 +1,45 @@
-"""File formats behind :func:`gradscope.checkpoint.load_checkpoint`: sniffing, safe reading, and
-naming the code a pickle asks to run.
+"""Reading checkpoint files safely and within limits: :func:`load_checkpoint` and the formats behind it.
 
 Nothing here executes code from a file unless ``unsafe=True``: torch files are read with
 ``torch.load(weights_only=True)`` (a restricted unpickler), safetensors files hold no code, and the
-pickle scanner below only *reads* opcodes (``pickletools.genops``), it never unpickles.
+pickle scanner below only *reads* opcodes (``pickletools.genops``), it never unpickles. What a file
+declares is checked against ``max_load_bytes`` before it is read (:mod:`gradscope._archive`).
 """
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import re
 import warnings
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .errors import CheckpointError, UnsafeCheckpointError
+import torch
+import torch.serialization
+from torch import Tensor
+
+from .. import _archive
+from .._archive import DEFAULT_MAX_LOAD_BYTES
+from .._format import one_line
+from ..errors import CheckpointError, LoadLimitError, PlainPickleError, UnsafeCheckpointError, did_you_mean
+from .contents import locate_state_dict, metadata_without, strip_wrapper_prefixes
+
+__all__ = ["Checkpoint", "load_checkpoint", "INSTALL_HINT"]
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 #: Suffixes read with ``torch.load``; anything else is sniffed from its first bytes.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 INSTALL_HINT = 'pip install "gradscope[ckpt]"'
-UNSAFE_HINT = "unsafe=True (CLI: --unsafe-load)"
 
 # torch.save(..., _use_new_zipfile_serialization=False) writes this pickled magic number first.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _HEAD_BYTES = 4096
-
-
-def one_line(text: str, limit: int = 160) -> str:
-    """Squash whitespace (newlines, tabs, ANSI colour codes) and cap the length."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def sniff(head: bytes, size: int) -> str:
@@ -137,8 +144,6 @@ def _is_data_global(name: str) -> bool:
     if name in _DATA_GLOBALS or name.startswith("torch._utils._rebuild_"):
         return True
     if name.startswith("torch.") and name.count(".") == 1:
-        import torch
-
         attr = getattr(torch, name.split(".", 1)[1], None)
         if isinstance(attr, torch.dtype) or name.endswith("Storage"):
             return True
@@ -152,9 +157,7 @@ def _unsafe_globals(path: Path, kind: str, exc: BaseException) -> List[str]:
         if m.group(1) not in names:
             names.append(m.group(1))
     if kind == "zip" and names:
-        import torch.serialization as ts
-
-        lister = getattr(ts, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
         if lister is not None:
             try:
                 for g in lister(str(path)):
@@ -194,8 +197,6 @@ def _zip_without_data_pkl(path: Optional[Path]) -> bool:
     """True when ``path`` is a readable zip archive that lacks torch.save's ``*/data.pkl``."""
     if path is None:
         return False
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             return not any(n.endswith("data.pkl") for n in z.namelist())
@@ -205,8 +206,6 @@ def _zip_without_data_pkl(path: Optional[Path]) -> bool:
 
 def _is_torchscript(path: Path) -> bool:
     """True for a zip archive written by ``torch.jit.save`` (it carries code and constants)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -219,9 +218,7 @@ def _load_torchscript(path: Path, name: str, unsafe: bool) -> Tuple[Any, str, Li
     if not unsafe:
         raise UnsafeCheckpointError(
             f"{name!r} is a TorchScript archive (torch.jit.save): loading it runs the code it contains; "
-            f"if you trust the file, load it with {UNSAFE_HINT} (torch.jit.load) to report its weights.")
-    import torch
-
+            f"if you trust the file, load it with unsafe=True (torch.jit.load) to report its weights.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch deprecates TorchScript; the file is still what it is
         try:
@@ -261,9 +258,9 @@ def _failure(name: str, kind: str, suffix: str, exc: BaseException,
             f"{name!r} is an old-format torch.save file but it is corrupt ({reason}); "
             f"re-save or re-download it.")
     if kind == "pickle":
-        return CheckpointError(
+        return PlainPickleError(
             f"{name!r} is a plain pickle (pickle.dump), not a torch.save file, and weights-only loading "
-            f"cannot read it ({reason}); re-save it with torch.save(obj, path), or pass {UNSAFE_HINT} "
+            f"cannot read it ({reason}); re-save it with torch.save(obj, path), or pass unsafe=True "
             f"if you trust it.")
     if kind == "json":
         return CheckpointError(
@@ -325,10 +322,6 @@ def _is_text_pickle(path: Path, size: int) -> bool:
 def _check_sizes(path: Path, name: str, kind: str, size: int, max_load_bytes: Optional[int]) -> List[str]:
     """Refuse what declares more than the limit, or lies about its sizes, before reading it
     (see :mod:`gradscope._archive`); verify zip CRCs. Returns notes."""
-    import zipfile
-
-    from . import _archive
-
     _archive.check_file_size(repr(name), size, max_load_bytes)
     if kind == "zip":
         try:
@@ -379,8 +372,6 @@ def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None)
     if kind == "zip" and _is_torchscript(path):
         return _load_torchscript(path, name, unsafe)
 
-    import torch
-
     notes: List[str] = list(size_notes)
     if suffix == SAFETENSORS_SUFFIX:
         notes.append(f"the file is named {suffix} but holds a torch.save {kind}; read with torch.load")
@@ -401,18 +392,20 @@ def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None)
             if unsafe and re.search(r"Can't get attribute '(\w+)' on <module '[\w.]*__main__'", str(exc)):
                 main_classes = ["__main__." + re.search(r"attribute '(\w+)'", str(exc)).group(1)]
             if main_classes:
-                raise (CheckpointError if unsafe else UnsafeCheckpointError)(
+                message = (
                     f"cannot load {name!r}: it pickles a whole model whose class "
                     f"({', '.join(main_classes[:3])}) was defined in the script that saved it, so only "
-                    f"a program that defines that class can unpickle it (with {UNSAFE_HINT}, which runs "
-                    f"code) and the CLI never can; in that script save model.state_dict() and report on "
-                    f"that file, or move the class into an importable module."
-                ) from None
+                    f"a program that defines that class can unpickle it (with unsafe=True, which runs "
+                    f"code); in that script save model.state_dict() and report on that file, or move the "
+                    f"class into an importable module.")
+                if unsafe:
+                    raise CheckpointError(message) from None
+                raise UnsafeCheckpointError(message, loadable=False) from None
             if bad:
                 raise UnsafeCheckpointError(
                     f"refusing to load {name!r}: it asks to run code from the file "
                     f"({', '.join(bad[:6])}{', …' if len(bad) > 6 else ''}), which weights-only loading "
-                    f"does not allow; if you trust the file, load it with {UNSAFE_HINT}, which runs "
+                    f"does not allow; if you trust the file, load it with unsafe=True, which runs "
                     f"that code, or re-save only the weights with torch.save(model.state_dict(), path)."
                 ) from None
             if unsafe and kind in ("zip", "torch-legacy", "pickle") and "central directory" not in str(exc):
@@ -432,8 +425,6 @@ def load_file(path: Path, *, unsafe: bool, max_load_bytes: Optional[int] = None)
 
 def describe_missing(path: Path) -> str:
     """One-line message for a path that does not exist, with the closest sibling name."""
-    from .errors import did_you_mean
-
     parent = path.parent if str(path.parent) else Path(".")
     hint = ""
     try:
@@ -455,3 +446,142 @@ def describe_directory(path: Path) -> str:
     listing = f" (it holds {', '.join(inside[:5])}{', …' if len(inside) > 5 else ''})" if inside else ""
     return (f"{str(path)!r} is a directory{listing}; pass the checkpoint file itself, "
             f"e.g. {str(path / (inside[0] if inside else 'model.pt'))!r}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry point
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What :func:`load_checkpoint` found in a file.
+
+    Attributes:
+        path: The file, as given.
+        format: ``"torch-zip"`` (``torch.save`` since 1.6), ``"torch-legacy"``, ``"pickle"``
+            (plain ``pickle.dump``, only with ``unsafe=True``), ``"safetensors"`` or ``"torch"``.
+        state_dict: Parameter and buffer names to tensors (on the CPU), wrapper prefixes
+            (``module.``, ``_orig_mod.``) removed.
+        source_key: Where the state dict was found, as a Python expression on the loaded object:
+            ``"checkpoint"`` (the file is the state dict), ``"checkpoint['state_dict']"``,
+            ``"checkpoint['model']['state_dict']"``, ``"checkpoint.state_dict()"`` (a whole
+            pickled module), or several joined by ``" + "`` when merged.
+        metadata: The file's other entries, summarised as JSON-able values (numbers and strings as
+            they are, tensors as ``"tensor float32 [3, 4]"``, optimizer state as
+            ``"optimizer state (N tensors)"``).
+        stripped_prefix: The wrapper prefix removed from every key (``""`` if none).
+        unsafe: Whether the file was loaded with ``unsafe=True`` (code from it may have run).
+        notes: Things worth telling the user (a warning from torch, merged state dicts, ...).
+    """
+
+    path: str
+    format: str
+    state_dict: Dict[str, Tensor] = field(repr=False)
+    source_key: str
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    stripped_prefix: str = ""
+    unsafe: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of elements over all tensors of the state dict."""
+        return int(sum(t.numel() for t in self.state_dict.values()))
+
+
+def load_checkpoint(path: PathLike, *, unsafe: bool = False,
+                    max_load_bytes: Optional[int] = DEFAULT_MAX_LOAD_BYTES) -> Checkpoint:
+    """Load a saved checkpoint without running code from it, and find its state dict.
+
+    ``.pt``, ``.pth``, ``.bin`` and ``.ckpt`` files (and files with other suffixes that turn out to
+    be zip archives or pickles) are read with ``torch.load(path, weights_only=True,
+    map_location="cpu")``; ``.safetensors`` files with ``safetensors.torch.load_file``. The format
+    is decided by the first bytes; the suffix only shapes the error messages.
+
+    Args:
+        path: The checkpoint file.
+        unsafe: Allow a pickle to run code while loading (``torch.load(weights_only=False)`` or
+            ``pickle.load``). Needed for whole pickled models and custom classes. Only for files
+            you trust: the file's code runs with your permissions.
+        max_load_bytes: The most bytes the file may be, and may declare once inflated (zip
+            members, safetensors tensors), checked before anything is read; also refused: a zip
+            inflating more than 100:1 beyond 16 MiB (a zip bomb), headers that do not fit the file,
+            zip members whose CRC-32 does not match. Default 4 GiB; None switches the limits off
+            (CRCs are still checked).
+
+    Returns:
+        A :class:`Checkpoint`.
+
+    Raises:
+        UnsafeCheckpointError: The file needs to run code to load (it names the globals it
+            wanted) and ``unsafe`` is False; ``.loadable`` says whether ``unsafe=True`` can load it.
+        PlainPickleError: A plain pickle that weights-only loading cannot read (``unsafe=True``
+            reads it with ``pickle.load``).
+        LoadLimitError: The file is, or declares, more than ``max_load_bytes`` (a CheckpointError;
+            ``.limit`` and ``.bomb`` say which limit refused it).
+        CheckpointError: Missing file, directory, empty/truncated/corrupt file, a JSON or text
+            file, unreadable safetensors, safetensors not installed, no tensors or no state dict
+            in the file. Every message is one line saying what arrived and how to fix it. No other
+            exception type escapes.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "lstm.pt")
+        >>> torch.save({"epoch": 3, "state_dict": torch.nn.LSTM(4, 8).state_dict()}, path)
+        >>> ckpt = load_checkpoint(path)
+        >>> ckpt.source_key, ckpt.metadata, sorted(ckpt.state_dict)[:2]
+        ("checkpoint['state_dict']", {'epoch': 3}, ['bias_hh_l0', 'bias_ih_l0'])
+    """
+    max_load_bytes = _archive.check_limit(max_load_bytes)
+    p = Path(os.fspath(path)).expanduser()
+    try:
+        if not p.exists():
+            raise CheckpointError(describe_missing(p))
+        if p.is_dir():
+            raise CheckpointError(describe_directory(p))
+        if not p.is_file():
+            raise CheckpointError(
+                f"{str(p)!r} is not a regular file (a device, pipe or socket?); pass a checkpoint file.")
+    except OSError as exc:
+        raise CheckpointError(f"cannot access {str(p)!r} ({one_line(str(exc), 80)}); check the path.") from None
+    obj, fmt, notes, extra = load_file(p, unsafe=unsafe, max_load_bytes=max_load_bytes)
+    try:
+        sd, source, used, more_notes = locate_state_dict(obj)
+        sd, stripped = strip_wrapper_prefixes(sd)
+        metadata = metadata_without(obj, used)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{str(p)!r}: {exc}") from None
+    except Exception as exc:  # a hostile or odd object from an unsafe load
+        raise CheckpointError(
+            f"{str(p)!r} loaded, but its contents could not be read as a checkpoint "
+            f"({type(exc).__name__}: {one_line(str(exc), 80)}); save model.state_dict() instead.") from None
+    metadata.update(extra)
+    if stripped:
+        more_notes.append(f"stripped the prefix {stripped!r} carried by every key")
+    sd = _densified(p, sd, more_notes, max_load_bytes)
+    return Checkpoint(path=str(path), format=fmt, state_dict=sd, source_key=source, metadata=metadata,
+                      stripped_prefix=stripped, unsafe=unsafe, notes=notes + more_notes)
+
+
+def _densified(p: Path, sd: Dict[str, Any], notes: List[str], max_load_bytes: Optional[int]) -> Dict[str, Any]:
+    """The state dict with sparse tensors made dense (the modules and the analysis need dense weights),
+    each one's dense size checked against ``max_load_bytes`` first; a note names them."""
+    sparse = [k for k, v in sd.items() if isinstance(v, Tensor) and v.layout != torch.strided]
+    if not sparse:
+        return sd
+    out = dict(sd)
+    for key in sparse:
+        t = sd[key]
+        size = t.numel() * t.element_size()
+        if max_load_bytes is not None and size > max_load_bytes:
+            raise LoadLimitError(
+                f"{str(p)!r}: the sparse tensor {key!r} {list(t.shape)} is {size} bytes once dense, more than "
+                f"max_load_bytes={max_load_bytes}; raise the limit for a file you trust.", limit=max_load_bytes)
+        try:
+            out[key] = t.to_dense()
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{str(p)!r}: the sparse tensor {key!r} cannot be made dense "
+                                  f"({one_line(str(exc), 80)}); the file is damaged.") from None
+    notes.append(f"sparse tensors made dense before analysis: {', '.join(sparse[:6])}"
+                 f"{f' and {len(sparse) - 6} more' if len(sparse) > 6 else ''}")
+    return out

@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._ckpt_io import one_line
-from .errors import CheckpointError
+from .._format import one_line
+from ..errors import CheckpointError
 
 #: Entry names that hold the model's state dict, tried in this order (then one level deeper).
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")

@@ -1,20 +1,20 @@
-"""The ``gradscope`` command line: argument parsing and error formatting only; the library raises.
+"""The ``gradscope`` command line's arguments: the parser, and checks of every option before any work.
 
-Every failure the user can cause prints one line on stderr and exits with status 2; a traceback
-is a bug.
+Usage errors are one line on stderr with exit status 2, like every other error (argparse's own included).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import math
+import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional, Set
 
-from . import __version__
-from .errors import GradscopeError
+from .. import __version__
+from ..errors import GradscopeError, did_you_mean
+from .messages import one_line
 
-__all__ = ["main", "main_entry"]
+__all__ = ["build_parser", "check_numbers", "fail_kinds", "check_format", "parse_size", "FINDING_KINDS", "FORMATS"]
 
 FINDING_KINDS = ("vanishing", "exploding", "short_memory", "saturated_gates", "dead_units", "nonfinite",
                  "precision_underflow", "attention_entropy_collapse", "rank_collapse", "postln_instability")
@@ -43,14 +43,16 @@ DEMO_EPILOG = """examples:
 """
 
 
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gradscope`` parser with its three subcommands: demo, report, show."""
     p = _OneLineParser(
         prog="gradscope",
         description="Diagnose vanishing and exploding gradients in PyTorch sequence models.",
@@ -128,10 +130,8 @@ def _limit_arg(p: argparse.ArgumentParser) -> None:
                         "anything is read")
 
 
-def _check_numbers(args) -> None:
+def check_numbers(args: argparse.Namespace) -> None:
     """Every numeric option, checked before any file is read or any model probed."""
-    import math
-
     def bad(name, value, expected):
         raise GradscopeError(f"{name} must be {expected}, got {value}.")
 
@@ -153,12 +153,12 @@ def _check_numbers(args) -> None:
         raise GradscopeError(f"--inputs {str(args.inputs)!r}: no such file; pass a file written with "
                              f"torch.save(tensor).")
     if args.model_args is not None:
-        from .checkpoint import _parse_args
-        _parse_args(args.model_args)
+        from ..checkpoint.rebuild import parse_model_args  # imports torch: only when given
+        parse_model_args(args.model_args, name="--model-args")
 
 
-def _fail_kinds(text: str):
-    from .errors import did_you_mean
+def fail_kinds(text: str) -> Set[str]:
+    """The finding kinds named by ``--fail-on`` (comma-separated), each checked against FINDING_KINDS."""
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     for k in kinds:
         if k not in FINDING_KINDS:
@@ -167,112 +167,33 @@ def _fail_kinds(text: str):
     return set(kinds)
 
 
-def _check_format(fmt: str) -> None:
-    from .errors import did_you_mean
+def check_format(fmt: str) -> None:
+    """Refuse a ``--format`` that is none of FORMATS, suggesting the closest."""
     if fmt not in FORMATS:
         raise GradscopeError(f"--format: unknown format {fmt!r}.{did_you_mean(fmt, FORMATS)} "
                              f"Use one of {', '.join(FORMATS)}.")
 
 
-def _emit(text: str, output) -> None:
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    try:
-        Path(output).write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise GradscopeError(f"cannot write {str(output)!r}: {e.strerror}.") from None
-    print(f"gradscope: wrote {output}", file=sys.stderr)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+]?[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
 
 
-def _exit_for(findings, fail) -> int:
-    hit = sorted({f.kind for f in findings if f.kind in fail})
-    if hit:
-        print(f"gradscope: failing on {', '.join(hit)} (--fail-on)", file=sys.stderr)
-        return 1
-    return 0
+def parse_size(text: str) -> Optional[int]:
+    """Parse ``--max-load-bytes``: ``"4G"``, ``"512MiB"``, ``"1e9"``, ``"100000"``, or ``"none"``.
 
+    Units are binary (K = 1024). ``none`` (or ``off``) switches the checks off and returns None.
 
-def _report(args) -> int:
-    from ._archive import parse_size
-    from .report.checkpoint_report import report_checkpoint
-    _check_format(args.format)
-    fail = _fail_kinds(args.fail_on)
-    _check_numbers(args)
-    limit = parse_size(args.max_load_bytes)
-    rep = report_checkpoint(args.path, unsafe=args.unsafe_load, model_spec=args.model,
-                            model_args=args.model_args, rnn_nonlinearity=args.rnn_nonlinearity,
-                            num_heads=args.num_heads, seq_len=args.seq_len, batch=args.batch,
-                            seed=args.seed, input_scale=args.input_scale, inputs=args.inputs,
-                            probe_sites=not args.no_probe, threshold=args.threshold, k=args.k,
-                            max_load_bytes=limit, max_probe_seconds=args.max_probe_seconds or None,
-                            train_mode=args.train_mode)
-    if args.require_sites and not rep.modules and not args.model:
-        raise GradscopeError(f"{args.path}: no recurrent or attention weights found (--require-sites); "
-                             f"the state dict holds {rep.checkpoint['num_tensors']} tensors of other modules.")
-    _emit(rep.render(args.format), args.output)
-    return _exit_for(rep.findings, fail)
-
-
-def _show(args) -> int:
-    from ._archive import parse_size
-    from .analysis.diagnose import diagnose
-    from .recording import load
-    _check_format(args.format)
-    fail = _fail_kinds(args.fail_on)
-    _check_numbers(args)
-    rec = load(args.path, max_load_bytes=parse_size(args.max_load_bytes))
-    try:
-        diag = diagnose(rec, threshold=args.threshold)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        # load() checked the schema it knows; deeper probe metadata that breaks diagnose is the file's fault
-        raise GradscopeError(f"{str(args.path)!r} loaded, but its contents do not fit a gradscope recording "
-                             f"({type(e).__name__}: {_one_line(str(e))[:120]}); the file is malformed: "
-                             f"re-save it with Recording.save().") from None
-    text = {"text": lambda: str(diag), "markdown": diag.to_markdown, "json": lambda: diag.to_json() + "\n",
-            "html": diag.to_html}[args.format]()
-    _emit(text, args.output)
-    return _exit_for(diag.findings, fail)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error (argparse printed one line)
-        return int(e.code or 0)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        if args.command == "demo":
-            from .demo import run_demo
-            return run_demo(out=args.out, seq_len=args.seq_len, steps=args.steps, seed=args.seed)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "show":
-            return _show(args)
-    except GradscopeError as e:
-        print(f"gradscope: error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - the CLI never prints a traceback
-        if os.environ.get("GRADSCOPE_DEBUG"):
-            raise
-        print(f"gradscope: error: unexpected {type(e).__name__}: {_one_line(str(e))} "
-              f"(set GRADSCOPE_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gradscope: interrupted", file=sys.stderr)
-        return 130
-    return 2
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def main_entry() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    Example:
+        >>> parse_size("4G"), parse_size("1.5k"), parse_size("1e6"), parse_size("none")
+        (4294967296, 1536, 1000000, None)
+    """
+    s = str(text).strip()
+    if s.lower() in ("none", "off", "unlimited"):
+        return None
+    m = _SIZE.match(s)
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else float("nan")
+    if not (m and math.isfinite(value) and value >= 1):
+        raise GradscopeError(
+            f"--max-load-bytes: expected a size such as 4G, 512M or 1000000 (bytes), or 'none' to switch "
+            f"the checks off, got {text!r}.")
+    return int(value)
