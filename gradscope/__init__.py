@@ -24,7 +24,7 @@ from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
 _LAZY = {
     "watch": ".capture.scope", "Scope": ".capture.scope",
     "probe": ".measure.probe",
-    "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
+    "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.finding",
     "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",
     "Recording": ".recording", "load": ".recording",
 }

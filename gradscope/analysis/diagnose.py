@@ -31,15 +31,18 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
 from ..errors import GradscopeError, did_you_mean
+from ..recording import Recording
+from .attention_rules import AttentionRules, site_diagnosis, stack_findings
 from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
 from .evidence import regime as evidence_regime
+from .finding import Finding, Rules
 from .remedies import REINITIALISING, finding_remedies
 from .trainability import assess
 
@@ -52,54 +55,7 @@ INCONCLUSIVE_PROFILE = (
     "stability: a flat one comes both from a long reach and from gradient injected along the way (a "
     "loss at every position, the layer above); Jacobian evidence from a probe decides")
 
-__all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
-
-
-@dataclass(frozen=True)
-class Rules:
-    """Thresholds of the regime rules (see the module docstring)."""
-
-    threshold: float = HORIZON_THRESHOLD
-    lyapunov_margin: float = LYAPUNOV_MARGIN
-    short_memory_ratio: float = 0.1
-    saturation: float = 0.3
-    spike_ratio: float = 100.0
-    steps: int = 20
-
-    def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
-            raise GradscopeError(
-                f"threshold must be in (0, 1) (the norm ratio that ends the gradient horizon), got "
-                f"{self.threshold!r}; the default is 1e-3.")
-        if not 0 < self.short_memory_ratio <= 1:
-            raise GradscopeError(f"short_memory_ratio must be in (0, 1], got {self.short_memory_ratio!r}.")
-        if not 0 < self.saturation < 1:
-            raise GradscopeError(f"saturation must be in (0, 1), got {self.saturation!r}.")
-        if self.lyapunov_margin < 0:
-            raise GradscopeError(f"lyapunov_margin must be >= 0, got {self.lyapunov_margin!r}.")
-        if self.spike_ratio <= 1:
-            raise GradscopeError(f"spike_ratio must be > 1, got {self.spike_ratio!r}.")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise GradscopeError(f"steps must be a positive integer, got {self.steps!r}.")
-
-
-@dataclass
-class Finding:
-    """One thing gradscope found, with the numbers that show it and what to do about it."""
-
-    kind: str
-    site: str
-    severity: str
-    evidence: Dict[str, float]
-    explanation: str
-    remedies: List[Any] = field(default_factory=list)
-    evidence_used: List[str] = field(default_factory=list)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "site": self.site, "severity": self.severity,
-                "evidence": jsonable(self.evidence), "explanation": self.explanation,
-                "evidence_used": list(self.evidence_used),
-                "remedies": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.remedies]}
+__all__ = ["diagnose", "Diagnosis", "SCHEMA_VERSION"]
 
 
 # ------------------------------------------------------------------------------ evidence
@@ -681,8 +637,6 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
         >>> diag.regime("l0")
         'vanishing'
     """
-    from ..recording import Recording
-
     if not isinstance(recording, Recording):
         raise GradscopeError(f"diagnose() expects a gradscope Recording (scope.recording or "
                              f"gradscope.probe(...)), got {type(recording).__name__}.")
@@ -700,7 +654,6 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
     missing_probe = []
     attn_sites = [s for s in rec.sites if rec.site_info(s).get("kind") == "attention"]
     if attn_sites:  # transformer blocks: their own rules (analysis/attention_rules.py)
-        from .attention_rules import AttentionRules, site_diagnosis, stack_findings
         arules = attention_rules if attention_rules is not None else AttentionRules()
         for site in attn_sites:
             sites[site], f = site_diagnosis(rec, site, rules, arules)

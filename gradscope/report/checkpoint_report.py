@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import __version__
 from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
-from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, Finding, diagnose, nonfinite_weight_findings
+from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose, nonfinite_weight_findings
+from ..analysis.finding import Finding
 from ..measure.probe import nonfinite_tensors, probe
 from ..checkpoint import (_FUSED_KEY, CELL_KINDS, DEFAULT_MAX_LOAD_BYTES, _site, build_user_model,
                           estimate_probe_seconds, find_modules, load_checkpoint, static_analysis)
