@@ -20,6 +20,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
+from . import render  # registers the renderers the data classes display with (gradscope/_renderers.py)
 
 _LAZY = {
     "watch": ".capture.scope", "Scope": ".capture.scope",

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
+from .._renderers import renderer
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
 from .attention_rules import AttentionRules, site_diagnosis, stack_findings
@@ -493,13 +494,13 @@ class Diagnosis:
 
     def to_html(self, path=None, notes: Optional[List[str]] = None) -> str:
         """One self-contained HTML report (figures embedded, no network); written to ``path`` if
-        given. Returns the HTML text. ``notes`` replaces ``self.notes``."""
-        from ..report.html import diagnosis_to_html
-        return diagnosis_to_html(self, path=path, notes=notes)
+        given. Returns the HTML text. ``notes`` replaces ``self.notes``
+        (:func:`gradscope.render.html.diagnosis_to_html`)."""
+        return renderer("diagnosis.html")(self, path=path, notes=notes)
 
     def _repr_html_(self) -> str:
-        from ..report.html import diagnosis_repr_html
-        return diagnosis_repr_html(self)
+        """The notebook display (:func:`gradscope.render.html.diagnosis_repr_html`)."""
+        return renderer("diagnosis.repr_html")(self)
 
     def __repr__(self) -> str:
         regs = {}

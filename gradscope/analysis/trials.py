@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .._batch import call_model, fused_args
 from .._format import fmt, jsonable, text_table
+from .._renderers import renderer
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
 
@@ -221,8 +222,8 @@ class RemedyTrials:
         return "training" if self.baseline is not None else "prediction"
 
     def _repr_html_(self) -> str:
-        from ..report.html import trials_repr_html
-        return trials_repr_html(self)
+        """The notebook display (:func:`gradscope.render.html.trials_repr_html`)."""
+        return renderer("trials.repr_html")(self)
 
     def best(self) -> Optional[TrialResult]:
         """The top-ranked trial that improved the model, or None."""

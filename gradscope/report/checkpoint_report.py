@@ -8,6 +8,7 @@ synthetic (or given) inputs and diagnosed.
 from __future__ import annotations
 
 import hashlib
+import html as _html
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..measure.probe import nonfinite_tensors, probe
 from ..checkpoint import (_FUSED_KEY, CELL_KINDS, DEFAULT_MAX_LOAD_BYTES, _site, build_user_model,
                           estimate_probe_seconds, find_modules, load_checkpoint, static_analysis)
 from ..errors import GradscopeError
+from ..render.html import diagnosis_to_html
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
@@ -213,8 +215,6 @@ class CheckpointReport:
         return "\n".join(out).rstrip() + "\n"
 
     def to_html(self) -> str:
-        from .html import diagnosis_to_html
-        import html as _html
         head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
         if self.diagnosis is None:
             extra = "".join(f"<p><b>{_html.escape(f.severity)}: {_html.escape(f.kind)} at "
