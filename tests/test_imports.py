@@ -162,13 +162,15 @@ def test_the_renderer_table_imports_nothing():
 
 
 def test_import_gradscope_registers_every_display():
+    """A fresh ``import gradscope`` fills the renderer table the data classes display with."""
     code = ("import gradscope, gradscope._renderers as r\n"
-            "print(sorted(r._RENDERERS))\n")
+            "print(*sorted(r._RENDERERS))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=ROOT.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["['diagnosis.html',", "'diagnosis.repr_html',", "'recording.repr_html',",
-                                   "'recording.tensorboard',", "'trials.repr_html']"]
+    assert done.stdout.split() == ["diagnosis.html", "diagnosis.markdown", "diagnosis.repr_html", "diagnosis.text",
+                                   "recording.repr_html", "recording.tensorboard", "trials.markdown",
+                                   "trials.repr_html", "trials.text"]
 
 
 def test_capture_and_measure_import_one_way():

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
+from .._format import fmt, jsonable, remedy_index
 from .._renderers import renderer
 from ..errors import GradscopeError, did_you_mean
 from ..recording import Recording
@@ -348,149 +348,18 @@ class Diagnosis:
         return (f"schedule: {how} — {sc.get('deep_passes', 0)} deep pass(es), {sc.get('probes', 0)} "
                 f"probe(s){cost}")
 
-    def _site_rows(self):
-        head = ["site", "kind", "regime", "horizon", "T", "rate/step", "λ₁", "τ", "evidence"]
-        rows = []
-        for n, s in self._sites.items():
-            ev = s["evidence"]
-            rows.append([n, s["kind"], s["regime"], fmt(ev.get("horizon")), fmt(ev.get("seq_len")),
-                         fmt(ev.get("rate")), fmt(ev.get("lambda1")), fmt(ev.get("memory_time")),
-                         ", ".join(s["evidence_used"]) or "—"])
-        return head, rows
-
     def __str__(self) -> str:
         return self.to_text()
 
     def to_text(self, notes: Optional[List[str]] = None) -> str:
-        """The plain-text report (``str(diag)``), no line wider than 100 characters except code
-        lines of a remedy that are longer themselves (code is never wrapped: it must paste).
-
-        Findings point to the remedies ("→ remedy 2: …"), which follow once each, with their code.
-        ``notes`` replaces ``self.notes`` (a checkpoint report adds its own).
-        """
-        notes = self.notes if notes is None else notes
-        src = self.meta.get("source", "?")
-        lines = wrap(f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
-                     f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]")
-        if self.meta.get("measured_on"):
-            lines += wrap(f"measured on: {self.meta['measured_on']}")
-        if self.schedule_line():
-            lines += wrap(self.schedule_line())
-        lines.append("")
-        if self._sites:
-            lines += text_table(*self._site_rows(), width=WIDTH)
-            lines.append("")
-        if self.trainability is not None:
-            lines += wrap_lines(str(self.trainability).splitlines())
-            lines.append("")
-        for m in self.modules:
-            lines += wrap(f"module {m['line']}")
-        if self.modules:
-            lines.append("")
-        remedies, refs = remedy_index(self.findings)
-        for f, ids in zip(self.findings, refs):
-            lines += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
-            if f.evidence:
-                lines += wrap("evidence: " + ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items()),
-                              "    ", "  ")
-            lines += [x for i in ids for x in wrap(f"→ remedy {i}: {remedies[i - 1]['title']}", "    ", "    ")]
-        if not self.findings:
-            lines.append("No findings: every site is stable on this evidence." if self._sites
-                         else "No recurrent or attention site to diagnose.")
-        if remedies:
-            lines += ["", "remedies (each once; the findings above point to them)"]
-        for r in remedies:
-            lines.append("")
-            head = f"{r['id']}. {r['title']}" + (f" [{r['name']}]" if r["name"] else "")
-            lines += wrap(head + " — for " + ", ".join(r["sites"]), "", "   ")
-            for w in r["why"]:
-                lines += wrap((f"at {w['site']}: " if len(r["sites"]) > 1 else "") + w["why"], "   ", "  ")
-            lines += ["       " + c if c.strip() else "" for c in r["code"].splitlines()]
-            if r["reference"]:
-                lines += wrap(f"({r['reference']})", "   ", " ")
-        if notes:
-            lines.append("")
-        for n in notes:
-            lines += wrap(f"note: {n}", "", "      ")
-        return "\n".join(lines).rstrip() + "\n"
+        """The plain-text report (``str(diag)``): :func:`gradscope.render.text.diagnosis_to_text`.
+        ``notes`` replaces ``self.notes`` (a checkpoint report adds its own)."""
+        return renderer("diagnosis.text")(self, notes=notes)
 
     def to_markdown(self, notes: Optional[List[str]] = None) -> str:
-        """The markdown report: prose wrapped at 100 characters (tables and code are not), the
-        remedies once each under "Remedies" with the findings pointing to them. ``notes``
+        """The markdown report: :func:`gradscope.render.text.diagnosis_to_markdown`. ``notes``
         replaces ``self.notes``."""
-        notes = self.notes if notes is None else notes
-        src = self.meta.get("source", "?")
-        out = ["# gradscope diagnosis", ""]
-        out += wrap(f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
-                    f"{self.meta.get('steps', 0)} recorded step(s)." + (f" {self.schedule_line()}."
-                                                                       if self.schedule_line() else "")
-                    + (f" Measured on: {self.meta['measured_on']}." if self.meta.get("measured_on") else ""),
-                    hang="")
-        out.append("")
-        if self._sites:
-            head, rows = self._site_rows()
-            out.append("| " + " | ".join(head) + " |")
-            out.append("|" + "---|" * len(head))
-            for r in rows:
-                out.append("| " + " | ".join(str(c) for c in r) + " |")
-            out.append("")
-        if self.trainability is not None:
-            t = self.trainability
-            out += ["## Trainability", ""]
-            out += wrap(f"**{t.verdict}** (confidence {t.confidence:.2f}) — a prediction calibrated on "
-                        "labelled training runs, not a measurement.", hang="")
-            out.append("")
-            out += [x for r in t.reasons for x in wrap(f"- {r}", hang="  ")]
-            out.append("")
-        if self.modules:
-            out.append("## Modules")
-            out.append("")
-            out += [x for m in self.modules for x in wrap(f"- {m['line']}", hang="  ")]
-            out.append("")
-        remedies, refs = remedy_index(self.findings)
-        if self.findings:
-            out.append("## Findings")
-            out.append("")
-        for f, ids in zip(self.findings, refs):
-            out.append(f"### {f.severity}: {f.kind} at `{f.site}`")
-            out.append("")
-            out += wrap(f.explanation, hang="")
-            out.append("")
-            if f.evidence:
-                out.append("| evidence | value |")
-                out.append("|---|---|")
-                out += [f"| {k} | {fmt(v)} |" for k, v in f.evidence.items()]
-                out.append("")
-            for i in ids:
-                out += wrap(f"- → [remedy {i}](#remedy-{i}): {remedies[i - 1]['title']}", hang="  ")
-            if ids:
-                out.append("")
-        if not self.findings:
-            out.append("No findings." if self._sites else "No recurrent or attention site to diagnose.")
-            out.append("")
-        if remedies:
-            out += ["## Remedies", ""]
-        for r in remedies:
-            out += [f'<a id="remedy-{r["id"]}"></a>', ""]
-            out += wrap(f"### {r['id']}. {r['title']}", hang="")
-            out.append("")
-            out += wrap((f"`{r['name']}`, " if r["name"] else "") + "for "
-                        + ", ".join(f"`{s}`" for s in r["sites"]) + ".", hang="")
-            out.append("")
-            for w in r["why"]:
-                out += wrap("- " + (f"at `{w['site']}`: " if len(r["sites"]) > 1 else "") + w["why"], hang="  ")
-            if r["why"]:
-                out.append("")
-            if r["code"]:
-                out += ["```python", *r["code"].rstrip("\n").splitlines(), "```", ""]
-            if r["reference"]:
-                out += wrap(f"_{r['reference']}_", hang="")
-                out.append("")
-        if notes:
-            out.append("## Notes")
-            out.append("")
-            out += [x for n in notes for x in wrap(f"- {n}", hang="  ")]
-        return "\n".join(out).rstrip() + "\n"
+        return renderer("diagnosis.markdown")(self, notes=notes)
 
     def to_html(self, path=None, notes: Optional[List[str]] = None) -> str:
         """One self-contained HTML report (figures embedded, no network); written to ``path`` if

@@ -2,12 +2,13 @@
 
 * :mod:`.html` — the self-contained HTML report (``diag.to_html(path)``) and the rich displays of
   notebooks (``_repr_html_`` of Recording, Diagnosis and remedy trials);
+* :mod:`.text` — the text and markdown reports of a Diagnosis (``str(diag)``,
+  ``diag.to_markdown()``);
 * :mod:`.tensorboard` — a Recording and its diagnosis as TensorBoard scalars, images and text
   (``rec.to_tensorboard(writer)``).
 
 Figures are :mod:`gradscope.plot` (its own package, so that ``import gradscope.plot as gp`` stays
-short); text, markdown and JSON of a Diagnosis are its own methods (``str(diag)``,
-``diag.to_markdown()``, ``diag.to_json()``), plain strings that import nothing.
+short). The JSON of a Diagnosis is its ``to_dict()`` / ``to_json()``, the data's own schema.
 
 Renderers import the data classes; the data classes never import a renderer, not even inside a
 function. They call theirs through :mod:`gradscope._renderers`, which the modules here fill when
@@ -19,6 +20,6 @@ the plots and the data classes are imported inside the functions that draw or wr
 """
 from __future__ import annotations
 
-from . import html, tensorboard
+from . import html, tensorboard, text
 
-__all__ = ["html", "tensorboard"]
+__all__ = ["html", "tensorboard", "text"]
