@@ -10,7 +10,10 @@ Public API::
     gradscope.apply_remedy(model, "forget_bias", batch)   # the remedied copy
 
 Attributes are loaded on first use, so ``import gradscope.analysis.remedies`` (plain data) works
-without torch installed, and ``import gradscope`` stays cheap.
+without torch installed, and ``import gradscope`` stays cheap: it imports only the errors and
+:mod:`gradscope.render`, whose modules register the renderers that Recording and Diagnosis display
+with (:mod:`gradscope._renderers`) and import numpy, matplotlib and the data classes only when
+they draw.
 """
 from __future__ import annotations
 
