@@ -10,7 +10,10 @@ Public API::
     gradscope.apply_remedy(model, "forget_bias", batch)   # the remedied copy
 
 Attributes are loaded on first use, so ``import gradscope.analysis.remedies`` (plain data) works
-without torch installed, and ``import gradscope`` stays cheap.
+without torch installed, and ``import gradscope`` stays cheap: it imports only the errors and
+:mod:`gradscope.render`, whose modules register the renderers that Recording and Diagnosis display
+with (:mod:`gradscope._renderers`) and import numpy, matplotlib and the data classes only when
+they draw.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
+from . import render  # registers the renderers the data classes display with (gradscope/_renderers.py)
 
 _LAZY = {
     "watch": ".capture.watch", "Scope": ".capture.watch",
     "probe": ".measure.probe",
-    "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.diagnose",
+    "diagnose": ".analysis.diagnose", "Diagnosis": ".analysis.diagnose", "Finding": ".analysis.finding",
     "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",
     "Recording": ".recording", "load": ".recording",
 }

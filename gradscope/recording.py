@@ -30,6 +30,7 @@ import numpy as np
 
 from ._archive import DEFAULT_MAX_LOAD_BYTES, check_file_size, check_limit, inspect_zip, read_npz
 from ._format import jsonable
+from ._renderers import renderer
 from .errors import GradscopeError, MissingMeasureError, NotARecordingError, RecordingFormatError, did_you_mean
 
 FORMAT_VERSION = 1
@@ -379,13 +380,12 @@ class Recording:
 
     def to_tensorboard(self, writer, step=None, **kwargs) -> None:
         """Write this recording to a TensorBoard ``SummaryWriter``: scalars per site, heatmaps as
-        images, the diagnosis as text (see :mod:`gradscope.integrations.tensorboard`)."""
-        from .integrations.tensorboard import recording_to_tensorboard
-        recording_to_tensorboard(self, writer, step=step, **kwargs)
+        images, the diagnosis as text (see :mod:`gradscope.render.tensorboard`)."""
+        renderer("recording.tensorboard")(self, writer, step=step, **kwargs)
 
     def _repr_html_(self) -> str:
-        from .report.html import recording_repr_html
-        return recording_repr_html(self)
+        """The notebook display (:func:`gradscope.render.html.recording_repr_html`)."""
+        return renderer("recording.repr_html")(self)
 
     def __repr__(self) -> str:
         return (f"Recording(sites={list(self.sites)}, steps={len(self)}, "

@@ -1,7 +1,8 @@
 """gradscope's modules import one way, and each imports cleanly in a fresh interpreter.
 
 The graph is read from the source (``ast``), not from ``sys.modules``: an edge A → B means that
-executing A's module body imports B. Imports inside functions are not edges (they run later).
+executing A's module body imports B; ``import_graph(deferred=True)`` adds the imports inside
+functions (they run later, but a cycle through them is still a cycle).
 ``from . import sub`` is an edge to the submodule ``sub``, not to the package; importing ``a.b.c``
 also runs the packages ``a.b`` and ``a`` first, so those are edges too (except the importer's own
 parent packages, which are already running when it does).
@@ -18,16 +19,8 @@ import gradscope
 
 ROOT = Path(gradscope.__file__).resolve().parent
 
-# Modules still tied in one cycle by imports inside functions (deferred): the data classes and their
-# renderers (Recording/Diagnosis ↔ report.html, plot, integrations.tensorboard, analysis). Issue 16
-# item 4 removes it (render/ imports the data classes and is never imported by them); until then a
-# deferred cycle may only run among these modules. Module-level imports have no cycle at all.
-ALLOWED_DEFERRED_CYCLE = frozenset({
-    "gradscope.recording", "gradscope.analysis.diagnose", "gradscope.analysis.attention_rules",
-    "gradscope.report", "gradscope.report.html", "gradscope.integrations.tensorboard",
-    "gradscope.plot", "gradscope.plot._common", "gradscope.plot.attention", "gradscope.plot.dashboard",
-    "gradscope.plot.dynamics", "gradscope.plot.flow", "gradscope.plot.params",
-})
+# Renderers: they import the data classes, and are never imported by them (issue 16 item 4).
+RENDERERS = ("gradscope.render", "gradscope.plot", "gradscope.integrations")
 
 
 def _modules() -> Dict[str, Path]:
@@ -142,9 +135,42 @@ def test_no_import_cycle_among_gradscope_modules():
     assert cycles(import_graph()) == []
 
 
-def test_deferred_imports_close_no_cycle_but_the_data_renderer_one():
-    for comp in cycles(import_graph(deferred=True)):
-        assert comp <= ALLOWED_DEFERRED_CYCLE, f"import cycle (counting imports in functions): {sorted(comp)}"
+def test_no_import_cycle_counting_imports_inside_functions():
+    assert cycles(import_graph(deferred=True)) == []
+
+
+def _is_renderer(name: str) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in RENDERERS)
+
+
+def test_data_never_imports_its_renderers():
+    """Recording, the analysis (Diagnosis, RemedyTrials), capture and measure import no renderer,
+    also not inside a function: their displays go through gradscope._renderers."""
+    g = import_graph(deferred=True)
+    data = [n for n in g if n == "gradscope.recording"
+            or n.startswith(("gradscope.analysis.", "gradscope.capture.", "gradscope.measure.", "gradscope.estimators."))]
+    assert "gradscope.analysis.diagnose" in data and "gradscope.analysis.trials" in data
+    for name in data:
+        assert not {d for d in g[name] if _is_renderer(d)}, name
+    assert "gradscope._renderers" in g["gradscope.recording"]
+    assert "gradscope.render.html" in g["gradscope.render"]              # importing render registers
+
+
+def test_the_renderer_table_imports_nothing():
+    tree = ast.parse(MODULES["gradscope._renderers"].read_text(encoding="utf-8"))
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def test_import_gradscope_registers_every_display():
+    """A fresh ``import gradscope`` fills the renderer table the data classes display with."""
+    code = ("import gradscope, gradscope._renderers as r\n"
+            "print(*sorted(r._RENDERERS))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["diagnosis.html", "diagnosis.markdown", "diagnosis.repr_html", "diagnosis.text",
+                                   "recording.repr_html", "recording.tensorboard", "trials.markdown",
+                                   "trials.repr_html", "trials.text"]
 
 
 def test_capture_and_measure_import_one_way():

@@ -272,7 +272,7 @@ def test_malformed_update_entries_are_refused(tmp_path):
 # ------------------------------------------------------------------------ loggers and merging
 def test_scalars_log_the_model_update_ratio():
     from gradscope.integrations._scalars import summary_scalars, update_ratio_total
-    from gradscope.integrations.tensorboard import recording_to_tensorboard
+    from gradscope.render.tensorboard import recording_to_tensorboard
 
     rec = _recorded()     # last step not measured yet
     un, wn = rec.update_norms(), rec.weight_norms()

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import GradscopeError
 from .._format import fmt
-from .diagnose import Finding, Rules
+from .finding import Finding, Rules
 from .remedies import finding_remedies
 
 __all__ = ["AttentionRules", "site_diagnosis", "stack_findings"]

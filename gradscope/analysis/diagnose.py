@@ -31,15 +31,19 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .._format import WIDTH, fmt, jsonable, remedy_index, text_table, wrap, wrap_lines
+from .._format import fmt, jsonable, remedy_index
+from .._renderers import renderer
 from ..errors import GradscopeError, did_you_mean
+from ..recording import Recording
+from .attention_rules import AttentionRules, site_diagnosis, stack_findings
 from .evidence import HORIZON_THRESHOLD, LYAPUNOV_MARGIN
 from .evidence import regime as evidence_regime
+from .finding import Finding, Rules
 from .remedies import REINITIALISING, finding_remedies
 from .trainability import assess
 
@@ -52,54 +56,7 @@ INCONCLUSIVE_PROFILE = (
     "stability: a flat one comes both from a long reach and from gradient injected along the way (a "
     "loss at every position, the layer above); Jacobian evidence from a probe decides")
 
-__all__ = ["diagnose", "Diagnosis", "Finding", "Rules", "SCHEMA_VERSION"]
-
-
-@dataclass(frozen=True)
-class Rules:
-    """Thresholds of the regime rules (see the module docstring)."""
-
-    threshold: float = HORIZON_THRESHOLD
-    lyapunov_margin: float = LYAPUNOV_MARGIN
-    short_memory_ratio: float = 0.1
-    saturation: float = 0.3
-    spike_ratio: float = 100.0
-    steps: int = 20
-
-    def __post_init__(self):
-        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
-            raise GradscopeError(
-                f"threshold must be in (0, 1) (the norm ratio that ends the gradient horizon), got "
-                f"{self.threshold!r}; the default is 1e-3.")
-        if not 0 < self.short_memory_ratio <= 1:
-            raise GradscopeError(f"short_memory_ratio must be in (0, 1], got {self.short_memory_ratio!r}.")
-        if not 0 < self.saturation < 1:
-            raise GradscopeError(f"saturation must be in (0, 1), got {self.saturation!r}.")
-        if self.lyapunov_margin < 0:
-            raise GradscopeError(f"lyapunov_margin must be >= 0, got {self.lyapunov_margin!r}.")
-        if self.spike_ratio <= 1:
-            raise GradscopeError(f"spike_ratio must be > 1, got {self.spike_ratio!r}.")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise GradscopeError(f"steps must be a positive integer, got {self.steps!r}.")
-
-
-@dataclass
-class Finding:
-    """One thing gradscope found, with the numbers that show it and what to do about it."""
-
-    kind: str
-    site: str
-    severity: str
-    evidence: Dict[str, float]
-    explanation: str
-    remedies: List[Any] = field(default_factory=list)
-    evidence_used: List[str] = field(default_factory=list)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "site": self.site, "severity": self.severity,
-                "evidence": jsonable(self.evidence), "explanation": self.explanation,
-                "evidence_used": list(self.evidence_used),
-                "remedies": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.remedies]}
+__all__ = ["diagnose", "Diagnosis", "SCHEMA_VERSION"]
 
 
 # ------------------------------------------------------------------------------ evidence
@@ -391,159 +348,28 @@ class Diagnosis:
         return (f"schedule: {how} — {sc.get('deep_passes', 0)} deep pass(es), {sc.get('probes', 0)} "
                 f"probe(s){cost}")
 
-    def _site_rows(self):
-        head = ["site", "kind", "regime", "horizon", "T", "rate/step", "λ₁", "τ", "evidence"]
-        rows = []
-        for n, s in self._sites.items():
-            ev = s["evidence"]
-            rows.append([n, s["kind"], s["regime"], fmt(ev.get("horizon")), fmt(ev.get("seq_len")),
-                         fmt(ev.get("rate")), fmt(ev.get("lambda1")), fmt(ev.get("memory_time")),
-                         ", ".join(s["evidence_used"]) or "—"])
-        return head, rows
-
     def __str__(self) -> str:
         return self.to_text()
 
     def to_text(self, notes: Optional[List[str]] = None) -> str:
-        """The plain-text report (``str(diag)``), no line wider than 100 characters except code
-        lines of a remedy that are longer themselves (code is never wrapped: it must paste).
-
-        Findings point to the remedies ("→ remedy 2: …"), which follow once each, with their code.
-        ``notes`` replaces ``self.notes`` (a checkpoint report adds its own).
-        """
-        notes = self.notes if notes is None else notes
-        src = self.meta.get("source", "?")
-        lines = wrap(f"gradscope diagnosis — {len(self._sites)} site(s), {len(self.findings)} finding(s) "
-                     f"[source: {src}, {self.meta.get('steps', 0)} recorded step(s)]")
-        if self.meta.get("measured_on"):
-            lines += wrap(f"measured on: {self.meta['measured_on']}")
-        if self.schedule_line():
-            lines += wrap(self.schedule_line())
-        lines.append("")
-        if self._sites:
-            lines += text_table(*self._site_rows(), width=WIDTH)
-            lines.append("")
-        if self.trainability is not None:
-            lines += wrap_lines(str(self.trainability).splitlines())
-            lines.append("")
-        for m in self.modules:
-            lines += wrap(f"module {m['line']}")
-        if self.modules:
-            lines.append("")
-        remedies, refs = remedy_index(self.findings)
-        for f, ids in zip(self.findings, refs):
-            lines += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}")
-            if f.evidence:
-                lines += wrap("evidence: " + ", ".join(f"{k}={fmt(v)}" for k, v in f.evidence.items()),
-                              "    ", "  ")
-            lines += [x for i in ids for x in wrap(f"→ remedy {i}: {remedies[i - 1]['title']}", "    ", "    ")]
-        if not self.findings:
-            lines.append("No findings: every site is stable on this evidence." if self._sites
-                         else "No recurrent or attention site to diagnose.")
-        if remedies:
-            lines += ["", "remedies (each once; the findings above point to them)"]
-        for r in remedies:
-            lines.append("")
-            head = f"{r['id']}. {r['title']}" + (f" [{r['name']}]" if r["name"] else "")
-            lines += wrap(head + " — for " + ", ".join(r["sites"]), "", "   ")
-            for w in r["why"]:
-                lines += wrap((f"at {w['site']}: " if len(r["sites"]) > 1 else "") + w["why"], "   ", "  ")
-            lines += ["       " + c if c.strip() else "" for c in r["code"].splitlines()]
-            if r["reference"]:
-                lines += wrap(f"({r['reference']})", "   ", " ")
-        if notes:
-            lines.append("")
-        for n in notes:
-            lines += wrap(f"note: {n}", "", "      ")
-        return "\n".join(lines).rstrip() + "\n"
+        """The plain-text report (``str(diag)``): :func:`gradscope.render.text.diagnosis_to_text`.
+        ``notes`` replaces ``self.notes`` (a checkpoint report adds its own)."""
+        return renderer("diagnosis.text")(self, notes=notes)
 
     def to_markdown(self, notes: Optional[List[str]] = None) -> str:
-        """The markdown report: prose wrapped at 100 characters (tables and code are not), the
-        remedies once each under "Remedies" with the findings pointing to them. ``notes``
+        """The markdown report: :func:`gradscope.render.text.diagnosis_to_markdown`. ``notes``
         replaces ``self.notes``."""
-        notes = self.notes if notes is None else notes
-        src = self.meta.get("source", "?")
-        out = ["# gradscope diagnosis", ""]
-        out += wrap(f"{len(self._sites)} site(s), {len(self.findings)} finding(s) — source: {src}, "
-                    f"{self.meta.get('steps', 0)} recorded step(s)." + (f" {self.schedule_line()}."
-                                                                       if self.schedule_line() else "")
-                    + (f" Measured on: {self.meta['measured_on']}." if self.meta.get("measured_on") else ""),
-                    hang="")
-        out.append("")
-        if self._sites:
-            head, rows = self._site_rows()
-            out.append("| " + " | ".join(head) + " |")
-            out.append("|" + "---|" * len(head))
-            for r in rows:
-                out.append("| " + " | ".join(str(c) for c in r) + " |")
-            out.append("")
-        if self.trainability is not None:
-            t = self.trainability
-            out += ["## Trainability", ""]
-            out += wrap(f"**{t.verdict}** (confidence {t.confidence:.2f}) — a prediction calibrated on "
-                        "labelled training runs, not a measurement.", hang="")
-            out.append("")
-            out += [x for r in t.reasons for x in wrap(f"- {r}", hang="  ")]
-            out.append("")
-        if self.modules:
-            out.append("## Modules")
-            out.append("")
-            out += [x for m in self.modules for x in wrap(f"- {m['line']}", hang="  ")]
-            out.append("")
-        remedies, refs = remedy_index(self.findings)
-        if self.findings:
-            out.append("## Findings")
-            out.append("")
-        for f, ids in zip(self.findings, refs):
-            out.append(f"### {f.severity}: {f.kind} at `{f.site}`")
-            out.append("")
-            out += wrap(f.explanation, hang="")
-            out.append("")
-            if f.evidence:
-                out.append("| evidence | value |")
-                out.append("|---|---|")
-                out += [f"| {k} | {fmt(v)} |" for k, v in f.evidence.items()]
-                out.append("")
-            for i in ids:
-                out += wrap(f"- → [remedy {i}](#remedy-{i}): {remedies[i - 1]['title']}", hang="  ")
-            if ids:
-                out.append("")
-        if not self.findings:
-            out.append("No findings." if self._sites else "No recurrent or attention site to diagnose.")
-            out.append("")
-        if remedies:
-            out += ["## Remedies", ""]
-        for r in remedies:
-            out += [f'<a id="remedy-{r["id"]}"></a>', ""]
-            out += wrap(f"### {r['id']}. {r['title']}", hang="")
-            out.append("")
-            out += wrap((f"`{r['name']}`, " if r["name"] else "") + "for "
-                        + ", ".join(f"`{s}`" for s in r["sites"]) + ".", hang="")
-            out.append("")
-            for w in r["why"]:
-                out += wrap("- " + (f"at `{w['site']}`: " if len(r["sites"]) > 1 else "") + w["why"], hang="  ")
-            if r["why"]:
-                out.append("")
-            if r["code"]:
-                out += ["```python", *r["code"].rstrip("\n").splitlines(), "```", ""]
-            if r["reference"]:
-                out += wrap(f"_{r['reference']}_", hang="")
-                out.append("")
-        if notes:
-            out.append("## Notes")
-            out.append("")
-            out += [x for n in notes for x in wrap(f"- {n}", hang="  ")]
-        return "\n".join(out).rstrip() + "\n"
+        return renderer("diagnosis.markdown")(self, notes=notes)
 
     def to_html(self, path=None, notes: Optional[List[str]] = None) -> str:
         """One self-contained HTML report (figures embedded, no network); written to ``path`` if
-        given. Returns the HTML text. ``notes`` replaces ``self.notes``."""
-        from ..report.html import diagnosis_to_html
-        return diagnosis_to_html(self, path=path, notes=notes)
+        given. Returns the HTML text. ``notes`` replaces ``self.notes``
+        (:func:`gradscope.render.html.diagnosis_to_html`)."""
+        return renderer("diagnosis.html")(self, path=path, notes=notes)
 
     def _repr_html_(self) -> str:
-        from ..report.html import diagnosis_repr_html
-        return diagnosis_repr_html(self)
+        """The notebook display (:func:`gradscope.render.html.diagnosis_repr_html`)."""
+        return renderer("diagnosis.repr_html")(self)
 
     def __repr__(self) -> str:
         regs = {}
@@ -681,8 +507,6 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
         >>> diag.regime("l0")
         'vanishing'
     """
-    from ..recording import Recording
-
     if not isinstance(recording, Recording):
         raise GradscopeError(f"diagnose() expects a gradscope Recording (scope.recording or "
                              f"gradscope.probe(...)), got {type(recording).__name__}.")
@@ -700,7 +524,6 @@ def diagnose(recording, *, threshold: float = HORIZON_THRESHOLD, lyapunov_margin
     missing_probe = []
     attn_sites = [s for s in rec.sites if rec.site_info(s).get("kind") == "attention"]
     if attn_sites:  # transformer blocks: their own rules (analysis/attention_rules.py)
-        from .attention_rules import AttentionRules, site_diagnosis, stack_findings
         arules = attention_rules if attention_rules is not None else AttentionRules()
         for site in attn_sites:
             sites[site], f = site_diagnosis(rec, site, rules, arules)

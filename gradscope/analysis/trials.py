@@ -54,7 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import call_model, fused_args
-from .._format import fmt, jsonable, text_table
+from .._format import jsonable
+from .._renderers import renderer
 from ..errors import GradscopeError, did_you_mean
 from . import remedies as R
 
@@ -221,8 +222,8 @@ class RemedyTrials:
         return "training" if self.baseline is not None else "prediction"
 
     def _repr_html_(self) -> str:
-        from ..report.html import trials_repr_html
-        return trials_repr_html(self)
+        """The notebook display (:func:`gradscope.render.html.trials_repr_html`)."""
+        return renderer("trials.repr_html")(self)
 
     def best(self) -> Optional[TrialResult]:
         """The top-ranked trial that improved the model, or None."""
@@ -234,73 +235,13 @@ class RemedyTrials:
     def __iter__(self):
         return iter(self.results)
 
-    def _rows(self) -> Tuple[List[str], List[List[str]]]:
-        trained = self.baseline is not None
-        head = ["remedy", "site", "regime before → after", "horizon before → after", "T",
-                "λ₁ before → after", "score", "improved"]
-        if trained:
-            head[-1:-1] = ["final loss", "loss AUC"]
-        rows = []
-        for r in self.results:
-            for i, ch in enumerate(r.changes):
-                site = ch.site if ch.site == ch.site_after else f"{ch.site} (now {ch.site_after})"
-                row = [r.remedy if i == 0 else "", site,
-                       f"{ch.regime_before} → {ch.regime_after}",
-                       f"{fmt(ch.horizon_before)} → {fmt(ch.horizon_after)}", fmt(ch.seq_len),
-                       f"{fmt(ch.lambda1_before)} → {fmt(ch.lambda1_after)}",
-                       f"{r.score:+.2f}" if i == 0 else "", ("yes" if r.improved else "no") if i == 0 else ""]
-                if trained:
-                    tr = r.training
-                    row[-1:-1] = ([fmt(tr.final_loss) + (" (diverged)" if tr.diverged else ""), fmt(tr.loss_auc)]
-                                  if i == 0 and tr is not None else ["", ""])
-                rows.append(row)
-        return head, rows
-
-    def _intro(self) -> str:
-        if self.baseline is not None:
-            b = self.baseline
-            return (f"Remedy trials: each remedy applied to a copy of the model and trained for {b.steps} "
-                    f"steps on your data, as was the original (same seed {self.seed}, same optimizer "
-                    f"settings; original: final loss {fmt(b.final_loss)}, loss AUC {fmt(b.loss_auc)}). "
-                    f"Ranked by the measured final loss, then the loss AUC; the Jacobian effect (score: "
-                    f"change of reach = min(horizon, explosion lag, T)/T) is shown beside it.")
-        return (f"Remedy trials: each remedy applied to a copy of the model, probed on the same batch "
-                f"(seed {self.seed}). Ranked by the change of reach = min(horizon, explosion lag, T)/T, "
-                f"then by |λ₁| moving toward 0 — a prediction from the Jacobians, not a training result "
-                f"(train_steps=N trains every copy and ranks by loss).")
-
     def __str__(self) -> str:
-        lines = [self._intro(), ""]
-        if self.results:
-            lines += text_table(*self._rows())
-            lines.append("")
-            for r in self.results:
-                lines.append(f"{r.remedy}: {r.applied}")
-        else:
-            lines.append("No remedy was tried" + (": the diagnosis found nothing to remedy."
-                                                  if not self.findings else "."))
-        if self.skipped:
-            lines += ["", "skipped:"]
-            lines += [f"  {s.remedy}" + (f" ({', '.join(s.sites)})" if s.sites else "") + f": {s.reason}"
-                      for s in self.skipped]
-        return "\n".join(lines).rstrip() + "\n"
+        """The text table: :func:`gradscope.render.text.trials_to_text`."""
+        return renderer("trials.text")(self)
 
     def to_markdown(self) -> str:
-        out = ["## Remedy trials", "", self._intro(), ""]
-        if self.results:
-            head, rows = self._rows()
-            out.append("| " + " | ".join(head) + " |")
-            out.append("|" + "---|" * len(head))
-            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-            out.append("")
-            out += [f"- **{r.remedy}** ({r.title}): {r.applied}" for r in self.results]
-        else:
-            out.append("No remedy was tried.")
-        if self.skipped:
-            out += ["", "### Skipped", ""]
-            out += [f"- **{s.remedy}**" + (f" ({', '.join(s.sites)})" if s.sites else "") + f": {s.reason}"
-                    for s in self.skipped]
-        return "\n".join(out).rstrip() + "\n"
+        """The markdown table: :func:`gradscope.render.text.trials_to_markdown`."""
+        return renderer("trials.markdown")(self)
 
     def to_dict(self) -> Dict[str, Any]:
         best = self.best()

@@ -20,6 +20,7 @@ import math
 from typing import Any, Dict, Optional
 
 from ..errors import GradscopeError
+from ..render.tensorboard import heatmap_image
 from ._scalars import param_grad_total, probe_series, profile_scalars, summary_scalars, update_ratio_total
 
 __all__ = ["recording_to_wandb"]
@@ -86,10 +87,9 @@ def recording_to_wandb(rec, run=None, *, images: bool = True, report: bool = Tru
         run.log({"gradscope/step": s, **rows[s]})
     media: Dict[str, Any] = {}
     if images and len(rec):
-        from .tensorboard import _heatmap_image
         for site in rec.sites:
             if rec.grad_norms(site).size:
-                media[f"gradscope/heatmap/{site}"] = wandb.Image(_heatmap_image(rec, site),
+                media[f"gradscope/heatmap/{site}"] = wandb.Image(heatmap_image(rec, site),
                                                                  caption=f"log10 ‖∂L/∂h_t‖ at {site}")
     summary: Dict[str, Any] = {}
     if report and (len(rec) or rec.measure_meta):

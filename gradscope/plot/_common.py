@@ -11,7 +11,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._format import fmt  # the one number formatter; plots use it as C.fmt
+from ..analysis.diagnose import Diagnosis
 from ..errors import GradscopeError, MissingMeasureError
+from ..recording import Recording
 
 # Colours of values a log scale cannot show. Chosen outside viridis (purple → yellow).
 BAD_COLORS = {
@@ -51,8 +53,6 @@ def new_axes(ax, figsize: Tuple[float, float]):
 
 def check_recording(rec, what: str) -> None:
     """Refuse anything that is not a Recording."""
-    from ..recording import Recording
-
     if not isinstance(rec, Recording):
         raise GradscopeError(f"{what} expects a gradscope Recording (scope.recording or gradscope.probe(...)), "
                              f"got {type(rec).__name__}.")
@@ -79,8 +79,6 @@ def as_recording(obj, what: str):
     metadata comes with it, so only the array itself is drawn. ``param_flow`` takes a mapping
     ``{name: [S]}`` instead.
     """
-    from ..recording import Recording
-
     if isinstance(obj, Recording):
         return obj
     kind, ndims, shape = _ARRAY_AS[what]
@@ -121,8 +119,6 @@ def _to_numpy(obj, what: str) -> np.ndarray:
 
 def recording_of(obj, what: str):
     """The Recording of a Recording or a Diagnosis (``diag.recording``)."""
-    from ..analysis.diagnose import Diagnosis
-
     if isinstance(obj, Diagnosis):
         if obj.recording is None:
             raise GradscopeError(f"{what}: this Diagnosis carries no Recording (diag.recording is None); "

@@ -11,7 +11,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..analysis.attention_rules import AttentionRules
+from ..analysis.diagnose import Diagnosis
 from ..errors import GradscopeError, MissingMeasureError
+from ..recording import Recording
 from . import _common as C
 
 __all__ = ["attention_entropy", "rank_collapse"]
@@ -28,9 +31,6 @@ _RESIDUAL_COLOR, _COSINE_COLOR = "C0", "C3"
 # --------------------------------------------------------------------------------- helpers
 def _recording(obj, what: str, allow_array: bool):
     """A Recording from a Recording, a Diagnosis or (``attention_entropy``) an ``[S, H]`` array."""
-    from ..analysis.diagnose import Diagnosis
-    from ..recording import Recording
-
     if isinstance(obj, (Recording, Diagnosis)):
         return C.recording_of(obj, what)
     if not allow_array:
@@ -419,8 +419,6 @@ def rank_collapse(rec, stack: Optional[str] = None, *, ax=None):
         if bad:
             _mark_nonfinite(ax, np.array(sorted(bad_x)))
             handles.append(_nonfinite_handle(bad))
-    from ..analysis.attention_rules import AttentionRules
-
     rank_low = AttentionRules().rank_low  # diagnose's default threshold for rank_collapse
     if series["residual"] is not None:
         ax.axhline(rank_low, color=_RESIDUAL_COLOR, lw=0.8, ls=":", alpha=0.8, zorder=1)

@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..analysis.diagnose import Diagnosis, diagnose
 from ..errors import MissingMeasureError
 from . import _common as C
 from .dynamics import jacobian_decay, lyapunov_spectrum
@@ -132,8 +133,6 @@ def dashboard(rec_or_diag, *, fig=None, max_sites: int = MAX_HEATMAPS, scale: st
         >>> len(fig.axes) >= 5
         True
     """
-    from ..analysis.diagnose import Diagnosis, diagnose
-
     if isinstance(rec_or_diag, Diagnosis):
         diag = rec_or_diag
         rec = C.recording_of(diag, "dashboard")

@@ -8,6 +8,7 @@ synthetic (or given) inputs and diagnosed.
 from __future__ import annotations
 
 import hashlib
+import html as _html
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from torch import nn
 
 from .. import __version__
 from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
-from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, Finding, diagnose, nonfinite_weight_findings
+from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose, nonfinite_weight_findings
+from ..analysis.finding import Finding
 from ..measure.probe import nonfinite_tensors, probe
 from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
                           load_checkpoint, static_analysis)
@@ -27,6 +29,7 @@ from ..checkpoint.locate import CELL_KINDS
 from ..checkpoint.locate import FUSED_KEY as _FUSED_KEY
 from ..checkpoint.locate import site_name as _site
 from ..errors import GradscopeError
+from ..render.html import diagnosis_to_html
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
@@ -215,8 +218,6 @@ class CheckpointReport:
         return "\n".join(out).rstrip() + "\n"
 
     def to_html(self) -> str:
-        from .html import diagnosis_to_html
-        import html as _html
         head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
         if self.diagnosis is None:
             extra = "".join(f"<p><b>{_html.escape(f.severity)}: {_html.escape(f.kind)} at "

@@ -91,7 +91,7 @@ def synthetic(grads=None, seq_lens=None, measures=None, measure_meta=None, param
 
 # ------------------------------------------------------------------------------------ import
 def test_import_picks_no_backend():
-    code = ("import sys, gradscope.plot, gradscope.report.html; "
+    code = ("import sys, gradscope.plot, gradscope.render.html; "
             "print('matplotlib.pyplot' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

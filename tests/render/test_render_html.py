@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import gradscope  # noqa: E402
 from gradscope import GradscopeError, Recording  # noqa: E402
-from gradscope.report.html import (diagnosis_repr_html, diagnosis_to_html, recording_repr_html,  # noqa: E402
+from gradscope.render.html import (diagnosis_repr_html, diagnosis_to_html, recording_repr_html,  # noqa: E402
                                    trials_repr_html)
 
 VOID = {"meta", "img", "br", "hr", "input", "link"}

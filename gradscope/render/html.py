@@ -4,6 +4,11 @@ Everything is in one string: CSS inline, figures as base64 PNG ``data:`` URIs, a
 JavaScript for the "copy" buttons of the code blocks. Nothing is fetched from the network. All
 text is escaped with :func:`html.escape`. Rendering computes nothing new: the numbers come from
 the Diagnosis, the figures from :mod:`gradscope.plot`.
+
+The public functions register themselves in :mod:`gradscope._renderers`, where ``Diagnosis.to_html``
+and the ``_repr_html_`` methods find them. This module is imported by ``import gradscope``, so
+the plots, matplotlib and the Diagnosis class (numpy) are imported inside the functions that use
+them, not here.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Sequence
 
 from .._format import fmt, remedy_index
-from ..errors import GradscopeError
+from .._renderers import register
+from ..errors import GradscopeError, MissingMeasureError
 
 __all__ = ["diagnosis_to_html", "diagnosis_repr_html", "recording_repr_html", "trials_repr_html",
            "figure_to_data_uri"]
@@ -97,8 +103,6 @@ def _figure(draw: Callable, figsize, alt: str, caption: str = "", dpi: int = 90)
 
 def _try_figure(draw: Callable, figsize, alt: str, caption: str = "", dpi: int = 90) -> str:
     """As :func:`_figure`, but a figure whose measure is missing is simply left out."""
-    from ..errors import MissingMeasureError
-
     try:
         return _figure(draw, figsize, alt, caption, dpi)
     except MissingMeasureError:
@@ -228,6 +232,7 @@ def _meta_line(diag, rec) -> str:
 
 
 # ------------------------------------------------------------------------------------ public
+@register("diagnosis.html")
 def diagnosis_to_html(diag, path=None, *, notes=None) -> str:
     """One self-contained HTML report of a Diagnosis (figures embedded, no network access).
 
@@ -405,6 +410,7 @@ def _heatmaps(rec, axes, sites) -> None:
     small_multiples(rec, sites, axes, "h")
 
 
+@register("diagnosis.repr_html")
 def diagnosis_repr_html(diag) -> str:
     """The notebook display of a Diagnosis: summary table, findings (folded), one small figure.
 
@@ -451,6 +457,7 @@ def diagnosis_repr_html(diag) -> str:
     return "\n".join(p for p in parts if p)
 
 
+@register("recording.repr_html")
 def recording_repr_html(rec) -> str:
     """The notebook display of a Recording: what was recorded per site, and one small figure.
 
@@ -500,6 +507,7 @@ def recording_repr_html(rec) -> str:
     return "\n".join(p for p in parts if p)
 
 
+@register("trials.repr_html")
 def trials_repr_html(trials) -> str:
     """The notebook display of remedy trials (anything with the ``to_dict()`` of ``RemedyTrials``).
 

@@ -14,18 +14,24 @@ What is written, per site (tags start with ``gradscope/``):
 * one image per site: the gradient heatmap (log10 ‖∂L/∂h_t‖, time × training step) as rendered by
   :func:`gradscope.plot.gradient_heatmap`;
 * the findings of :func:`gradscope.diagnose` as markdown text (``gradscope/diagnosis``).
+
+:func:`recording_to_tensorboard` registers itself in :mod:`gradscope._renderers`, where
+``Recording.to_tensorboard`` finds it. ``import gradscope`` imports this module and must work
+without numpy, so numpy, matplotlib, the scalar helpers and ``diagnose`` are imported inside the
+functions.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-
+from .._renderers import register
 from ..errors import GradscopeError
-from ._scalars import param_grad_total, probe_series, profile_scalars, update_ratio_total
 
-__all__ = ["recording_to_tensorboard"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["recording_to_tensorboard", "heatmap_image"]
 
 INSTALL_HINT = 'pip install "gradscope[tensorboard]"'
 
@@ -38,8 +44,9 @@ def _check_writer(writer) -> None:
             f"{type(writer).__name__} without {', '.join(missing)}. Install TensorBoard with {INSTALL_HINT}.")
 
 
-def _heatmap_image(rec, site: str) -> Optional[np.ndarray]:
+def heatmap_image(rec, site: str) -> Optional[np.ndarray]:
     """The gradient heatmap of one site as an ``[H, W, 3]`` uint8 image (Agg, no window)."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -55,6 +62,7 @@ def _heatmap_image(rec, site: str) -> Optional[np.ndarray]:
     return img
 
 
+@register("recording.tensorboard")
 def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images: bool = True,
                              diagnosis: bool = True) -> None:
     """Write ``rec`` to a TensorBoard ``writer`` (see the module docstring for the tags).
@@ -69,7 +77,7 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
 
     Example:
         >>> import torch, gradscope
-        >>> from gradscope.integrations.tensorboard import recording_to_tensorboard
+        >>> from gradscope.render.tensorboard import recording_to_tensorboard
         >>> class Log:  # any object with add_scalar / add_image / add_text
         ...     def __init__(self): self.tags = set()
         ...     def add_scalar(self, tag, value, step): self.tags.add(tag)
@@ -82,6 +90,9 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
         >>> sorted(t for t in log.tags if "l0" in t)[:2]
         ['gradscope/grad_first_over_last/l0', 'gradscope/grad_norm_mean/l0']
     """
+    from ..analysis.diagnose import diagnose
+    from ..integrations._scalars import param_grad_total, probe_series, profile_scalars, update_ratio_total
+
     _check_writer(writer)
     steps = [int(s) for s in rec.steps]
     last = step if step is not None else (steps[-1] if steps else 0)
@@ -100,7 +111,7 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
             for s, v in pts:
                 writer.add_scalar(f"gradscope/{key}/{site}", v, s)
         if images and len(rec) and rec.grad_norms(site).size:
-            img = _heatmap_image(rec, site)
+            img = heatmap_image(rec, site)
             writer.add_image(f"gradscope/heatmap/{site}", img, last, dataformats="HWC")
     for s, v in zip(steps, param_grad_total(rec)):
         if math.isfinite(v):
@@ -109,5 +120,4 @@ def recording_to_tensorboard(rec, writer, *, step: Optional[int] = None, images:
         if math.isfinite(v):
             writer.add_scalar("gradscope/update_ratio", float(v), s)
     if diagnosis and (len(rec) or rec.measure_meta):
-        from ..analysis.diagnose import diagnose
         writer.add_text("gradscope/diagnosis", diagnose(rec).to_markdown(), last)
