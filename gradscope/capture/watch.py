@@ -106,6 +106,9 @@ class Scope:
         self.model, self.every, self.max_steps, self.probe_every = model, every, max_steps, probe_every
         self.probe_options = dict(probe_options or {})
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
+        # wrapped once: torch.compiler.disable builds a new wrapper per call (hundreds of µs, every step)
+        self._begin = eager(self._schedule.begin)
+        self._probe_now = eager(self._probe)
         self._events = Events(*check_alerts(on_event, raise_on))
         self._notes = Notes()
         self.passes = Passes()
@@ -167,7 +170,7 @@ class Scope:
             passes.settle()
         if self.updates is not None:  # before begin(): its time counts towards the recorded step's cost
             self.updates.measure_due(passes.step)
-        deep, probe = eager(self._schedule.begin)(passes.step)
+        deep, probe = self._begin(passes.step)
         p = Pass(deep or probe, probe, deep)
         p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
         passes.current = p
@@ -198,7 +201,7 @@ class Scope:
                 self._discovery.finish(p)
             self._cells.end_pass(p, bool(outs))
             if p.probe:
-                eager(self._probe)(p)  # never traced by Dynamo under torch.compile
+                self._probe_now(p)  # never traced by Dynamo under torch.compile
         if outs:
             self.passes.add(p, outs)
         if not p.scheduled:
