@@ -47,7 +47,7 @@ def _exit_for(findings, fail: Set[str]) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """``gradscope report PATH``: a checkpoint loaded, analysed, probed and rendered."""
-    from ..report.checkpoint_report import report_checkpoint
+    from ..checkpoint.report import report_checkpoint
     check_format(args.format)
     fail = fail_kinds(args.fail_on)
     check_numbers(args)

@@ -1,14 +1,16 @@
-"""``gradscope report PATH``: static analysis and a probe of a saved checkpoint, in any format.
+"""The checkpoint report: a saved checkpoint loaded, rebuilt, analysed statically, probed and diagnosed.
 
-The checkpoint is loaded safely (:func:`gradscope.checkpoint.load_checkpoint`), its recurrent and
-attention modules are rebuilt from keys and shapes (or the user's own model is built with
-``--model``), the recurrent weights are analysed statically, and the rebuilt modules are probed on
-synthetic (or given) inputs and diagnosed.
+The checkpoint is loaded safely (:func:`~gradscope.checkpoint.load_checkpoint`), its recurrent and
+attention modules are rebuilt from keys and shapes (or the user's own model is built from
+``model_spec``), the recurrent weights are analysed statically, and the rebuilt modules are probed on
+synthetic (or given) inputs and diagnosed. The result is a :class:`CheckpointReport`: data, whose
+``to_dict()`` / ``to_json()`` are its own schema. Its text, markdown and HTML are
+:mod:`gradscope.render.checkpoint`, found by name through :mod:`gradscope._renderers`
+(``gradscope report PATH`` prints one of them).
 """
 from __future__ import annotations
 
 import hashlib
-import html as _html
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,17 +21,19 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
+from .._archive import DEFAULT_MAX_LOAD_BYTES
+from .._format import jsonable, unique
+from .._renderers import renderer
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose, nonfinite_weight_findings
 from ..analysis.finding import Finding
-from ..measure.probe import nonfinite_tensors, probe
-from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
-                          load_checkpoint, static_analysis)
-from ..checkpoint.locate import CELL_KINDS
-from ..checkpoint.locate import FUSED_KEY as _FUSED_KEY
-from ..checkpoint.locate import site_name as _site
 from ..errors import GradscopeError
-from ..render.html import diagnosis_to_html
+from ..measure.probe import nonfinite_tensors, probe
+from .io import load_checkpoint
+from .locate import CELL_KINDS, find_modules
+from .locate import FUSED_KEY as _FUSED_KEY
+from .locate import site_name as _site
+from .rebuild import build_user_model
+from .static import estimate_probe_seconds, static_analysis
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
@@ -151,88 +155,17 @@ class CheckpointReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
-    def _static_rows(self):
-        head = ["site", "kind", "gate", "‖W‖₂", "ρ", "bias", "τ"]
-        rows = []
-        for r in self.static:
-            gates = r.get("gates") or {}
-            # NaN/inf weights have no spectrum: say so instead of printing nan
-            f_ = fmt if r.get("finite", True) else (lambda v: "non-finite" if v is None or not math.isfinite(v)
-                                                    else fmt(v))
-            for g, v in gates.items():
-                tau = bias = "—"
-                if g in (r.get("memory_gate"),):
-                    tau = f_(r.get("memory_time"))
-                    bias = f_(r.get("forget_bias", r.get("update_bias")))
-                rows.append([r["site"], r.get("kind", ""), g, f_(v.get("spectral_norm")),
-                             f_(v.get("spectral_radius")), bias, tau])
-            if "qk_spectral_norm_max" in r:
-                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", f_(r["qk_spectral_norm_max"]), "—", "—", "—"])
-        return head, rows
-
-    def _header(self) -> List[str]:
-        c = self.checkpoint
-        lines = wrap(f"checkpoint {self.path}") + [f"  sha256 {self.sha256}"]
-        lines += wrap(f"format {c.get('format')}, state dict at {c.get('source_key')}, "
-                      f"{c.get('num_tensors')} tensors, {c.get('num_parameters')} parameters", "  ")
-        if c.get("metadata"):
-            lines += wrap("metadata: " + ", ".join(f"{k}={v}" for k, v in list(c["metadata"].items())[:12]), "  ")
-        for m in self.modules:
-            lines += wrap(f"found {m['kind']} at {m['prefix'] or '(root)'}: "
-                          + ", ".join(f"{k}={v}" for k, v in m["config"].items()), "  ")
-            for n in m.get("notes", []):
-                lines += wrap(f"note: {n}", "    ", "      ")
-        return lines
-
     def to_text(self) -> str:
-        out = self._header() + [""]
-        head, rows = self._static_rows()
-        if rows:
-            out.append("static analysis of the recurrent weights (per gate block of W_hh)")
-            out += text_table(head, rows, indent="  ", width=WIDTH)
-            out.append("")
-        if self.diagnosis is not None:
-            out.append(self.diagnosis.to_text(notes=self.all_notes))
-        for f in self.extra_findings:
-            out += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}", "", "    ")
-        if self.diagnosis is None:
-            out += [x for n in self.all_notes for x in wrap(f"note: {n}", "", "      ")]
-        return "\n".join(out).rstrip() + "\n"
+        """The plain-text report (:func:`gradscope.render.checkpoint.checkpoint_report_to_text`)."""
+        return renderer("checkpoint_report.text")(self)
 
     def to_markdown(self) -> str:
-        out = ["# gradscope checkpoint report", "", "```", *self._header(), "```", ""]
-        head, rows = self._static_rows()
-        if rows:
-            out += ["## Static analysis", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-            out.append("")
-        if self.diagnosis is not None:
-            md = self.diagnosis.to_markdown(notes=self.all_notes).replace("# gradscope diagnosis", "## Diagnosis", 1)
-            out.append(md)
-        if self.extra_findings:
-            out += ["## Findings", ""] + [x for f in self.extra_findings
-                                          for x in wrap(f"- **{f.severity}: {f.kind} at `{f.site}`** — "
-                                                        f"{f.explanation}", hang="  ")] + [""]
-        if self.all_notes and self.diagnosis is None:
-            out += ["## Notes", ""] + [x for n in self.all_notes for x in wrap(f"- {n}", hang="  ")]
-        return "\n".join(out).rstrip() + "\n"
+        """The markdown report (:func:`gradscope.render.checkpoint.checkpoint_report_to_markdown`)."""
+        return renderer("checkpoint_report.markdown")(self)
 
     def to_html(self) -> str:
-        head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
-        if self.diagnosis is None:
-            extra = "".join(f"<p><b>{_html.escape(f.severity)}: {_html.escape(f.kind)} at "
-                            f"<code>{_html.escape(f.site)}</code></b> {_html.escape(f.explanation)}</p>"
-                            for f in self.extra_findings)
-            notes = "".join(f"<li>{_html.escape(n)}</li>" for n in self.all_notes)
-            notes = f'<h2 id="notes">Notes</h2><ul class="notes">{notes}</ul>' if notes else ""
-            return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradscope checkpoint '
-                    f"report</title></head><body><h1>gradscope checkpoint report</h1>{head}{extra}{notes}"
-                    "</body></html>")
-        page = diagnosis_to_html(self.diagnosis, notes=self.all_notes)
-        marker = '<main class="gs">' if '<main class="gs">' in page else "<body>"
-        i = page.find(marker)
-        block = f"<section class='checkpoint'><h2>Checkpoint</h2>{head}</section>"
-        return page[:i + len(marker)] + block + page[i + len(marker):] if i >= 0 else block + page
+        """The HTML page (:func:`gradscope.render.checkpoint.checkpoint_report_to_html`)."""
+        return renderer("checkpoint_report.html")(self)
 
     def render(self, fmt: str) -> str:
         return {"text": self.to_text, "markdown": self.to_markdown, "json": self.to_json,
