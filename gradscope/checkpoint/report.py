@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .._format import jsonable, unique
 from .._renderers import renderer
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose, nonfinite_weight_findings
 from ..analysis.finding import Finding
-from ..errors import GradscopeError
+from ..errors import GradscopeError, InputsError
 from ..measure.probe import nonfinite_tensors, probe
 from .io import load_checkpoint
 from .locate import CELL_KINDS, find_modules
@@ -38,7 +38,7 @@ from .static import estimate_probe_seconds, static_analysis
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
 
-__all__ = ["CheckpointReport", "report_checkpoint"]
+__all__ = ["CheckpointReport", "Advice", "keyword", "report_checkpoint"]
 
 
 def sha256(path: Path) -> str:
@@ -108,9 +108,37 @@ def _sum_loss(outs):
     return sum(0.5 * o.float().pow(2).mean() for o in outs)
 
 
+def keyword(setting: str, value: Any = None) -> str:
+    """How the report's notes name a setting: as :func:`report_checkpoint`'s keyword argument.
+
+    Example:
+        >>> keyword("seq_len", 30), keyword("seq_len")
+        ('seq_len=30', 'seq_len=')
+    """
+    return f"{setting}=" if value is None else f"{setting}={value}"
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A note that advises one of :func:`report_checkpoint`'s settings; its words are written when
+    the report is shown, so that each caller reads its own names for them.
+
+    Attributes:
+        write: ``write(name) -> str``, where ``name(setting, value=None)`` names a setting (and
+            its value): :func:`keyword` (``seq_len=30``) unless the report says otherwise
+            (:attr:`CheckpointReport.setting_name`; ``gradscope report`` names its flags).
+    """
+
+    write: Callable[[Callable[..., str]], str]
+
+
 @dataclass
 class CheckpointReport:
-    """Everything ``gradscope report`` says about one checkpoint."""
+    """Everything ``gradscope report`` says about one checkpoint.
+
+    Notes that advise a setting (:class:`Advice`) name it with ``setting_name``: the keyword
+    arguments of :func:`report_checkpoint` by default; the command line passes its flags.
+    """
 
     path: str
     sha256: str
@@ -118,8 +146,9 @@ class CheckpointReport:
     modules: List[Dict[str, Any]]
     static: List[Dict[str, Any]]
     diagnosis: Optional[Diagnosis]
-    notes: List[str] = field(default_factory=list)
+    notes: List[Union[str, Advice]] = field(default_factory=list)
     extra_findings: List[Finding] = field(default_factory=list)  # without a probe: non-finite weights
+    setting_name: Callable[..., str] = keyword
 
     @property
     def findings(self):
@@ -128,7 +157,8 @@ class CheckpointReport:
     @property
     def all_notes(self) -> List[str]:
         """The one list of notes every format renders: the report's, then the diagnosis's."""
-        return unique(self.notes + (list(self.diagnosis.notes) if self.diagnosis is not None else []))
+        own = [n.write(self.setting_name) if isinstance(n, Advice) else n for n in self.notes]
+        return unique(own + (list(self.diagnosis.notes) if self.diagnosis is not None else []))
 
     def to_dict(self) -> Dict[str, Any]:
         d = self.diagnosis.to_dict() if self.diagnosis is not None else {"sites": [], "findings": [], "notes": []}
@@ -186,8 +216,9 @@ def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Gene
     features of the first recurrent module's input size (its batch_first respected)."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.RNNBase, nn.RNNCellBase))), None)
     if first is None:
-        raise GradscopeError("cannot make synthetic inputs for this model: it has no nn.Embedding and no "
-                             "recurrent module; pass --inputs FILE.pt with a tensor (or tuple) of inputs.")
+        raise InputsError("cannot make synthetic inputs for this model: it has no nn.Embedding and no "
+                          "recurrent module; pass inputs= a file written with torch.save of a tensor (or tuple) "
+                          "of inputs.")
     if isinstance(first, nn.Embedding):
         return torch.randint(0, first.num_embeddings, (B, T), generator=gen)
     x = torch.randn(T, B, first.input_size, generator=gen) * scale
@@ -197,24 +228,26 @@ def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Gene
 
 
 def _load_inputs(path: Path):
+    """The inputs saved in ``path`` (``report_checkpoint(inputs=path)``), loaded weights-only."""
+    p = str(path)
     if not path.is_file():
-        raise GradscopeError(f"--inputs {str(path)!r}: no such file; pass a file written with torch.save(tensor).")
+        raise InputsError(f"inputs={p!r}: no such file; pass a file written with torch.save(tensor).", path=p)
     if path.stat().st_size > DEFAULT_MAX_LOAD_BYTES:
-        raise GradscopeError(f"--inputs {str(path)!r} is {path.stat().st_size} bytes, more than 4 GiB of inputs; "
-                             f"probing needs a batch of a few dozen sequences: save fewer.")
+        raise InputsError(f"inputs={p!r} is {path.stat().st_size} bytes, more than 4 GiB of inputs; "
+                          f"probing needs a batch of a few dozen sequences: save fewer.", path=p)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
-        raise GradscopeError(f"--inputs {str(path)!r} is not a readable tensor file ({type(e).__name__}); "
-                             f"write it with torch.save(tensor).") from None
+        raise InputsError(f"inputs={p!r} is not a readable tensor file ({type(e).__name__}); "
+                          f"write it with torch.save(tensor).", path=p) from None
     if not isinstance(obj, (torch.Tensor, tuple, list, dict)):
-        raise GradscopeError(f"--inputs {str(path)!r} holds {type(obj).__name__}; expected a tensor, a tuple "
-                             f"of positional inputs or a dict of keyword inputs.")
+        raise InputsError(f"inputs={p!r} holds {type(obj).__name__}; expected a tensor, a tuple "
+                          f"of positional inputs or a dict of keyword inputs.", path=p)
     return obj
 
 
 def _check_inputs_fit(model: nn.Module, x, path: Path) -> None:
-    """One forward pass without gradients, so --inputs the model cannot take fail in one clear line."""
+    """One forward pass without gradients, so inputs the model cannot take fail in one clear line."""
     shapes = ([list(x.shape)] if isinstance(x, torch.Tensor) else
               [list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                for v in (x.values() if isinstance(x, dict) else x)])
@@ -222,14 +255,14 @@ def _check_inputs_fit(model: nn.Module, x, path: Path) -> None:
         with torch.no_grad():
             model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
     except Exception as e:  # noqa: BLE001 - the model refused the user's inputs
-        raise GradscopeError(
-            f"--inputs {str(path)!r} (shapes {shapes}) does not fit the model: its forward raised "
+        raise InputsError(
+            f"inputs={str(path)!r} (shapes {shapes}) does not fit the model: its forward raised "
             f"{type(e).__name__}: {' '.join(str(e).split())[:160]}; save inputs of the shape the model's "
-            f"forward expects.") from None
+            f"forward expects.", path=str(path)) from None
 
 
 def _over_budget(modules: Dict[str, nn.Module], seq_len: int, batch: int, k: Optional[int],
-                 max_seconds: Optional[float]) -> Dict[str, str]:
+                 max_seconds: Optional[float]) -> Dict[str, "Advice"]:
     """Modules (by prefix) whose probes are estimated beyond ``max_seconds`` in all, largest first, each
     with its note."""
     if not max_seconds:
@@ -243,9 +276,10 @@ def _over_budget(modules: Dict[str, nn.Module], seq_len: int, batch: int, k: Opt
         m = modules[p]
         size = getattr(m, "hidden_size", None) or getattr(m, "embed_dim", None)
         what = type(m).__name__ + (f" {p!r}" if p else "") + (f" (size {size})" if size else "")
-        out[p] = (f"probe skipped for {what}: estimated {_duration(est[p])} at --seq-len {seq_len}, --batch "
-                  f"{batch}, beyond --max-probe-seconds {max_seconds:g}; the static analysis above still "
-                  f"holds. Probe it with a shorter --seq-len, or raise --max-probe-seconds (0: no limit).")
+        out[p] = Advice(lambda n, what=what, t=_duration(est[p]): (
+            f"probe skipped for {what}: estimated {t} at {n('seq_len', seq_len)}, {n('batch', batch)}, beyond "
+            f"{n('max_probe_seconds', f'{max_seconds:g}')}; the static analysis above still holds. Probe it "
+            f"with a shorter {n('seq_len')}, or raise {n('max_probe_seconds')} (0: no limit)."))
     return out
 
 
@@ -272,15 +306,15 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
     works during training (clipping, truncation, gate-bias adjustment with fine-tuning) before
     re-initialisation.
     """
-    for name, v, lo in (("--seq-len", seq_len, 2), ("--batch", batch, 1)):
+    for name, v, lo in (("seq_len", seq_len, 2), ("batch", batch, 1)):
         if v < lo:
-            raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
+            raise GradscopeError(f"{name}= must be at least {lo}, got {v}.")
     if not (input_scale > 0 and math.isfinite(input_scale)):
-        raise GradscopeError(f"--input-scale must be a positive number, got {input_scale}.")
+        raise GradscopeError(f"input_scale= must be a positive number, got {input_scale}.")
     path = Path(path)
     ckpt = load_checkpoint(path, unsafe=unsafe, max_load_bytes=max_load_bytes)  # sparse tensors made dense
     found = find_modules(ckpt.state_dict, rnn_nonlinearity=rnn_nonlinearity, num_heads=num_heads)
-    notes: List[str] = list(ckpt.notes)
+    notes: List[Union[str, Advice]] = list(ckpt.notes)
     bad = nonfinite_tensors(ckpt.state_dict.items())  # NaN/inf anywhere in the state dict
     info = {"format": ckpt.format, "source_key": ckpt.source_key, "metadata": ckpt.metadata,
             "num_tensors": len(ckpt.state_dict), "num_parameters": ckpt.num_parameters,
@@ -325,7 +359,8 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             rebuilt[f.prefix] = m
             xs.append(_synthetic_input(m, seq_len, batch, input_scale, gen))
         if inputs:
-            notes.append("--inputs is used with --model only; rebuilt modules get synthetic inputs.")
+            notes.append(Advice(lambda n: f"{n('inputs')} is used with {n('model_spec')} only; rebuilt modules "
+                                          f"get synthetic inputs."))
         if probe_sites:
             for prefix, note in _over_budget(rebuilt, seq_len, batch, k, max_probe_seconds).items():
                 notes.append(note)
@@ -344,7 +379,7 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             diag = diagnose(rec.replace(meta=dict(_with_bad(rec.meta, bad), model=path.name, **measured)),
                             threshold=threshold, trained=True)
     extra: List[Finding] = []
-    if diag is None and bad:  # no probe (--no-probe, nothing to rebuild, over budget): still a finding
+    if diag is None and bad:  # no probe (probe_sites=False, nothing to rebuild, over budget): still a finding
         owner = _static_owners(found)
         groups: Dict[str, List[Dict[str, Any]]] = {}
         for b in bad:
