@@ -32,7 +32,7 @@ _LAZY = {
     "try_remedies": ".analysis.trials", "RemedyTrials": ".analysis.trials", "apply_remedy": ".analysis.trials",
     "Recording": ".recording", "load": ".recording",
 }
-_SUBMODULES = {"estimators", "analysis", "capture", "measure", "checkpoint", "zoo", "plot", "report", "cli"}
+_SUBMODULES = {"estimators", "analysis", "capture", "measure", "checkpoint", "zoo", "plot", "cli"}
 
 __all__ = ["watch", "probe", "diagnose", "try_remedies", "apply_remedy", "load", "Scope", "Recording", "Diagnosis",
            "Finding", "RemedyTrials", "GradscopeError", "RecordingFormatError", "MissingMeasureError",

@@ -1,7 +1,7 @@
 """The table from a renderer's name to the function that renders: how data shows itself without
 importing its renderers.
 
-Recording, Diagnosis and RemedyTrials are data. Their display methods (``_repr_html_``,
+Recording, Diagnosis, RemedyTrials and CheckpointReport are data. Their display methods (``_repr_html_``,
 ``Diagnosis.to_html``, ``Recording.to_tensorboard``) look their renderer up here by name
 (``"diagnosis.html"``); the renderer modules in :mod:`gradscope.render` import the data classes
 and register their functions when they are imported. So the imports run data → this module ←

@@ -94,9 +94,9 @@ def _outcome(learned: bool, steps: int, acc: float) -> str:
 
 def run_demo(out: Path, seq_len: int = 20, steps: int = 1500, seed: int = 0, **_ignored) -> int:
     """Probe, train and remedy; print the comparison; write report.html and dashboard.png."""
-    for name, v, lo in (("--seq-len", seq_len, 2), ("--steps", steps, 1)):
+    for name, v, lo in (("seq_len", seq_len, 2), ("steps", steps, 1)):
         if v < lo:
-            raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
+            raise GradscopeError(f"{name}= must be at least {lo}, got {v}.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

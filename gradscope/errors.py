@@ -88,6 +88,19 @@ class ModelSpecError(CheckpointError):
         self.spec = spec
 
 
+class InputsError(GradscopeError):
+    """The inputs to probe a checkpoint's model with (``report_checkpoint(inputs=...)``) cannot be
+    read or do not fit the model, or none were given and none can be made up.
+
+    Attributes:
+        path: The file given; None when the model needs inputs and none were given.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
 class LoadLimitError(CheckpointError, RecordingFormatError):
     """A file declares more data than the load limit allows, or inflates like a zip bomb.
 

@@ -144,12 +144,15 @@ def _is_renderer(name: str) -> bool:
 
 
 def test_data_never_imports_its_renderers():
-    """Recording, the analysis (Diagnosis, RemedyTrials), capture and measure import no renderer,
-    also not inside a function: their displays go through gradscope._renderers."""
+    """Recording, the analysis (Diagnosis, RemedyTrials), capture, measure and checkpoint (its
+    CheckpointReport) import no renderer, also not inside a function: their displays go through
+    gradscope._renderers."""
     g = import_graph(deferred=True)
     data = [n for n in g if n == "gradscope.recording"
-            or n.startswith(("gradscope.analysis.", "gradscope.capture.", "gradscope.measure.", "gradscope.estimators."))]
+            or n.startswith(("gradscope.analysis.", "gradscope.capture.", "gradscope.measure.", "gradscope.estimators.",
+                             "gradscope.checkpoint."))]
     assert "gradscope.analysis.diagnose" in data and "gradscope.analysis.trials" in data
+    assert "gradscope.checkpoint.report" in data
     for name in data:
         assert not {d for d in g[name] if _is_renderer(d)}, name
     assert "gradscope._renderers" in g["gradscope.recording"]
@@ -168,7 +171,8 @@ def test_import_gradscope_registers_every_display():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=ROOT.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["diagnosis.html", "diagnosis.markdown", "diagnosis.repr_html", "diagnosis.text",
+    assert done.stdout.split() == ["checkpoint_report.html", "checkpoint_report.markdown", "checkpoint_report.text",
+                                   "diagnosis.html", "diagnosis.markdown", "diagnosis.repr_html", "diagnosis.text",
                                    "recording.repr_html", "recording.tensorboard", "trials.markdown",
                                    "trials.repr_html", "trials.text"]
 

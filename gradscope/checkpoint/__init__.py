@@ -27,7 +27,10 @@ Modules, one job each:
 - :mod:`~gradscope.checkpoint.rebuild`: building the user's own model from ``package.module:factory``
   and loading the weights strictly;
 - :mod:`~gradscope.checkpoint.static`: spectra, gate-bias memory times and probe-time estimates from the
-  weights alone, without running the model.
+  weights alone, without running the model;
+- :mod:`~gradscope.checkpoint.report`: all of the above and a probe and diagnosis of the rebuilt
+  modules, as one :class:`~gradscope.checkpoint.report.CheckpointReport` (``gradscope report
+  PATH``). Not imported here: it needs the probe, and loading a checkpoint does not.
 
 The size limits shared with :func:`gradscope.load` live in :mod:`gradscope._archive`.
 

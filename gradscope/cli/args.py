@@ -135,6 +135,11 @@ def check_numbers(args: argparse.Namespace) -> None:
     def bad(name, value, expected):
         raise GradscopeError(f"{name} must be {expected}, got {value}.")
 
+    if args.command == "demo":
+        for name, value, lo in (("--seq-len", args.seq_len, 2), ("--steps", args.steps, 1)):
+            if value < lo:
+                bad(name, value, f"at least {lo}")
+        return
     if not (0 < args.threshold < 1):
         bad("--threshold", args.threshold, "between 0 and 1 (exclusive), e.g. 1e-3")
     if args.command != "report":

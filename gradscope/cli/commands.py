@@ -6,13 +6,14 @@ imported when a command runs, so ``gradscope --help`` and usage errors answer at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Set
 
 from ..errors import GradscopeError
 from .args import check_format, check_numbers, fail_kinds, parse_size
-from .messages import one_line
+from .messages import flag, one_line
 
 __all__ = ["COMMANDS", "demo", "report", "show"]
 
@@ -20,6 +21,7 @@ __all__ = ["COMMANDS", "demo", "report", "show"]
 def demo(args: argparse.Namespace) -> int:
     """``gradscope demo``: the built-in demo (an Elman RNN and an LSTM on the recall task)."""
     from ..demo import run_demo
+    check_numbers(args)
     return run_demo(out=args.out, seq_len=args.seq_len, steps=args.steps, seed=args.seed)
 
 
@@ -47,7 +49,7 @@ def _exit_for(findings, fail: Set[str]) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """``gradscope report PATH``: a checkpoint loaded, analysed, probed and rendered."""
-    from ..report.checkpoint_report import report_checkpoint
+    from ..checkpoint.report import report_checkpoint
     check_format(args.format)
     fail = fail_kinds(args.fail_on)
     check_numbers(args)
@@ -59,6 +61,7 @@ def report(args: argparse.Namespace) -> int:
                             probe_sites=not args.no_probe, threshold=args.threshold, k=args.k,
                             max_load_bytes=limit, max_probe_seconds=args.max_probe_seconds or None,
                             train_mode=args.train_mode)
+    rep = dataclasses.replace(rep, setting_name=flag)  # its notes advise this command's flags
     if args.require_sites and not rep.modules and not args.model:
         raise GradscopeError(f"{args.path}: no recurrent or attention weights found (--require-sites); "
                              f"the state dict holds {rep.checkpoint['num_tensors']} tensors of other modules.")

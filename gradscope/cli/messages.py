@@ -7,10 +7,24 @@ flags. Nothing here reads a message's text.
 from __future__ import annotations
 
 from .._archive import fmt_bytes
-from ..errors import (GradscopeError, LoadLimitError, ModelSpecError, NotARecordingError, PlainPickleError,
-                      UnsafeCheckpointError)
+from ..errors import (GradscopeError, InputsError, LoadLimitError, ModelSpecError, NotARecordingError,
+                      PlainPickleError, UnsafeCheckpointError)
 
-__all__ = ["one_line", "format_error", "flag_hint"]
+__all__ = ["one_line", "format_error", "flag_hint", "flag"]
+
+#: ``report_checkpoint``'s settings whose flag is not the setting's name with dashes.
+_FLAGS = {"model_spec": "--model"}
+
+
+def flag(setting: str, value=None) -> str:
+    """The flag of a library setting (and its value), as a checkpoint report's notes name it.
+
+    Example:
+        >>> flag("seq_len", 30), flag("max_probe_seconds"), flag("model_spec")
+        ('--seq-len 30', '--max-probe-seconds', '--model')
+    """
+    name = _FLAGS.get(setting, "--" + setting.replace("_", "-"))
+    return name if value is None else f"{name} {value}"
 
 
 def one_line(text: str) -> str:
@@ -38,6 +52,8 @@ def flag_hint(exc: GradscopeError) -> str:
         return "On the command line: gradscope report reads it with --unsafe-load (loading TorchScript runs its code)."
     if isinstance(exc, PlainPickleError):
         return "On the command line: --unsafe-load reads it with pickle.load (only for files you trust)."
+    if isinstance(exc, InputsError):
+        return "On the command line: --inputs FILE.pt." if exc.path is None else ""
     if isinstance(exc, UnsafeCheckpointError):
         if exc.loadable:
             return "On the command line: --unsafe-load (it runs code from the file; only for files you trust)."

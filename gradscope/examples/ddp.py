@@ -7,7 +7,7 @@ Run with two processes on CPU (gloo) or one per GPU (NCCL)::
 Every rank trains its share of the same global batch; ``scope.gather(dst=0)`` merges the
 per-timestep norms on rank 0 (``sqrt(Σ_r n_r²)/R``: the norm over the global batch of the gradient
 of the rank-averaged loss that DDP applies) and rank 0 prints the diagnosis. The numbers equal a
-single process training on the whole global batch (tests/test_distributed.py checks it).
+single process training on the whole global batch (tests/capture/test_distributed.py checks it).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def train(model: nn.Module, steps: int, rank: int = 0, world: int = 1, dtype=tor
 def spawn_worker(rank: int, world: int, init_file: str, out: str, steps: int, dtype_name: str = "float64") -> None:
     """One rank of a CPU (gloo) DDP run started with ``torch.multiprocessing.spawn``: trains, gathers
     on rank 0, which saves the merged recording to ``out``; every rank writes ``out.rank<r>`` with
-    what gather() returned there (``merged`` or ``None``). Used by tests/test_distributed.py."""
+    what gather() returned there (``merged`` or ``None``). Used by tests/capture/test_distributed.py."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 

@@ -4,6 +4,8 @@
   notebooks (``_repr_html_`` of Recording, Diagnosis and remedy trials);
 * :mod:`.text` — the text and markdown reports of a Diagnosis (``str(diag)``,
   ``diag.to_markdown()``);
+* :mod:`.checkpoint` — the text, markdown and HTML of a checkpoint report (``gradscope report
+  PATH``; the report itself is :mod:`gradscope.checkpoint.report`);
 * :mod:`.tensorboard` — a Recording and its diagnosis as TensorBoard scalars, images and text
   (``rec.to_tensorboard(writer)``).
 
@@ -20,6 +22,6 @@ the plots and the data classes are imported inside the functions that draw or wr
 """
 from __future__ import annotations
 
-from . import html, tensorboard, text
+from . import checkpoint, html, tensorboard, text
 
-__all__ = ["html", "tensorboard", "text"]
+__all__ = ["checkpoint", "html", "tensorboard", "text"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import gradscope
 from gradscope import GradscopeError, RecordingFormatError
@@ -174,25 +175,47 @@ def test_lstm_training_identical_with_and_without_the_feature():
         assert torch.equal(a, b)
 
 
+class _ParameterCopies(TorchFunctionMode):
+    """Weak references to every copy (``clone``) of a parameter's values made while active: the
+    update tracker's snapshot, seen from outside without reading its private state."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr() for p in params}
+        self.refs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.Tensor.clone and isinstance(args[0], torch.Tensor)
+                and args[0].untyped_storage().data_ptr() in self.storages):
+            self.refs.append(weakref.ref(out))
+        return out
+
+    def alive(self) -> int:
+        gc.collect()
+        return sum(r() is not None for r in self.refs)
+
+
 def test_snapshot_is_freed_after_the_step_and_on_exit():
     model = Net()
     opt = torch.optim.SGD(model.trained(), lr=0.1)
     xs = _batches(2)
     with gradscope.watch(model, every=2, probe_every=None) as scope:
-        _loss(model, xs[0]).backward()
         tracker = scope.updates.tracker
+        with _ParameterCopies(model.parameters()) as first:
+            _loss(model, xs[0]).backward()
         assert tracker.pending
-        ref = weakref.ref(tracker._snap[0])
+        assert len(first.refs) == len(tracker.params) > 0 and first.alive() == len(first.refs)  # the snapshot
         opt.step()
         opt.zero_grad()
-        _loss(model, xs[1]).backward()    # off schedule: measured at its forward, no new snapshot
-        assert not tracker.pending
-        gc.collect()
-        assert ref() is None
-        _loss(model, xs[0]).backward()    # step 2: a new snapshot, freed when the watch closes
-        ref2 = weakref.ref(tracker._snap[0])
-    gc.collect()
-    assert not tracker.pending and ref2() is None
+        with _ParameterCopies(model.parameters()) as off:
+            _loss(model, xs[1]).backward()    # off schedule: measured at its forward, no new snapshot
+        assert not tracker.pending and not off.refs
+        assert first.alive() == 0
+        with _ParameterCopies(model.parameters()) as second:
+            _loss(model, xs[0]).backward()    # step 2: a new snapshot, freed when the watch closes
+        assert len(second.refs) == len(tracker.params) and second.alive() == len(second.refs)
+    assert not tracker.pending and second.alive() == 0
 
 
 def test_no_tracker_when_off_and_bad_option():

@@ -15,7 +15,7 @@ import torch
 import gradscope
 from gradscope._format import WIDTH, remedy_index, text_table, wrap
 from gradscope.cli import main
-from gradscope.report.checkpoint_report import report_checkpoint
+from gradscope.checkpoint.report import report_checkpoint
 
 FORMATS = ("text", "markdown", "json", "html")
 

@@ -9,7 +9,7 @@ import sys
 
 import gradscope
 from gradscope.cli import main
-from gradscope.errors import NotARecordingError
+from gradscope.errors import GradscopeError, NotARecordingError
 
 
 def test_version_and_help(capsys):
@@ -59,6 +59,14 @@ def test_demo_bad_arguments_give_one_line(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gradscope: error: --steps must be at least 1, got 0."
+
+
+def test_demo_library_errors_name_its_arguments(tmp_path):
+    from gradscope.demo import run_demo
+    with pytest.raises(GradscopeError, match=r"^steps= must be at least 1, got 0\.$"):
+        run_demo(tmp_path, steps=0)
+    with pytest.raises(GradscopeError, match=r"^seq_len= must be at least 2, got 1\.$"):
+        run_demo(tmp_path, seq_len=1)
 
 
 def test_python_dash_m_works():

@@ -17,7 +17,7 @@ from gradscope.analysis import remedies as R
 from gradscope.analysis.remedies import (FOLKLORE, REMEDY_NAMES, UNTESTABLE, Remedy, folklore_verdicts,
                                          forget_bias_plan, get_remedy, module_expr, remedies_for)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # One catalogue name per remedy in SCIENCE.md's table ("Remedies, the signal that calls for each").
 SCIENCE_TABLE = {

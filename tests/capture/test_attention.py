@@ -125,7 +125,7 @@ def test_one_hot_attention_has_entropy_zero_and_is_a_collapse_finding(device):
 
 
 def test_uniform_attention_collapses_the_block_output(device):
-    # the pure measures on identical tokens: tests/test_estimators_exact.py
+    # the pure measures on identical tokens: tests/estimators/test_estimators_exact.py
     # uniform attention makes every output token the mean value vector: the block output collapses
     mha = zero_query(nn.MultiheadAttention(16, 2, batch_first=True)).to(device)
     rec = gradscope.probe(mha, (torch.randn(2, 5, 16).to(device),) * 3, loss_fn=lambda o: o[0].sum())

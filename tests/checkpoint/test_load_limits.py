@@ -17,9 +17,10 @@ from torch import nn
 import gradscope
 from gradscope import RecordingFormatError
 from gradscope.checkpoint import estimate_probe_seconds, load_checkpoint
+from gradscope.checkpoint.report import report_checkpoint
 from gradscope.cli import main
 from gradscope.cli.args import parse_size
-from gradscope.errors import CheckpointError, GradscopeError, LoadLimitError
+from gradscope.errors import CheckpointError, GradscopeError, InputsError, LoadLimitError
 
 import hostile as H
 
@@ -317,6 +318,26 @@ def test_inputs_of_the_wrong_shape(tmp_path, lstm_pt, capsys):
     assert "(shapes [[3, 3]]) does not fit the model: its forward raised RuntimeError" in one_error_line(err)
 
 
+def test_inputs_errors_name_the_keyword_and_the_cli_the_flag(tmp_path, lstm_pt, capsys):
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "lin.pt")
+    with pytest.raises(InputsError, match=r"cannot make synthetic inputs for this model.*pass inputs= a file") as e:
+        report_checkpoint(tmp_path / "lin.pt", model_spec="torch.nn:Linear",
+                          model_args={"in_features": 3, "out_features": 2}, progress=False)
+    assert e.value.path is None and "--" not in str(e.value)
+    code, _, err = run(["report", tmp_path / "lin.pt", "--model", "torch.nn:Linear", "--model-args",
+                        '{"in_features": 3, "out_features": 2}'], capsys)
+    assert code == 2 and one_error_line(err).endswith("On the command line: --inputs FILE.pt.")
+    with pytest.raises(InputsError, match=r"^inputs='.*missing\.pt': no such file") as e:
+        report_checkpoint(lstm_pt, model_spec="torch.nn:LSTM", model_args={"input_size": 4, "hidden_size": 8},
+                          inputs=tmp_path / "missing.pt", progress=False)
+    assert e.value.path == str(tmp_path / "missing.pt")
+    for kwargs, pattern in (({"seq_len": 1}, r"^seq_len= must be at least 2, got 1\.$"),
+                            ({"batch": 0}, r"^batch= must be at least 1, got 0\.$"),
+                            ({"input_scale": -1.0}, r"^input_scale= must be a positive number, got -1\.0\.$")):
+        with pytest.raises(GradscopeError, match=pattern):
+            report_checkpoint(lstm_pt, progress=False, **kwargs)
+
+
 def test_probe_estimate_skips_large_modules_with_a_note(tmp_path, capsys):
     assert estimate_probe_seconds(nn.LSTM(8, 32), 100, 8) < 0.1
     assert estimate_probe_seconds(nn.RNN(8, 4096), 100, 8) > 3600
@@ -331,6 +352,14 @@ def test_probe_estimate_skips_large_modules_with_a_note(tmp_path, capsys):
     assert "small.l0" in out.split("probe skipped")[0]       # the small GRU was still probed
     code, out, _ = run(["report", tmp_path / "two.pt", "--seq-len", "30", "--max-probe-seconds", "0"], capsys)
     assert code == 0 and "probe skipped" not in out
+    # the library's report advises its own keyword arguments, not the command's flags
+    rep = report_checkpoint(tmp_path / "two.pt", seq_len=30, max_probe_seconds=budget, progress=False,
+                            inputs=tmp_path / "two.pt")
+    skipped = [n for n in rep.all_notes if n.startswith("probe skipped")]
+    assert len(skipped) == 1 and "estimated ~0 s at seq_len=30, batch=8, beyond max_probe_seconds=" in skipped[0]
+    assert "Probe it with a shorter seq_len=, or raise max_probe_seconds= (0: no limit)." in skipped[0]
+    assert "inputs= is used with model_spec= only; rebuilt modules get synthetic inputs." in rep.all_notes
+    assert "--" not in rep.to_text() and "--" not in rep.to_json()
 
 
 def test_large_recurrent_weights_get_iterative_spectra():

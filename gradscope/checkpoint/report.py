@@ -1,40 +1,44 @@
-"""``gradscope report PATH``: static analysis and a probe of a saved checkpoint, in any format.
+"""The checkpoint report: a saved checkpoint loaded, rebuilt, analysed statically, probed and diagnosed.
 
-The checkpoint is loaded safely (:func:`gradscope.checkpoint.load_checkpoint`), its recurrent and
-attention modules are rebuilt from keys and shapes (or the user's own model is built with
-``--model``), the recurrent weights are analysed statically, and the rebuilt modules are probed on
-synthetic (or given) inputs and diagnosed.
+The checkpoint is loaded safely (:func:`~gradscope.checkpoint.load_checkpoint`), its recurrent and
+attention modules are rebuilt from keys and shapes (or the user's own model is built from
+``model_spec``), the recurrent weights are analysed statically, and the rebuilt modules are probed on
+synthetic (or given) inputs and diagnosed. The result is a :class:`CheckpointReport`: data, whose
+``to_dict()`` / ``to_json()`` are its own schema. Its text, markdown and HTML are
+:mod:`gradscope.render.checkpoint`, found by name through :mod:`gradscope._renderers`
+(``gradscope report PATH`` prints one of them).
 """
 from __future__ import annotations
 
 import hashlib
-import html as _html
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from .. import __version__
-from .._format import WIDTH, fmt, jsonable, text_table, unique, wrap
+from .._archive import DEFAULT_MAX_LOAD_BYTES
+from .._format import jsonable, unique
+from .._renderers import renderer
 from ..analysis.diagnose import SCHEMA_VERSION, Diagnosis, diagnose, nonfinite_weight_findings
 from ..analysis.finding import Finding
+from ..errors import GradscopeError, InputsError
 from ..measure.probe import nonfinite_tensors, probe
-from ..checkpoint import (DEFAULT_MAX_LOAD_BYTES, build_user_model, estimate_probe_seconds, find_modules,
-                          load_checkpoint, static_analysis)
-from ..checkpoint.locate import CELL_KINDS
-from ..checkpoint.locate import FUSED_KEY as _FUSED_KEY
-from ..checkpoint.locate import site_name as _site
-from ..errors import GradscopeError
-from ..render.html import diagnosis_to_html
+from .io import load_checkpoint
+from .locate import CELL_KINDS, find_modules
+from .locate import FUSED_KEY as _FUSED_KEY
+from .locate import site_name as _site
+from .rebuild import build_user_model
+from .static import estimate_probe_seconds, static_analysis
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 CELLS = ("LSTMCell", "GRUCell", "RNNCell")
 
-__all__ = ["CheckpointReport", "report_checkpoint"]
+__all__ = ["CheckpointReport", "Advice", "keyword", "report_checkpoint"]
 
 
 def sha256(path: Path) -> str:
@@ -104,9 +108,37 @@ def _sum_loss(outs):
     return sum(0.5 * o.float().pow(2).mean() for o in outs)
 
 
+def keyword(setting: str, value: Any = None) -> str:
+    """How the report's notes name a setting: as :func:`report_checkpoint`'s keyword argument.
+
+    Example:
+        >>> keyword("seq_len", 30), keyword("seq_len")
+        ('seq_len=30', 'seq_len=')
+    """
+    return f"{setting}=" if value is None else f"{setting}={value}"
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A note that advises one of :func:`report_checkpoint`'s settings; its words are written when
+    the report is shown, so that each caller reads its own names for them.
+
+    Attributes:
+        write: ``write(name) -> str``, where ``name(setting, value=None)`` names a setting (and
+            its value): :func:`keyword` (``seq_len=30``) unless the report says otherwise
+            (:attr:`CheckpointReport.setting_name`; ``gradscope report`` names its flags).
+    """
+
+    write: Callable[[Callable[..., str]], str]
+
+
 @dataclass
 class CheckpointReport:
-    """Everything ``gradscope report`` says about one checkpoint."""
+    """Everything ``gradscope report`` says about one checkpoint.
+
+    Notes that advise a setting (:class:`Advice`) name it with ``setting_name``: the keyword
+    arguments of :func:`report_checkpoint` by default; the command line passes its flags.
+    """
 
     path: str
     sha256: str
@@ -114,8 +146,9 @@ class CheckpointReport:
     modules: List[Dict[str, Any]]
     static: List[Dict[str, Any]]
     diagnosis: Optional[Diagnosis]
-    notes: List[str] = field(default_factory=list)
+    notes: List[Union[str, Advice]] = field(default_factory=list)
     extra_findings: List[Finding] = field(default_factory=list)  # without a probe: non-finite weights
+    setting_name: Callable[..., str] = keyword
 
     @property
     def findings(self):
@@ -124,7 +157,8 @@ class CheckpointReport:
     @property
     def all_notes(self) -> List[str]:
         """The one list of notes every format renders: the report's, then the diagnosis's."""
-        return unique(self.notes + (list(self.diagnosis.notes) if self.diagnosis is not None else []))
+        own = [n.write(self.setting_name) if isinstance(n, Advice) else n for n in self.notes]
+        return unique(own + (list(self.diagnosis.notes) if self.diagnosis is not None else []))
 
     def to_dict(self) -> Dict[str, Any]:
         d = self.diagnosis.to_dict() if self.diagnosis is not None else {"sites": [], "findings": [], "notes": []}
@@ -151,88 +185,17 @@ class CheckpointReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
-    def _static_rows(self):
-        head = ["site", "kind", "gate", "‖W‖₂", "ρ", "bias", "τ"]
-        rows = []
-        for r in self.static:
-            gates = r.get("gates") or {}
-            # NaN/inf weights have no spectrum: say so instead of printing nan
-            f_ = fmt if r.get("finite", True) else (lambda v: "non-finite" if v is None or not math.isfinite(v)
-                                                    else fmt(v))
-            for g, v in gates.items():
-                tau = bias = "—"
-                if g in (r.get("memory_gate"),):
-                    tau = f_(r.get("memory_time"))
-                    bias = f_(r.get("forget_bias", r.get("update_bias")))
-                rows.append([r["site"], r.get("kind", ""), g, f_(v.get("spectral_norm")),
-                             f_(v.get("spectral_radius")), bias, tau])
-            if "qk_spectral_norm_max" in r:
-                rows.append([r["site"], r.get("kind", ""), "QKᵀ/√d", f_(r["qk_spectral_norm_max"]), "—", "—", "—"])
-        return head, rows
-
-    def _header(self) -> List[str]:
-        c = self.checkpoint
-        lines = wrap(f"checkpoint {self.path}") + [f"  sha256 {self.sha256}"]
-        lines += wrap(f"format {c.get('format')}, state dict at {c.get('source_key')}, "
-                      f"{c.get('num_tensors')} tensors, {c.get('num_parameters')} parameters", "  ")
-        if c.get("metadata"):
-            lines += wrap("metadata: " + ", ".join(f"{k}={v}" for k, v in list(c["metadata"].items())[:12]), "  ")
-        for m in self.modules:
-            lines += wrap(f"found {m['kind']} at {m['prefix'] or '(root)'}: "
-                          + ", ".join(f"{k}={v}" for k, v in m["config"].items()), "  ")
-            for n in m.get("notes", []):
-                lines += wrap(f"note: {n}", "    ", "      ")
-        return lines
-
     def to_text(self) -> str:
-        out = self._header() + [""]
-        head, rows = self._static_rows()
-        if rows:
-            out.append("static analysis of the recurrent weights (per gate block of W_hh)")
-            out += text_table(head, rows, indent="  ", width=WIDTH)
-            out.append("")
-        if self.diagnosis is not None:
-            out.append(self.diagnosis.to_text(notes=self.all_notes))
-        for f in self.extra_findings:
-            out += wrap(f"[{f.severity}] {f.kind} at {f.site}: {f.explanation}", "", "    ")
-        if self.diagnosis is None:
-            out += [x for n in self.all_notes for x in wrap(f"note: {n}", "", "      ")]
-        return "\n".join(out).rstrip() + "\n"
+        """The plain-text report (:func:`gradscope.render.checkpoint.checkpoint_report_to_text`)."""
+        return renderer("checkpoint_report.text")(self)
 
     def to_markdown(self) -> str:
-        out = ["# gradscope checkpoint report", "", "```", *self._header(), "```", ""]
-        head, rows = self._static_rows()
-        if rows:
-            out += ["## Static analysis", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-            out.append("")
-        if self.diagnosis is not None:
-            md = self.diagnosis.to_markdown(notes=self.all_notes).replace("# gradscope diagnosis", "## Diagnosis", 1)
-            out.append(md)
-        if self.extra_findings:
-            out += ["## Findings", ""] + [x for f in self.extra_findings
-                                          for x in wrap(f"- **{f.severity}: {f.kind} at `{f.site}`** — "
-                                                        f"{f.explanation}", hang="  ")] + [""]
-        if self.all_notes and self.diagnosis is None:
-            out += ["## Notes", ""] + [x for n in self.all_notes for x in wrap(f"- {n}", hang="  ")]
-        return "\n".join(out).rstrip() + "\n"
+        """The markdown report (:func:`gradscope.render.checkpoint.checkpoint_report_to_markdown`)."""
+        return renderer("checkpoint_report.markdown")(self)
 
     def to_html(self) -> str:
-        head = "<pre>" + _html.escape("\n".join(self._header())) + "</pre>"
-        if self.diagnosis is None:
-            extra = "".join(f"<p><b>{_html.escape(f.severity)}: {_html.escape(f.kind)} at "
-                            f"<code>{_html.escape(f.site)}</code></b> {_html.escape(f.explanation)}</p>"
-                            for f in self.extra_findings)
-            notes = "".join(f"<li>{_html.escape(n)}</li>" for n in self.all_notes)
-            notes = f'<h2 id="notes">Notes</h2><ul class="notes">{notes}</ul>' if notes else ""
-            return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradscope checkpoint '
-                    f"report</title></head><body><h1>gradscope checkpoint report</h1>{head}{extra}{notes}"
-                    "</body></html>")
-        page = diagnosis_to_html(self.diagnosis, notes=self.all_notes)
-        marker = '<main class="gs">' if '<main class="gs">' in page else "<body>"
-        i = page.find(marker)
-        block = f"<section class='checkpoint'><h2>Checkpoint</h2>{head}</section>"
-        return page[:i + len(marker)] + block + page[i + len(marker):] if i >= 0 else block + page
+        """The HTML page (:func:`gradscope.render.checkpoint.checkpoint_report_to_html`)."""
+        return renderer("checkpoint_report.html")(self)
 
     def render(self, fmt: str) -> str:
         return {"text": self.to_text, "markdown": self.to_markdown, "json": self.to_json,
@@ -253,8 +216,9 @@ def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Gene
     features of the first recurrent module's input size (its batch_first respected)."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.RNNBase, nn.RNNCellBase))), None)
     if first is None:
-        raise GradscopeError("cannot make synthetic inputs for this model: it has no nn.Embedding and no "
-                             "recurrent module; pass --inputs FILE.pt with a tensor (or tuple) of inputs.")
+        raise InputsError("cannot make synthetic inputs for this model: it has no nn.Embedding and no "
+                          "recurrent module; pass inputs= a file written with torch.save of a tensor (or tuple) "
+                          "of inputs.")
     if isinstance(first, nn.Embedding):
         return torch.randint(0, first.num_embeddings, (B, T), generator=gen)
     x = torch.randn(T, B, first.input_size, generator=gen) * scale
@@ -264,24 +228,26 @@ def _user_inputs(model: nn.Module, T: int, B: int, scale: float, gen: torch.Gene
 
 
 def _load_inputs(path: Path):
+    """The inputs saved in ``path`` (``report_checkpoint(inputs=path)``), loaded weights-only."""
+    p = str(path)
     if not path.is_file():
-        raise GradscopeError(f"--inputs {str(path)!r}: no such file; pass a file written with torch.save(tensor).")
+        raise InputsError(f"inputs={p!r}: no such file; pass a file written with torch.save(tensor).", path=p)
     if path.stat().st_size > DEFAULT_MAX_LOAD_BYTES:
-        raise GradscopeError(f"--inputs {str(path)!r} is {path.stat().st_size} bytes, more than 4 GiB of inputs; "
-                             f"probing needs a batch of a few dozen sequences: save fewer.")
+        raise InputsError(f"inputs={p!r} is {path.stat().st_size} bytes, more than 4 GiB of inputs; "
+                          f"probing needs a batch of a few dozen sequences: save fewer.", path=p)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
-        raise GradscopeError(f"--inputs {str(path)!r} is not a readable tensor file ({type(e).__name__}); "
-                             f"write it with torch.save(tensor).") from None
+        raise InputsError(f"inputs={p!r} is not a readable tensor file ({type(e).__name__}); "
+                          f"write it with torch.save(tensor).", path=p) from None
     if not isinstance(obj, (torch.Tensor, tuple, list, dict)):
-        raise GradscopeError(f"--inputs {str(path)!r} holds {type(obj).__name__}; expected a tensor, a tuple "
-                             f"of positional inputs or a dict of keyword inputs.")
+        raise InputsError(f"inputs={p!r} holds {type(obj).__name__}; expected a tensor, a tuple "
+                          f"of positional inputs or a dict of keyword inputs.", path=p)
     return obj
 
 
 def _check_inputs_fit(model: nn.Module, x, path: Path) -> None:
-    """One forward pass without gradients, so --inputs the model cannot take fail in one clear line."""
+    """One forward pass without gradients, so inputs the model cannot take fail in one clear line."""
     shapes = ([list(x.shape)] if isinstance(x, torch.Tensor) else
               [list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                for v in (x.values() if isinstance(x, dict) else x)])
@@ -289,14 +255,14 @@ def _check_inputs_fit(model: nn.Module, x, path: Path) -> None:
         with torch.no_grad():
             model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
     except Exception as e:  # noqa: BLE001 - the model refused the user's inputs
-        raise GradscopeError(
-            f"--inputs {str(path)!r} (shapes {shapes}) does not fit the model: its forward raised "
+        raise InputsError(
+            f"inputs={str(path)!r} (shapes {shapes}) does not fit the model: its forward raised "
             f"{type(e).__name__}: {' '.join(str(e).split())[:160]}; save inputs of the shape the model's "
-            f"forward expects.") from None
+            f"forward expects.", path=str(path)) from None
 
 
 def _over_budget(modules: Dict[str, nn.Module], seq_len: int, batch: int, k: Optional[int],
-                 max_seconds: Optional[float]) -> Dict[str, str]:
+                 max_seconds: Optional[float]) -> Dict[str, "Advice"]:
     """Modules (by prefix) whose probes are estimated beyond ``max_seconds`` in all, largest first, each
     with its note."""
     if not max_seconds:
@@ -310,9 +276,10 @@ def _over_budget(modules: Dict[str, nn.Module], seq_len: int, batch: int, k: Opt
         m = modules[p]
         size = getattr(m, "hidden_size", None) or getattr(m, "embed_dim", None)
         what = type(m).__name__ + (f" {p!r}" if p else "") + (f" (size {size})" if size else "")
-        out[p] = (f"probe skipped for {what}: estimated {_duration(est[p])} at --seq-len {seq_len}, --batch "
-                  f"{batch}, beyond --max-probe-seconds {max_seconds:g}; the static analysis above still "
-                  f"holds. Probe it with a shorter --seq-len, or raise --max-probe-seconds (0: no limit).")
+        out[p] = Advice(lambda n, what=what, t=_duration(est[p]): (
+            f"probe skipped for {what}: estimated {t} at {n('seq_len', seq_len)}, {n('batch', batch)}, beyond "
+            f"{n('max_probe_seconds', f'{max_seconds:g}')}; the static analysis above still holds. Probe it "
+            f"with a shorter {n('seq_len')}, or raise {n('max_probe_seconds')} (0: no limit)."))
     return out
 
 
@@ -339,15 +306,15 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
     works during training (clipping, truncation, gate-bias adjustment with fine-tuning) before
     re-initialisation.
     """
-    for name, v, lo in (("--seq-len", seq_len, 2), ("--batch", batch, 1)):
+    for name, v, lo in (("seq_len", seq_len, 2), ("batch", batch, 1)):
         if v < lo:
-            raise GradscopeError(f"{name} must be at least {lo}, got {v}.")
+            raise GradscopeError(f"{name}= must be at least {lo}, got {v}.")
     if not (input_scale > 0 and math.isfinite(input_scale)):
-        raise GradscopeError(f"--input-scale must be a positive number, got {input_scale}.")
+        raise GradscopeError(f"input_scale= must be a positive number, got {input_scale}.")
     path = Path(path)
     ckpt = load_checkpoint(path, unsafe=unsafe, max_load_bytes=max_load_bytes)  # sparse tensors made dense
     found = find_modules(ckpt.state_dict, rnn_nonlinearity=rnn_nonlinearity, num_heads=num_heads)
-    notes: List[str] = list(ckpt.notes)
+    notes: List[Union[str, Advice]] = list(ckpt.notes)
     bad = nonfinite_tensors(ckpt.state_dict.items())  # NaN/inf anywhere in the state dict
     info = {"format": ckpt.format, "source_key": ckpt.source_key, "metadata": ckpt.metadata,
             "num_tensors": len(ckpt.state_dict), "num_parameters": ckpt.num_parameters,
@@ -392,7 +359,8 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             rebuilt[f.prefix] = m
             xs.append(_synthetic_input(m, seq_len, batch, input_scale, gen))
         if inputs:
-            notes.append("--inputs is used with --model only; rebuilt modules get synthetic inputs.")
+            notes.append(Advice(lambda n: f"{n('inputs')} is used with {n('model_spec')} only; rebuilt modules "
+                                          f"get synthetic inputs."))
         if probe_sites:
             for prefix, note in _over_budget(rebuilt, seq_len, batch, k, max_probe_seconds).items():
                 notes.append(note)
@@ -411,7 +379,7 @@ def report_checkpoint(path, *, unsafe: bool = False, model_spec: Optional[str] =
             diag = diagnose(rec.replace(meta=dict(_with_bad(rec.meta, bad), model=path.name, **measured)),
                             threshold=threshold, trained=True)
     extra: List[Finding] = []
-    if diag is None and bad:  # no probe (--no-probe, nothing to rebuild, over budget): still a finding
+    if diag is None and bad:  # no probe (probe_sites=False, nothing to rebuild, over budget): still a finding
         owner = _static_owners(found)
         groups: Dict[str, List[Dict[str, Any]]] = {}
         for b in bad:
