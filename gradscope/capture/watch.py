@@ -69,6 +69,13 @@ __all__ = ["watch", "Scope"]
 # recording state lives on the Scope instance and its collaborators.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 NORM_CHUNK = 128  # state gradients normed together during the backward pass
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def _clock() -> float:
+    """The light tier's clock. Dynamo cannot trace time.perf_counter; while it traces the root hooks
+    of a compiled model this reads 0 (no light-tier accounting there), in eager code the time."""
+    return 0.0 if _is_compiling() else time.perf_counter()
 
 
 class Scope:
@@ -157,7 +164,7 @@ class Scope:
 
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
-        t0 = time.perf_counter()
+        t0 = _clock()
         passes = self.passes
         if passes.current is None and passes.now() is not None:
             return  # a checkpoint recomputation of a pending pass inside backward: no new step
@@ -177,7 +184,7 @@ class Scope:
         if deep and self.updates is not None:
             self.updates.snapshot(passes.step)
         if not p.scheduled:  # the light tier's time, paid from the overhead budget
-            self._schedule.light(time.perf_counter() - t0)
+            self._schedule.light(_clock() - t0)
         if p.scheduled:
             self._params.hook()
             if self._attn is not None:
@@ -187,7 +194,7 @@ class Scope:
             self._cells.begin_pass()
 
     def _root_post(self, module, args, output):
-        t0 = time.perf_counter()
+        t0 = _clock()
         p = self.passes.current
         self.passes.current = None
         if p is None or self.closed:
@@ -205,7 +212,7 @@ class Scope:
         if outs:
             self.passes.add(p, outs)
         if not p.scheduled:
-            self._schedule.light(time.perf_counter() - t0)
+            self._schedule.light(_clock() - t0)
 
     def _probe(self, p: Pass) -> None:
         """Probe pass ``p``'s batch; a critical finding not seen before becomes an event."""
