@@ -104,6 +104,16 @@ def cmd_run(only: str, device: str = "cpu", workers: int = 1, out: Path = OUT):
         pool.join()
 
 
+def _wilson(k: int, n: int, z: float = 1.96):
+    """Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return c - h, c + h
+
+
 def _counts(rows):
     tried = [r for r in rows if r["top_training"] is not None]
     lt = sum(r["outcomes"][r["top_training"]]["learned"] for r in tried)
@@ -130,7 +140,9 @@ def cmd_report():
              f"**{lt / max(len(tried), 1):.0%}** | {len(tried)} |",
              f"| by the Jacobian effect (probe only, `train_steps=0`) | {lp}/{len(tried)} = "
              f"**{lp / max(len(tried), 1):.0%}** | {len(tried)} |", "",
-             f"The two rankings chose the same remedy in {same} of {len(tried)} runs.", ""]
+             f"The two rankings chose the same remedy in {same} of {len(tried)} runs. With {len(tried)} runs "
+             f"the figures are coarse: a Wilson 95% interval for {lt}/{len(tried)} is "
+             f"{_wilson(lt, len(tried))[0]:.0%}–{_wilson(lt, len(tried))[1]:.0%}.", ""]
     old = [r for r in rows if r.get("round", 1) != ROUND]
     if old:
         o_tried, _, o_lt, o_lp, _ = _counts(old)
