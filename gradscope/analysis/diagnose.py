@@ -340,9 +340,19 @@ class Diagnosis:
         sc = self.meta.get("schedule")
         if not isinstance(sc, dict):
             return ""
-        how = (f"budget {sc['overhead_budget']:.0%} of the loop's time" if sc.get("mode") == "budget"
-               else f"fixed: every {sc.get('every')} step(s)" + (f", probe every {sc['probe_every']}"
-                                                               if isinstance(sc.get("probe_every"), int) else ""))
+        every, pe = sc.get("every"), sc.get("probe_every")
+        if sc.get("mode") != "budget":
+            how = f"fixed: every {every} step(s)" + (f", probe every {pe}" if isinstance(pe, int) else "")
+        else:  # the budget spaces what is not fixed: say which part that is
+            b = f"{sc['overhead_budget']:.0%}"
+            if isinstance(every, int):
+                how = f"deep pass every {every} step(s) (fixed), probes within a {b} budget"
+            elif isinstance(pe, int):
+                how = f"deep passes within a {b} budget, probe every {pe} step(s)"
+            elif pe is None:
+                how = f"deep passes within a {b} budget, no probes"
+            else:
+                how = f"budget {b} of the loop's time"
         real = sc.get("realised_overhead")
         cost = f", realised overhead {real:.1%}" if isinstance(real, (int, float)) else ""
         return (f"schedule: {how} — {sc.get('deep_passes', 0)} deep pass(es), {sc.get('probes', 0)} "

@@ -129,3 +129,20 @@ def test_default_watch_records_the_schedule_and_states_it_in_reports():
     text = str(diag)
     assert "deep pass" in text and "overhead" in text
     assert "overhead" in diag.to_markdown() and "overhead" in diag.to_html()
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({}, "budget 3% of the loop's time"),
+    ({"every": 3}, "deep pass every 3 step(s) (fixed), probes within a 3% budget"),
+    ({"probe_every": 5}, "deep passes within a 3% budget, probe every 5 step(s)"),
+    ({"probe_every": None}, "deep passes within a 3% budget, no probes"),
+    ({"every": 2, "probe_every": 5}, "fixed: every 2 step(s), probe every 5"),
+])
+def test_the_schedule_line_says_which_part_the_budget_spaces(kw, says):
+    """every=3 with budgeted probes is not 'a 3% budget' for everything: a fixed deep pass may cost
+    far more, and the realised overhead next to it must not read as a broken budget."""
+    model = nn.RNN(3, 4)
+    with gradscope.watch(model, **kw) as scope:
+        for _ in range(4):
+            model(torch.randn(5, 2, 3))[0].sum().backward()
+    assert scope.diagnose().schedule_line().startswith(f"schedule: {says} — ")
