@@ -26,7 +26,7 @@ Entry points:
 Example:
     >>> r = get_remedy("forget_bias", {"seq_len": 100, "forget_bias": -3.0},
     ...                site="encoder.lstm.l0", site_kind="lstm")
-    >>> "model.encoder.lstm.bias_ih_l0[H:2 * H] += 2.819" in r.code
+    >>> "model.encoder.lstm.bias_ih_l0[H:2 * H] += 3.8" in r.code      # b_f −3 → 4.6: τ = T = 100
     True
 """
 from __future__ import annotations
