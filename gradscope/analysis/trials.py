@@ -155,7 +155,7 @@ class TrialResult:
     Attributes:
         remedy: catalogue name; ``title`` its one-line title.
         sites: the original names of the sites it targeted.
-        applied: what was changed, with the numbers (e.g. ``"l0: b_f -3.00 → 2.64"``).
+        applied: what was changed, with the numbers (e.g. ``"l0: b_f -3.00 → 4.60"``).
         changes: per targeted site, before and after.
         score: mean change of reach (see the module docstring), in [−1, 1].
         lambda_gain: mean decrease of |λ₁| (per step).
