@@ -118,7 +118,8 @@ class UpdateRatios:
         self._measure, self._snapshot = eager(self.tracker.measure), eager(self.tracker.snapshot)
         self._reader = self.tracker   # reads results back even after the tracker is given up (no memory)
         self._history, self._note, self._collector = history, note, collector
-        self._waiting: Dict[int, List[Tuple[List[int], List[int]]]] = {}   # step -> groups on the device
+        # step -> its groups (ok, idx, values on the device), until their values reach the host
+        self._waiting: Dict[int, List[Tuple[List[int], List[int], Tensor]]] = {}
 
     def measure_due(self, step: int) -> None:
         """Norm ‖Δw‖ and ‖w‖ of the snapshot's step on the device once a later step (``step``) has
@@ -127,7 +128,7 @@ class UpdateRatios:
         if self.tracker is None or not self.tracker.pending or step <= self.tracker.step:
             return
         snap_step, groups = self._measure()
-        self._waiting[snap_step] = [(ok, idx) for ok, idx, _ in groups]
+        self._waiting[snap_step] = groups
         for g, (_, _, values) in enumerate(groups):
             self._collector.add(UpdateKey(snap_step, g), values)
 
@@ -140,10 +141,19 @@ class UpdateRatios:
                 got.setdefault(key.step, {})[key.group] = v
         for snap_step, values in got.items():
             groups = self._waiting.pop(snap_step, None)
-            if groups is None:
+            if groups is None:   # already read by flush()
                 continue
-            dn, wn = self._reader.to_host([(ok, idx, values[g]) for g, (ok, idx) in enumerate(groups) if g in values])
+            dn, wn = self._reader.to_host([(ok, idx, values[g]) for g, (ok, idx, _) in enumerate(groups) if g in values])
             self._history.set_update(snap_step, dn, wn)
+
+    def flush(self) -> None:
+        """Copy what still waits on the device to the host now (a Recording read between recorded
+        steps shows the last measured update instead of NaN; one host copy, on request only). The
+        collector's copies of those values are ignored when they arrive."""
+        for snap_step, groups in self._waiting.items():
+            dn, wn = self._reader.to_host([(ok, idx, v.cpu().numpy()) for ok, idx, v in groups])
+            self._history.set_update(snap_step, dn, wn)
+        self._waiting = {}
 
     def snapshot(self, step: int) -> None:
         """Copy the parameters at recorded step ``step`` (unless a copy is held already); without the

@@ -265,6 +265,8 @@ class Scope:
     def recording(self) -> Recording:
         """A frozen :class:`~gradscope.Recording` of everything recorded so far."""
         self.passes.settle_open()
+        if self.updates is not None:
+            self.updates.flush()   # update norms still on the device (they ride with the next recorded step)
         meta = {"gradscope_version": __version__, "torch_version": str(torch.__version__),
                 "model": type(self.model).__name__, "compiled": self.compiled is not None,
                 "ddp": self.ddp is not None, "every": self.every,

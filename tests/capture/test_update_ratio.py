@@ -408,3 +408,21 @@ def test_update_ratio_rides_with_the_steps_one_host_copy(monkeypatch):
     assert len(copies) == 1, copies              # step 2's values and step 1's update norms together
     r = scope.recording.update_ratios()["head.weight"]
     assert np.all(np.isfinite(r)) and np.all(r > 0)   # every step measured, the last at close
+
+
+def test_a_recording_read_between_recorded_steps_shows_the_measured_update():
+    """The norms wait on the device for the next recorded step's host copy; reading the recording
+    before that copies them (on request) instead of showing NaN, and the later copy changes nothing."""
+    model = Net()
+    opt = torch.optim.SGD(model.trained(), lr=0.1)
+    with gradscope.watch(model, every=3, probe_every=None) as scope:
+        xs = _batches(5)
+        for i, x in enumerate(xs):
+            _loss(model, x).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == 1:   # step 1 (off schedule) began: step 0's update measured, not yet copied
+                early = scope.recording.update_ratios()["head.weight"].copy()
+    late = scope.recording.update_ratios()["head.weight"]
+    assert np.isfinite(early[0]) and early[0] > 0
+    assert late[0] == early[0] and np.all(np.isfinite(late))
