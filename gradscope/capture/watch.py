@@ -113,7 +113,9 @@ class Scope:
         self.model, self.every, self.max_steps, self.probe_every = model, every, max_steps, probe_every
         self.probe_options = dict(probe_options or {})
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
-        # wrapped once: torch.compiler.disable builds a new wrapper per call (hundreds of µs, every step)
+        # wrapped once: torch.compiler.disable builds a new wrapper per call (hundreds of µs, every
+        # step); and called through the wrapper only while Dynamo traces (the wrapper itself costs
+        # tens of µs a call, the bulk of a plain step's hook time in eager code)
         self._begin = eager(self._schedule.begin)
         self._probe_now = eager(self._probe)
         self._events = Events(*check_alerts(on_event, raise_on))
@@ -177,7 +179,7 @@ class Scope:
             passes.settle()
         if self.updates is not None:  # before begin(): its time counts towards the recorded step's cost
             self.updates.measure_due(passes.step)
-        deep, probe = self._begin(passes.step)
+        deep, probe = (self._begin if _is_compiling() else self._schedule.begin)(passes.step)
         p = Pass(deep or probe, probe, deep)
         p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
         passes.current = p
