@@ -50,11 +50,37 @@ def _max_rel(a, b):
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
 
 
+def _step(m, i, h):
+    return replay_fused(m, i, h)
+
+
+def _fast(m, i, h):
+    return replay_fused(m, i, h, on_norms=lambda *a: None)
+
+
+# The replay's implementations, each held to the fused kernel by the same test: step by step
+# (autograd through every step; packed input and tensor hooks use it), the fast path (the fused
+# forward, then a hand-written BPTT handing out per-step norms without hooks; dense input only —
+# packed input goes step by step) and the fast path's own LSTM forward loop (CPU default from H 128).
+IMPLS = {"step": (_step, True), "fast": (_fast, False), "fast-own-loop": (_fast, False)}
+CASES = [pytest.param(impl, s.values[0], s.values[1], packed, id=f"{impl}-{s.id}-{'packed' if packed else 'dense'}")
+         for impl, (_, packs) in IMPLS.items() for s in SETTINGS for packed in ((False, True) if packs else (False,))
+         if impl != "fast-own-loop" or s.values[0] is nn.LSTM]
+
+
+@pytest.fixture
+def replay(request):
+    """The implementation named by the test's ``replay`` parameter (indirect), as ``f(m, input, hx)``;
+    ``fast-own-loop`` forces the LSTM's own forward loop (:func:`own_lstm_loop` checks it ran)."""
+    if request.param == "fast-own-loop":
+        request.getfixturevalue("own_lstm_loop")
+    return IMPLS[request.param][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
-@pytest.mark.parametrize("cls,kw", SETTINGS)
-def test_replay_matches_fused(cls, kw, given_h, packed, dtype, device):
+@pytest.mark.parametrize("replay,cls,kw,packed", CASES, indirect=["replay"])
+def test_replay_matches_fused(replay, cls, kw, packed, given_h, dtype, device):
     m = cls(4, 5, **kw).to(device, dtype)
     T, B = 7, 3
     D = 2 if kw["bidirectional"] else 1
@@ -68,8 +94,8 @@ def test_replay_matches_fused(cls, kw, given_h, packed, dtype, device):
     inp = pack_padded_sequence(x, torch.tensor([7, 3, 5]), batch_first=kw["batch_first"],
                                enforce_sorted=False) if packed else x
     fused = _run(m, inp, hx, lambda m, i, h: type(m).forward(m, i, h), packed)
-    replay = _run(m, inp, hx, replay_fused, packed)
-    assert _max_rel(replay, fused) <= _tol(dtype, device)
+    replayed = _run(m, inp, hx, replay, packed)
+    assert _max_rel(replayed, fused) <= _tol(dtype, device)
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
@@ -113,28 +139,6 @@ def test_replay_reports_each_state_once_per_step():
     seen = []
     replay_fused(m, torch.randn(5, 2, 3), None, lambda l, r, t, s: seen.append((l, r, t, len(s))))
     assert sorted(seen) == sorted((l, r, t, 2) for l in range(2) for r in (False, True) for t in range(5))
-
-
-def _fast(m, i, h):
-    return replay_fused(m, i, h, on_norms=lambda *a: None)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
-@pytest.mark.parametrize("cls,kw", SETTINGS)
-def test_fast_replay_matches_fused(cls, kw, given_h, dtype, device):
-    m = cls(4, 5, **kw).to(device, dtype)
-    T, B = 7, 3
-    D = 2 if kw["bidirectional"] else 1
-    x = torch.randn((B, T, 4) if kw["batch_first"] else (T, B, 4), dtype=dtype, device=device)
-    hx = None
-    if given_h:
-        hout = kw.get("proj_size", 0) or 5
-        h0 = torch.randn(kw["num_layers"] * D, B, hout, dtype=dtype, device=device)
-        hx = (h0, torch.randn(kw["num_layers"] * D, B, 5, dtype=dtype, device=device)) if cls is nn.LSTM else h0
-    fused = _run(m, x, hx, lambda m, i, h: type(m).forward(m, i, h), False)
-    fast = _run(m, x, hx, _fast, False)
-    assert _max_rel(fast, fused) <= _tol(dtype, device)
 
 
 @pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
@@ -200,13 +204,6 @@ def lstm_path(own_lstm_loop):
     """The LSTM fast replay's other path: its own forward loop (CPU default from H 128); the tests
     above run the default small-H path."""
     return own_lstm_loop
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("given_h", [False, True], ids=["h0=None", "h0"])
-@pytest.mark.parametrize("cls,kw", [s for s in SETTINGS if s.values[0] is nn.LSTM])
-def test_fast_lstm_path_matches_fused(cls, kw, given_h, dtype, device, lstm_path):
-    test_fast_replay_matches_fused(cls, kw, given_h, dtype, device)
 
 
 @pytest.mark.parametrize("kw", [{}, {"proj_size": 2}])
