@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gradscope  # noqa: E402
-from gradscope.capture.updates import UpdateTracker  # noqa: E402
+from gradscope.capture.updates import UpdateTracker, update_norms  # noqa: E402
 
 
 class Net(nn.Module):
@@ -74,7 +74,7 @@ def direct(reps=300):
     def once():   # snapshot, device norms, the host copy the watch makes with its other values
         tr.snapshot(0)
         _, groups = tr.measure()
-        tr.to_host([(ok, idx, v.cpu().numpy()) for ok, idx, v in groups])
+        update_norms(len(tr.params), [(ok, idx, v.cpu().numpy()) for ok, idx, v in groups])
 
     for _ in range(10):
         once()

@@ -68,7 +68,7 @@ class UpdateTracker:
         """``(step, groups)``: per device ``(ok, idx, values)`` — ``values`` on the device holds
         ‖Δw‖ of the parameters ``ok`` (the snapshot against the parameters now; a parameter whose
         shape changed since is left out) then ‖w‖ of all the device's parameters ``idx``, float64.
-        Frees the snapshot; copies nothing to the host (:meth:`to_host` reads ``values`` there)."""
+        Frees the snapshot; copies nothing to the host (:func:`update_norms` reads ``values`` there)."""
         snap, wnorm, step = self._snap, self._wnorm, self.step
         self.drop()
         groups = []
@@ -82,20 +82,20 @@ class UpdateTracker:
                 groups.append((ok, idx, torch.cat([_norms(olds), wnorm[dev]])))
         return step, groups
 
-    def to_host(self, groups: List[Tuple[List[int], List[int], np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
-        """``(‖Δw‖ [P], ‖w‖ [P])`` from :meth:`measure`'s groups with their values on the host;
-        NaN where a parameter was left out."""
-        P = len(self.params)
-        dn, wn = np.full(P, np.nan), np.full(P, np.nan)
-        for ok, idx, host in groups:
-            host = np.asarray(host, dtype=np.float64)
-            dn[ok] = host[:len(ok)]
-            wn[ok] = host[len(ok):][[idx.index(i) for i in ok]]
-        return dn, wn
-
     def drop(self) -> None:
         """Free the snapshot without measuring."""
         self._snap, self._wnorm, self.step = None, {}, None
+
+
+def update_norms(P: int, groups) -> Tuple[np.ndarray, np.ndarray]:
+    """``(‖Δw‖ [P], ‖w‖ [P])`` from :meth:`UpdateTracker.measure`'s groups ``(ok, idx, values)`` with
+    their values on the host; NaN where a parameter was left out."""
+    dn, wn = np.full(P, np.nan), np.full(P, np.nan)
+    for ok, idx, host in groups:
+        host = np.asarray(host, dtype=np.float64)
+        dn[ok] = host[:len(ok)]
+        wn[ok] = host[len(ok):][[idx.index(i) for i in ok]]
+    return dn, wn
 
 
 class UpdateRatios:
@@ -116,7 +116,7 @@ class UpdateRatios:
         self.tracker: Optional[UpdateTracker] = UpdateTracker(params)
         # wrapped once (torch.compiler.disable builds a new wrapper per call: hundreds of µs)
         self._measure, self._snapshot = eager(self.tracker.measure), eager(self.tracker.snapshot)
-        self._reader = self.tracker   # reads results back even after the tracker is given up (no memory)
+        self._P = len(params)
         self._history, self._note, self._collector = history, note, collector
         # step -> its groups (ok, idx, values on the device), until their values reach the host
         self._waiting: Dict[int, List[Tuple[List[int], List[int], Tensor]]] = {}
@@ -135,15 +135,22 @@ class UpdateRatios:
     def receive(self, items) -> None:
         """The :class:`~.collector.UpdateKey` values among a host copy's ``(value, key)`` items into
         the history (before the copying step's own row is added: the measured step is the last row)."""
+        # the norms were added at a step's first forward, ahead of that step's other values: stop
+        # scanning the step's (possibly thousands of) items once every awaited one is found
+        want = sum(len(groups) for groups in self._waiting.values())
         got: Dict[int, Dict[int, Any]] = {}
         for v, key in items:
-            if type(key) is UpdateKey:
+            if want == 0:
+                break
+            if type(key) is UpdateKey and key.step in self._waiting:
                 got.setdefault(key.step, {})[key.group] = v
+                want -= 1
         for snap_step, values in got.items():
             groups = self._waiting.pop(snap_step, None)
             if groups is None:   # already read by flush()
                 continue
-            dn, wn = self._reader.to_host([(ok, idx, values[g]) for g, (ok, idx, _) in enumerate(groups) if g in values])
+            host = [(ok, idx, values[g]) for g, (ok, idx, _) in enumerate(groups) if g in values]
+            dn, wn = update_norms(self._P, host)
             self._history.set_update(snap_step, dn, wn)
 
     def flush(self) -> None:
@@ -151,7 +158,7 @@ class UpdateRatios:
         steps shows the last measured update instead of NaN; one host copy, on request only). The
         collector's copies of those values are ignored when they arrive."""
         for snap_step, groups in self._waiting.items():
-            dn, wn = self._reader.to_host([(ok, idx, v.cpu().numpy()) for ok, idx, v in groups])
+            dn, wn = update_norms(self._P, [(ok, idx, v.cpu().numpy()) for ok, idx, v in groups])
             self._history.set_update(snap_step, dn, wn)
         self._waiting = {}
 
@@ -171,10 +178,8 @@ class UpdateRatios:
 
     def close(self, step: int) -> None:
         """Measure the last recorded step's update (the loop ended after it), copy what still waits
-        on the device (one host copy; the collector holds nothing else a closed watch needs) and
-        free the copy."""
+        on the device to the host and free the copy."""
         if self.tracker is not None:
             self.measure_due(step)
             self.tracker.drop()
-        if self._waiting:
-            self.receive(self._collector.take())
+        self.flush()

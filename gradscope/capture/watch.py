@@ -69,13 +69,9 @@ __all__ = ["watch", "Scope"]
 # recording state lives on the Scope instance and its collaborators.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 NORM_CHUNK = 128  # state gradients normed together during the backward pass
+# True while Dynamo traces (the root hooks of a compiled model): no clock there (Dynamo cannot trace
+# time.perf_counter), and the schedule is called through its torch.compiler.disable wrapper
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
-
-
-def _clock() -> float:
-    """The light tier's clock. Dynamo cannot trace time.perf_counter; while it traces the root hooks
-    of a compiled model this reads 0 (no light-tier accounting there), in eager code the time."""
-    return 0.0 if _is_compiling() else time.perf_counter()
 
 
 class Scope:
@@ -166,7 +162,8 @@ class Scope:
 
     # ------------------------------------------------------------- root hooks
     def _root_pre(self, module, args):
-        t0 = _clock()
+        compiling = _is_compiling()
+        t0 = 0.0 if compiling else time.perf_counter()
         passes = self.passes
         if passes.current is None and passes.now() is not None:
             return  # a checkpoint recomputation of a pending pass inside backward: no new step
@@ -179,15 +176,16 @@ class Scope:
             passes.settle()
         if self.updates is not None:  # before begin(): its time counts towards the recorded step's cost
             self.updates.measure_due(passes.step)
-        deep, probe = (self._begin if _is_compiling() else self._schedule.begin)(passes.step)
+        deep, probe = (self._begin if compiling else self._schedule.begin)(passes.step)
         p = Pass(deep or probe, probe, deep)
         p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
         passes.current = p
         if deep and self.updates is not None:
             self.updates.snapshot(passes.step)
-        if not p.scheduled:  # the light tier's time, paid from the overhead budget
-            self._schedule.light(_clock() - t0)
-        if p.scheduled:
+        if not p.scheduled:
+            if not compiling:  # the light tier's time, paid from the overhead budget
+                self._schedule.light(time.perf_counter() - t0)
+        else:
             self._params.hook()
             if self._attn is not None:
                 self._attn.start_pass(p)
@@ -196,7 +194,8 @@ class Scope:
             self._cells.begin_pass()
 
     def _root_post(self, module, args, output):
-        t0 = _clock()
+        compiling = _is_compiling()
+        t0 = 0.0 if compiling else time.perf_counter()
         p = self.passes.current
         self.passes.current = None
         if p is None or self.closed:
@@ -213,8 +212,8 @@ class Scope:
                 self._probe_now(p)  # never traced by Dynamo under torch.compile
         if outs:
             self.passes.add(p, outs)
-        if not p.scheduled:
-            self._schedule.light(_clock() - t0)
+        if not p.scheduled and not compiling:
+            self._schedule.light(time.perf_counter() - t0)
 
     def _probe(self, p: Pass) -> None:
         """Probe pass ``p``'s batch; a critical finding not seen before becomes an event."""
