@@ -17,11 +17,9 @@ they draw.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
+from ._lazy import lazy_names
 from .errors import GradscopeError, MissingMeasureError, RecordingFormatError
 from . import render  # registers the renderers the data classes display with (gradscope/_renderers.py)
 
@@ -39,16 +37,4 @@ __all__ = ["watch", "probe", "diagnose", "try_remedies", "apply_remedy", "load",
            "estimators", "checkpoint", "zoo", "plot", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module("." + name, __name__)
-    else:
-        raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, _SUBMODULES)
