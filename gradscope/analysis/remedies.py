@@ -1056,6 +1056,12 @@ def _specs(*specs: RemedySpec) -> Dict[str, RemedySpec]:
     return out
 
 
+
+def _not_rewritten(what: str) -> str:
+    """Why a remedy that changes model code cannot be tried on a copy (attention remedies)."""
+    return (f"{what}, which try_remedies does not rewrite on a copy yet; measure it by training with and "
+            f"without under watch")
+
 REMEDIES: Dict[str, RemedySpec] = _specs(
     RemedySpec("clip_grad_norm", _r_clip_grad_norm, model_wide=True,
                untestable="clipping acts on the optimizer's step; it does not change the Jacobians a "
@@ -1090,16 +1096,13 @@ REMEDIES: Dict[str, RemedySpec] = _specs(
                untestable="gradscope measures it as switch_to_gru / switch_to_lstm (Elman RNN) or "
                           "chrono_init (LSTM/GRU)"),
     RemedySpec("sigma_reparam", _r_sigma_reparam,
-               untestable="it changes the parametrisation of every attention projection, which try_remedies "
-                          "does not rewrite on a copy yet; measure it by training with and without under watch"),
+               untestable=_not_rewritten("it changes the parametrisation of every attention projection")),
     RemedySpec("warmup", _r_warmup, model_wide=True,
                untestable="warm-up acts on the learning-rate schedule, not on the Jacobians a probe measures"),
     RemedySpec("qk_layernorm", _r_qk_layernorm,
-               untestable="it adds modules inside the attention computation, which try_remedies does not "
-                          "rewrite on a copy yet; measure it by training with and without under watch"),
+               untestable=_not_rewritten("it adds modules inside the attention computation")),
     RemedySpec("residual_scaling", _r_residual_scaling,
-               untestable="it changes the block's forward code, which try_remedies does not rewrite on a "
-                          "copy yet; measure it by training with and without under watch"),
+               untestable=_not_rewritten("it changes the block's forward code")),
     RemedySpec("pre_ln", _r_pre_ln,
                untestable="it moves the normalisation inside each block's forward code, which try_remedies "
                           "does not rewrite on a copy yet; nn.TransformerEncoderLayer(norm_first=True) is "

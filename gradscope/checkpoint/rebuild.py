@@ -10,7 +10,7 @@ import json
 import os
 import pkgutil
 import sys
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
@@ -84,21 +84,24 @@ def _key_list(keys: List[str], limit: int = 4) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _extra_prefix(keys: List[str], other: set) -> Optional[str]:
+    """A prefix every key in ``keys`` carries, and without which each is a key of ``other``."""
+    for k in keys[:20]:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            pre = ".".join(parts[:i]) + "."
+            if k[len(pre):] in other and all(x.startswith(pre) and x[len(pre):] in other for x in keys):
+                return pre
+    return None
+
+
 def _prefix_hint(missing: List[str], unexpected: List[str]) -> str:
-    miss = set(missing)
-    for u in unexpected[:20]:
-        parts = u.split(".")
-        for i in range(1, len(parts)):
-            pre = ".".join(parts[:i]) + "."
-            if u[len(pre):] in miss and all(k.startswith(pre) and k[len(pre):] in miss for k in unexpected):
-                return f" (every checkpoint key carries an extra prefix {pre!r} the model lacks)"
-    exp = set(unexpected)
-    for m in missing[:20]:
-        parts = m.split(".")
-        for i in range(1, len(parts)):
-            pre = ".".join(parts[:i]) + "."
-            if m[len(pre):] in exp and all(k.startswith(pre) and k[len(pre):] in exp for k in missing):
-                return f" (the model's keys carry a prefix {pre!r} the checkpoint lacks)"
+    pre = _extra_prefix(unexpected, set(missing))
+    if pre is not None:
+        return f" (every checkpoint key carries an extra prefix {pre!r} the model lacks)"
+    pre = _extra_prefix(missing, set(unexpected))
+    if pre is not None:
+        return f" (the model's keys carry a prefix {pre!r} the checkpoint lacks)"
     return ""
 
 

@@ -656,6 +656,8 @@ def test_build_user_model_errors(user_module):
         (f"{user_module}:make_wrapped", None, sd,
          r"missing keys \(6\): inner.rnn.weight_ih_l0, inner.rnn.weight_hh_l0, inner.rnn.bias_ih_l0, "
          r"inner.rnn.bias_hh_l0, … \(2 more\); unexpected keys \(6\).*prefix 'inner.' the checkpoint lacks"),
+        (f"{user_module}:make_model", None, {"enc." + k: v for k, v in sd.items()},
+         r"every checkpoint key carries an extra prefix 'enc.' the model lacks"),
     ]
     for spec, args, state, pattern in cases:
         with pytest.raises(ModelSpecError, match=pattern) as e:
@@ -807,3 +809,4 @@ def test_static_analysis_checks_the_state_dict():
     assert isinstance(found, FoundModule)
     with pytest.raises(CheckpointError, match="the state dict lacks 'weight_ih_l0'"):
         static_analysis(found, {})
+
