@@ -79,29 +79,16 @@ def remedy_run(run: dict, device: str = "cpu") -> dict:
 
 def _worker(args):
     run, device = args
-    torch.set_num_threads(1)
-    torch.backends.cudnn.allow_tf32 = False      # float32 arithmetic on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tb.protocol_arithmetic()
     return remedy_run(run, device)
 
 
 def cmd_run(only: str, device: str = "cpu", workers: int = 1, out: Path = OUT):
-    torch.set_num_threads(1)
+    tb.protocol_arithmetic()
     done = tb.done_keys(out)
     jobs = [(run, device) for run in candidates() if run["key"] not in done and re.search(only, run["key"])]
-    if workers > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("spawn").Pool(workers)
-        results = pool.imap_unordered(_worker, jobs)
-    else:
-        pool, results = None, map(_worker, jobs)
-    for rec in results:
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(rec["key"], rec["top_training"], rec["top_probe"], rec["outcomes"], rec["seconds"], flush=True)
-    if pool is not None:
-        pool.close()
-        pool.join()
+    tb.run_jobs(_worker, jobs, workers, out,
+                lambda rec: f"{rec['key']} {rec['top_training']} {rec['top_probe']} {rec['outcomes']} {rec['seconds']}")
 
 
 def _wilson(k: int, n: int, z: float = 1.96):

@@ -358,11 +358,39 @@ def _cost(run) -> float:
     return T * (4.0 if config.startswith("user") else 2.0 if config.startswith("lstm2") else 1.0)
 
 
+def protocol_arithmetic() -> None:
+    """The protocol's arithmetic in this process: one intra-op thread, float32 on every device."""
+    torch.set_num_threads(PROTOCOL["threads"])
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def run_jobs(worker, jobs, workers: int, out: Path, describe) -> None:
+    """``worker(job)`` for every job (in ``workers`` spawned processes when > 1), each record
+    appended to ``out`` as it arrives — a stopped run loses only the runs under way — and
+    ``describe(record)`` printed. A worker returning None wrote nothing (e.g. past a deadline)."""
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("spawn").Pool(workers)
+        results = pool.imap_unordered(worker, jobs)
+    else:
+        pool, results = None, map(worker, jobs)
+    try:
+        for rec in results:
+            if rec is None:
+                continue
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(describe(rec), flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
 def _worker(args):
     run, device, deadline = args
-    torch.set_num_threads(PROTOCOL["threads"])
-    torch.backends.cudnn.allow_tf32 = False      # float32 arithmetic on every device
-    torch.backends.cuda.matmul.allow_tf32 = False
+    protocol_arithmetic()
     if time.time() > deadline:
         return None
     return train_one(*run, device=device)
@@ -392,22 +420,9 @@ def main(argv=None) -> None:
     deadline = time.time() + args.deadline
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(r, args.device, deadline) for r in todo]
-    if args.workers > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("spawn").Pool(args.workers)
-        results = pool.imap_unordered(_worker, jobs)
-    else:
-        pool, results = None, map(_worker, jobs)
-    for rec in results:
-        if rec is None:
-            continue
-        with args.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{rec['key']}: {rec['status']} at {rec['steps']} steps, score {rec['final_score']:.4f}, "
-              f"{rec['seconds']:.0f} s", flush=True)
-    if pool is not None:
-        pool.close()
-        pool.join()
+    run_jobs(_worker, jobs, args.workers, args.out,
+             lambda rec: f"{rec['key']}: {rec['status']} at {rec['steps']} steps, score "
+                         f"{rec['final_score']:.4f}, {rec['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
