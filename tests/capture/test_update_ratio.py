@@ -37,6 +37,13 @@ def _batches(n, dtype=torch.float64):
     return [torch.randn(7, 4, 3, generator=g, dtype=dtype) for _ in range(n)]
 
 
+def _sgd_step(model, opt, x):
+    """One training step: backward of the loss, the optimizer's step, gradients cleared."""
+    _loss(model, x).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def _loss(model, x):
     return (model(x) - x[..., :1]).pow(2).mean()
 
@@ -93,9 +100,7 @@ def test_last_step_is_measured_when_the_watch_closes():
     opt = torch.optim.SGD(model.trained(), lr=0.1)
     with gradscope.watch(model, every=1, probe_every=None) as scope:
         for x in _batches(3):
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
         before_close = scope.recording.update_ratios()["head.weight"]
     after = scope.recording.update_ratios()["head.weight"]
     assert np.all(np.isfinite(before_close[:2])) and np.isnan(before_close[2])   # not measured yet
@@ -109,9 +114,7 @@ def test_forward_without_backward_keeps_the_snapshot_for_its_step():
     with gradscope.watch(model, every=1, probe_every=None) as scope:
         for x in _batches(2):
             model(x)                      # e.g. a logging forward with grad on: no backward
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
     r = scope.recording.update_ratios()["head.weight"]
     assert r.shape == (2,) and np.all(r > 0)
 
@@ -121,9 +124,7 @@ def test_default_budget_schedule_measures_every_recorded_step():
     opt = torch.optim.Adam(model.trained(), lr=1e-3)
     with gradscope.watch(model) as scope:
         for x in _batches(20, torch.float32):
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
     rec = scope.recording
     r = rec.update_ratios()["lstm.weight_ih_l0"]
     assert len(r) == len(rec.steps) >= 1
@@ -166,9 +167,7 @@ def test_lstm_training_identical_with_and_without_the_feature():
         opt = torch.optim.SGD(model.trained(), lr=0.1, momentum=0.9)
         with gradscope.watch(model, every=1, update_ratio=on) as scope:
             for x in _batches(4, torch.float32):
-                _loss(model, x).backward()
-                opt.step()
-                opt.zero_grad()
+                _sgd_step(model, opt, x)
         finals.append([p.detach().clone() for p in model.parameters()])
         assert bool(scope.recording.update_ratios()) is on
     for a, b in zip(*finals):
@@ -238,9 +237,7 @@ def _recorded():
     opt = torch.optim.SGD(model.trained(), lr=0.1)
     with gradscope.watch(model, every=1, probe_every=None) as scope:
         for x in _batches(3):
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
         return scope.recording   # read before the next forward: the last step unmeasured (NaN)
 
 
@@ -352,9 +349,7 @@ def test_no_memory_for_the_copy_stops_measuring_not_training(monkeypatch):
     monkeypatch.setattr(UpdateTracker, "snapshot", snapshot)
     with gradscope.watch(model, every=1, probe_every=None) as scope:
         for x in _batches(4):
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
     rec = scope.recording
     r = rec.update_ratios()["head.weight"]
     assert r[0] > 0 and np.all(np.isnan(r[1:])) and calls == [0, 1] and len(rec.steps) == 4
@@ -400,9 +395,7 @@ def test_update_ratio_rides_with_the_steps_one_host_copy(monkeypatch):
         for i, x in enumerate(_batches(4)):
             if i == 2:
                 monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
             if i == 2:
                 monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
     assert len(copies) == 1, copies              # step 2's values and step 1's update norms together
@@ -418,9 +411,7 @@ def test_a_recording_read_between_recorded_steps_shows_the_measured_update():
     with gradscope.watch(model, every=3, probe_every=None) as scope:
         xs = _batches(5)
         for i, x in enumerate(xs):
-            _loss(model, x).backward()
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model, opt, x)
             if i == 1:   # step 1 (off schedule) began: step 0's update measured, not yet copied
                 early = scope.recording.update_ratios()["head.weight"].copy()
     late = scope.recording.update_ratios()["head.weight"]
