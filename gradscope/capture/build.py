@@ -40,19 +40,19 @@ class Builder:
         attn: the watch's attention capture, or None.
         schedule: thinned with the history when it reaches ``max_steps``.
         max_steps: the history stays below this many rows.
-        update_ratio: whether update ratios are recorded.
+        history: the rows so far (shared with ``updates``, which writes its results into it).
+        updates: the watch's update-ratio measurement, or None (no update ratios recorded).
 
     Attributes:
         history: one row per recorded step.
     """
 
     def __init__(self, table: SiteTable, collector: Collector, params: ParamGrads, notes: Notes,
-                 events: Events, attn, schedule: Schedule, max_steps: int, update_ratio: bool):
+                 events: Events, attn, schedule: Schedule, max_steps: int, history: History, updates=None):
         self.table, self.collector, self.params = table, collector, params
         self.notes, self.events, self.attn = notes, events, attn
-        self.schedule, self.max_steps, self.update_ratio = schedule, max_steps, update_ratio
-        self.history = History(len(params.params))
-        self.updates = None  # the watch's UpdateRatios, set once it exists (it writes into this history)
+        self.schedule, self.max_steps = schedule, max_steps
+        self.history, self.updates = history, updates
 
     def end_step(self, step: int, passes: List[Pass]) -> None:
         """Turn the values of step ``step`` (scheduled ``passes``) into a history row; deliver alerts."""
@@ -124,7 +124,7 @@ class Builder:
         names = self.params.names
         params = {n: h.params[:S, i].copy() for i, n in enumerate(names)}
         upd, wn = {}, {}
-        if self.update_ratio:
+        if self.updates is not None:
             upd = {n: h.upd[:S, i].copy() for i, n in enumerate(names)}
             wn = {n: h.wn[:S, i].copy() for i, n in enumerate(names)}
         rows = h.rows() if self.attn is not None else None

@@ -47,7 +47,8 @@ class ParamGrads:
         """Hook every parameter for the scheduled step starting now (once; a no-op under DDP)."""
         if not self._handles and self._hooked:
             for i, (_, prm) in enumerate(self.params):
-                self._handles.append(prm.register_hook(functools.partial(self._on_grad, i)))
+                if prm.requires_grad:  # one frozen since the watch began has no gradient to norm
+                    self._handles.append(prm.register_hook(functools.partial(self._on_grad, i)))
 
     def _on_grad(self, i, grad):
         if grad is None or self.passes.closed or not self.passes.in_scheduled_backward:

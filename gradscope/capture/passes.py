@@ -5,6 +5,18 @@ A *pass* (:class:`Pass`) is one forward pass of the watched model with gradients
 and the pending ones (forwards whose backward has not run yet, at most :data:`MAX_PENDING`),
 counts steps and hands a finished step back (:meth:`Passes.end_backward`).
 
+How steps are counted. A hook registered once on one trainable parameter, the *sentinel* (the
+model's first; it lies on the path from every output to the input in most models), fires once in
+every backward call that reaches it: each firing is a step. Steps off the schedule then cost no
+per-step hook at all (a fresh hook on each step's output costs tens of µs on a CPU step whose
+caches the model's own work has just evicted). Scheduled passes, and one in :data:`AUDIT_EVERY`
+forward passes off the schedule (an *audit*), also hook their outputs, as every pass did before:
+at the end of such a backward call the sentinel must have fired in that same call. If it did not (the loss
+skipped the sentinel's branch, the parameter was frozen or replaced, ``autograd.grad`` with inputs
+other than the parameters), or where the model has no trainable parameter, steps are counted at
+the outputs from then on: each backward call that reaches a pending pass's outputs is one step
+(the distinct graph tasks among the fired passes), and a note says from which step.
+
 Activation checkpointing. ``torch.utils.checkpoint`` recomputes a checkpointed region inside the
 backward pass, with gradients enabled (both kinds). The rule: a forward call made while autograd
 runs a backward call that has already reached a pending pass of this watch (its output hook fired
@@ -27,12 +39,14 @@ import torch
 from torch import nn
 
 from ._autograd import backward_task, graph_task_id
+from ._forwards import remove_leaf_hooks
 from .collector import Collector
 from .sites import flatten_tensors
 
-__all__ = ["Pass", "Passes", "CaptureHost", "MAX_PENDING"]
+__all__ = ["Pass", "Passes", "CaptureHost", "MAX_PENDING", "AUDIT_EVERY"]
 
 MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
+AUDIT_EVERY = 16  # in sentinel counting, one off-schedule step in this many also hooks its outputs
 
 
 class Pass:
@@ -44,13 +58,14 @@ class Pass:
         deep: its step becomes a row of the history (default: ``scheduled``).
     """
 
-    __slots__ = ("scheduled", "deep", "probe", "calls", "fired", "task", "seq_len", "handles", "attn",
+    __slots__ = ("scheduled", "deep", "probe", "audit", "calls", "fired", "task", "seq_len", "handles", "attn",
                  "recomputable", "nograd", "nograd_out", "keep", "rc_last", "__weakref__")
 
-    def __init__(self, scheduled: bool, probe: bool = False, deep: Optional[bool] = None):
+    def __init__(self, scheduled: bool, probe: bool = False, deep: Optional[bool] = None, audit: bool = False):
         self.scheduled = scheduled
         self.deep = scheduled if deep is None else deep
         self.probe = probe
+        self.audit = audit  # an off-schedule pass whose outputs are hooked (to count or check steps)
         self.calls: Dict[str, list] = {}  # probe passes: module -> [((args, kwargs), output), …]
         self.fired = False
         self.task = -1  # the autograd graph task (backward call) that first reached this pass
@@ -107,37 +122,92 @@ class Pass:
 class Passes:
     """The pass in progress, the pending passes and the step count of one watch.
 
+    Args:
+        sentinel: ``(name, parameter)`` of the parameter whose hook counts steps (module
+            docstring), or None to count at the outputs.
+        note: adds a note to the recording (key, text): says when counting moves to the outputs.
+
     Attributes:
         current: the forward pass in progress, or None.
-        pending: passes whose backward has not ended yet, oldest first.
+        pending: passes whose outputs are hooked and whose backward has not ended yet, oldest first.
         armed: the scheduled pass the per-pass forwards stay installed for (until its backward ends).
         step: backward calls that reached the model, counted so far (:meth:`settle`).
         closed: set when the watch closes; every hook checks it.
         on_disarm: called when the per-pass forwards are no longer needed (set by the owner).
         on_backward_end: called at the end of a backward call that reached a scheduled pass.
+        sentinel: the sentinel parameter's name while steps are counted by it, else None.
     """
 
-    def __init__(self):
+    def __init__(self, sentinel: Optional[Tuple[str, Any]] = None,
+                 note: Callable[[Any, str], None] = lambda key, text: None):
         self.current: Optional[Pass] = None
+        self.plain = Pass(False)  # the pass object of every off-schedule, non-audit forward pass
         self.pending: List[Pass] = []
         self.armed: Optional[Pass] = None
         self.step = 0
         self.closed = False
         self.on_disarm: Callable[[], None] = lambda: None
         self.on_backward_end: Callable[[], None] = lambda: None
-        self._bw_queued = False
+        self._bw_queued = False     # a backward call that reached a scheduled or audit pass is running
+        self._bw_scheduled = False  # ... and it reached a scheduled pass
         self._bw_task = -1
+        self._fired_at_bw = 0       # the sentinel's firings when that call reached the outputs
+        self._note = note
+        self.sentinel: Optional[str] = None
+        self._sentinel_param = None
+        self._sentinel_handle = None
+        self._fired = 0             # backward calls that reached the sentinel ...
+        self._counted = 0           # ... of which counted as steps
+        self._off = 0               # off-schedule forward passes while the sentinel counts
+        if sentinel is not None:
+            self.sentinel, self._sentinel_param = sentinel
+            self._sentinel_handle = self._sentinel_param.register_hook(self._on_sentinel_grad)
+
+    def _on_sentinel_grad(self, grad) -> None:
+        # once per backward call that reaches it (a leaf's hook sees the gradient summed over all
+        # its uses in that call), after the model's outputs (the parameter is upstream of them)
+        self._fired += 1
+
+    def off_schedule(self) -> Pass:
+        """The pass object for an off-schedule forward pass starting now: the shared inert
+        :attr:`plain` while the sentinel counts steps, an *audit* pass (its outputs hooked, the
+        sentinel checked at the end of its backward) on the first off-schedule pass and one in
+        :data:`AUDIT_EVERY` after it, a fresh
+        pass with hooked outputs once steps are counted at the outputs. A sentinel that stopped
+        requiring gradients (frozen) ends sentinel counting."""
+        if self._sentinel_handle is not None and not self._sentinel_param.requires_grad:
+            self._count_at_outputs(f"the parameter {self.sentinel!r} stopped requiring gradients")
+        if self._sentinel_handle is None:
+            return Pass(False)
+        self._off += 1  # forward passes, not steps: a sentinel that is missed stops the step count
+        return Pass(False, audit=True) if self._off % AUDIT_EVERY == 1 else self.plain
+
+    def _count_at_outputs(self, why: str) -> None:
+        """End sentinel counting: from now on each backward call reaching the outputs is a step."""
+        if self._sentinel_handle is None:
+            return
+        self._settle_sentinel()
+        remove_leaf_hooks([self._sentinel_handle], [self._sentinel_param])
+        self._sentinel_handle = self._sentinel_param = None
+        self._note("step-count", f"steps are counted at the model's outputs from step {self.step} on: {why} "
+                                 f"(steps were counted by the gradient reaching {self.sentinel!r} before; "
+                                 f"backward calls that skipped it were not counted)")
+        self.sentinel = None
+
+    def _settle_sentinel(self) -> None:
+        self.step += self._fired - self._counted
+        self._counted = self._fired
 
     @property
     def in_scheduled_backward(self) -> bool:
         """Whether the backward call running now reached a scheduled pass."""
-        return self._bw_queued
+        return self._bw_scheduled
 
     def now(self) -> Optional[Pass]:
         """The pass a module call belongs to: the forward pass in progress, or — for a checkpoint
         recomputation inside backward — the pending pass that this backward call reached."""
         p = self.current
-        if p is not None or self.closed or not torch.is_grad_enabled():
+        if p is not None or not self.pending or self.closed or not torch.is_grad_enabled():
             return p
         task = backward_task()
         if task < 0:
@@ -183,21 +253,29 @@ class Passes:
         p.fired = True
         p.task = graph_task_id()
         # Off schedule nothing more happens here: the step is counted when the next forward pass
-        # starts (or the step is read), from the distinct backward calls that reached pending passes
-        # (settle). A scheduled pass is finished at the end of its backward call.
-        if p.scheduled and not self._bw_queued:
+        # starts (or the step is read) by settle(). A scheduled pass is finished at the end of its
+        # backward call, where an audit pass checks the sentinel.
+        if p.scheduled:
+            self._bw_scheduled = True
+        if (p.scheduled or p.audit) and not self._bw_queued:
             self._bw_queued = True
             self._bw_task = p.task
+            self._fired_at_bw = self._fired
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
 
     def _backward_ended(self) -> None:
-        self._bw_queued = False
+        self._bw_queued = self._bw_scheduled = False
         if not self.closed:
             self.on_backward_end()
 
     def settle(self, current: Optional[int] = None) -> None:
-        """Count the backward calls (other than ``current``) that reached pending passes since the
-        last count as steps, and drop those passes."""
+        """Count the steps since the last count: the sentinel's firings, or (counting at the
+        outputs) the backward calls other than ``current`` that reached pending passes; drop the
+        passes those calls reached."""
+        if self._sentinel_handle is not None:
+            self._settle_sentinel()
+        if not self.pending:
+            return
         tasks = set()
         keep = []
         for p in self.pending:
@@ -207,30 +285,40 @@ class Passes:
             else:
                 keep.append(p)
         self.pending = keep
-        self.step += len(tasks)
+        if self._sentinel_handle is None:
+            self.step += len(tasks)
         self.maybe_disarm()
 
     def settle_open(self) -> None:
         """Count the steps taken since the last count while the watch is open, before the count
         is read."""
-        if self.pending and not self.closed:
+        if not self.closed:
             self.settle()
 
     def end_backward(self) -> Tuple[int, List[Pass]]:
-        """At the end of a backward call that reached a scheduled pass: ``(its step, the scheduled
-        passes it consumed)``; earlier backward calls are counted first."""
+        """At the end of a backward call that reached a scheduled (or audit) pass: ``(its step, the
+        scheduled passes it consumed)``; earlier backward calls are counted first."""
+        if self._sentinel_handle is not None and self._fired == self._fired_at_bw:
+            self._count_at_outputs(f"a backward call reached the outputs but not {self.sentinel!r}")
         self.settle(current=self._bw_task)
         fired = [p for p in self.pending if p.fired]
         self.pending = [p for p in self.pending if not p.fired]
-        step = self.step
-        self.step += 1
+        if self._sentinel_handle is not None:
+            step = self.step - 1  # this call's own firing was just counted
+        else:
+            step = self.step
+            self.step += 1
         for p in fired:
             p.drop()
         self.maybe_disarm()
         return step, [p for p in fired if p.scheduled]
 
     def close(self) -> None:
-        """Mark closed and drop every pending pass."""
+        """Mark closed, remove the sentinel's hook and drop every pending pass."""
+        if self._sentinel_handle is not None:
+            self._settle_sentinel()
+            remove_leaf_hooks([self._sentinel_handle], [self._sentinel_param])
+            self._sentinel_handle = self._sentinel_param = None
         self.closed = True
         for p in self.pending:
             p.drop()

@@ -43,6 +43,8 @@ DEFAULT_OVERHEAD = 0.03
 DEFAULT_MAX_INTERVAL = 10_000
 _RECENT = 32  # plain-step durations kept for the running mean
 _MIN_COST = 0.1  # the least extra cost charged for a deep pass or probe, in plain steps
+# a step with both: each kind's share of the extra cost (the probe is the larger part)
+_SHARE = {(True, False): (1.0, 0.0), (False, True): (0.0, 1.0), (True, True): (0.2, 0.8)}
 
 
 class _Bucket:
@@ -88,6 +90,7 @@ class Schedule:
         self._decided: Tuple[int, bool, bool] = (-1, False, False)
         self._open: Optional[Tuple[float, bool, bool]] = None   # (start, deep, probe) of the last step begun
         self._plain = deque(maxlen=_RECENT)
+        self._plain_sum = 0.0           # sum of self._plain (a running sum: begin() runs every step)
         self._unpriced: Optional[Tuple[float, bool, bool]] = None  # a costly step before any plain one
         self.elapsed = 0.0              # seconds of all measured steps
         self.light_seconds = 0.0        # the watch's own time on plain steps (light tier), all steps
@@ -132,17 +135,23 @@ class Schedule:
         if not math.isfinite(seconds) or seconds < 0:
             return
         self.elapsed += seconds
+        earned = (seconds * self.overhead - self._light_new) / 2
+        self._light_new = 0.0
+        self._deep.credit += earned
+        self._probe.credit += earned
+        plain_steps = self._plain
         if not deep and not probe:
-            self._plain.append(seconds)
-        plain = sum(self._plain) / len(self._plain) if self._plain else None
-        light, self._light_new = self._light_new, 0.0
-        for b in (self._deep, self._probe):
-            b.credit += (seconds * self.overhead - light) / 2
+            if len(plain_steps) == _RECENT:
+                self._plain_sum -= plain_steps[0]
+            plain_steps.append(seconds)
+            self._plain_sum += seconds
+            if self._unpriced is None:
+                return
+        plain = self._plain_sum / len(plain_steps) if plain_steps else None
         if (deep or probe) and plain is not None:
             # at least a tenth of a plain step: timing noise must not make the work look free
             extra = max(seconds - plain, _MIN_COST * plain)
-            # a step with both: charge each its share of the extra (the probe is the larger part)
-            share = {(True, False): (1.0, 0.0), (False, True): (0.0, 1.0), (True, True): (0.2, 0.8)}[(deep, probe)]
+            share = _SHARE[(deep, probe)]
             for on, b, k in ((deep, self._deep, share[0]), (probe, self._probe, share[1])):
                 if on:
                     b.cost = extra * k

@@ -10,8 +10,10 @@ lifetime and every handle; the work is done by collaborators it owns, each with 
   (here) decide, per forward pass with gradients enabled, whether the coming *step* (one backward
   pass that reaches the model) is on the schedule (:mod:`.schedule`); Passes knows which pass a
   module call belongs to (also for activation-checkpoint recomputations inside backward) and when
-  a step ends. Off schedule the only work is one tensor hook on the model's outputs that counts
-  the backward pass; fused modules run their own kernel untouched (bitwise identical results).
+  a step ends. Off schedule the only work is the two root hooks and a hook set once on one
+  parameter that counts the backward calls (the *sentinel*, checked against the outputs on
+  scheduled steps and one plain step in 16); fused modules run their own kernel untouched
+  (bitwise identical results).
 * :mod:`.cells` — :class:`~.cells.Cells`: on scheduled passes fused ``nn.RNN/LSTM/GRU`` modules
   are replayed step by step (:mod:`.replay`) so every h_t and c_t is a graph node, user cells get
   a wrapper for that pass, and every state tensor gets a tensor hook that keeps its fully
@@ -55,6 +57,7 @@ from .catalog import SiteTable
 from .cells import Cells
 from .collector import Collector
 from .discovery import Discovery
+from .history import History
 from .options import check_alerts, check_model, check_watch_options, resolve_update_ratio, unwrap
 from .params import ParamGrads
 from .passes import CaptureHost, Pass, Passes
@@ -108,16 +111,19 @@ class Scope:
                     f"Close the first with scope.close() (or leave its `with` block) before watching again.")
         self.model, self.every, self.max_steps, self.probe_every = model, every, max_steps, probe_every
         self.probe_options = dict(probe_options or {})
+        self._events = Events(*check_alerts(on_event, raise_on))
+        self._notes = Notes()
         self._schedule = Schedule(every, probe_every, overhead=overhead, max_interval=max_interval)
         # wrapped once: torch.compiler.disable builds a new wrapper per call (hundreds of µs, every
         # step); and called through the wrapper only while Dynamo traces (the wrapper itself costs
         # tens of µs a call, the bulk of a plain step's hook time in eager code)
         self._begin = eager(self._schedule.begin)
         self._probe_now = eager(self._probe)
-        self._events = Events(*check_alerts(on_event, raise_on))
-        self._notes = Notes()
-        self.passes = Passes()
         self._collector = Collector(NORM_CHUNK)  # this step's values; normed in batches, one host copy
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # every pass scheduled (every=1): all outputs are hooked anyway, no sentinel needed
+        sentinel = trainable[0] if trainable and trainable[0][1].is_leaf and every != 1 else None
+        self.passes = Passes(sentinel, self._notes.add)
         self._params = ParamGrads(model, self.passes, self._collector, hooked=self.ddp is None)
         self._update_ratio, why_not = resolve_update_ratio(update_ratio, [p for _, p in self._params.params])
         if why_not:
@@ -135,13 +141,13 @@ class Scope:
             host = CaptureHost(model, self._collector, self.passes, self._claim, self._notes.add)
             self._attn = AttentionCapture(host, self._table.attn_layout)
         self._probes = Probes(self._table, self._attn, self._notes, self.probe_options, max_steps)
-        self._builder = Builder(self._table, self._collector, self._params, self._notes, self._events,
-                                self._attn, self._schedule, max_steps, self._update_ratio)
+        history = History(len(self._params.params))
         self.updates: Optional[UpdateRatios] = None
         if self._update_ratio:
-            self.updates = UpdateRatios([p for _, p in self._params.params], self._builder.history,
-                                        self._notes.add, self._collector)
-            self._builder.updates = self.updates
+            self.updates = UpdateRatios([p for _, p in self._params.params], history, self._notes.add,
+                                        self._collector)
+        self._builder = Builder(self._table, self._collector, self._params, self._notes, self._events,
+                                self._attn, self._schedule, max_steps, history, self.updates)
 
         self._root_handles: List[Any] = []
         _ACTIVE[model] = weakref.ref(self)
@@ -172,34 +178,35 @@ class Scope:
         if self.closed or self._probes.running or not torch.is_grad_enabled():
             passes.current = None
             return
-        if passes.pending:
-            passes.settle()
+        passes.settle()
         if self.updates is not None:  # before begin(): its time counts towards the recorded step's cost
             self.updates.measure_due(passes.step)
         deep, probe = (self._begin if compiling else self._schedule.begin)(passes.step)
-        p = Pass(deep or probe, probe, deep)
-        p.recomputable = p.scheduled and saved_hooks_active()  # the whole model under checkpoint
+        if not (deep or probe):
+            passes.current = passes.off_schedule()  # mostly one shared, inert pass object
+            if not compiling:  # the light tier's time, paid from the overhead budget
+                self._schedule.light(time.perf_counter() - t0)
+            return
+        p = Pass(True, probe, deep)
+        p.recomputable = saved_hooks_active()  # the whole model under checkpoint
         passes.current = p
         if deep and self.updates is not None:
             self.updates.snapshot(passes.step)
-        if not p.scheduled:
-            if not compiling:  # the light tier's time, paid from the overhead budget
-                self._schedule.light(time.perf_counter() - t0)
-        else:
-            self._params.hook()
-            if self._attn is not None:
-                self._attn.start_pass(p)
-            if not self._discovery.done:
-                self._discovery.start()
-            self._cells.begin_pass()
+        self._params.hook()
+        if self._attn is not None:
+            self._attn.start_pass(p)
+        if not self._discovery.done:
+            self._discovery.start()
+        self._cells.begin_pass()
 
     def _root_post(self, module, args, output):
+        passes = self.passes
+        p = passes.current
+        passes.current = None
+        if p is None or p is passes.plain or self.closed:
+            return  # off schedule (steps counted by the sentinel); its few µs here are not timed
         compiling = _is_compiling()
         t0 = 0.0 if compiling else time.perf_counter()
-        p = self.passes.current
-        self.passes.current = None
-        if p is None or self.closed:
-            return
         if type(output) is Tensor:  # the common case, without the generic walk
             outs = [output] if output.requires_grad else []
         else:
@@ -211,7 +218,7 @@ class Scope:
             if p.probe:
                 self._probe_now(p)  # never traced by Dynamo under torch.compile
         if outs:
-            self.passes.add(p, outs)
+            passes.add(p, outs)
         if not p.scheduled and not compiling:
             self._schedule.light(time.perf_counter() - t0)
 

@@ -335,6 +335,88 @@ def test_steps_counted_alike_on_and_off_schedule(every):
         assert recorded == list(range(21))
 
 
+class TwoBranch(nn.Module):
+    """Its first parameter (the step counter's sentinel) feeds only the first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(3, 1)
+        self.rnn = nn.GRU(3, 4)
+
+    def forward(self, x):
+        return self.side(x).squeeze(-1), self.rnn(x)[0]
+
+
+def test_off_schedule_passes_leave_no_hook_on_the_outputs():
+    # Steps are counted by one hook set once on the first parameter; off the schedule the outputs
+    # get no hook, except on audit passes (the first off-schedule pass and one in AUDIT_EVERY).
+    from gradscope.capture.passes import AUDIT_EVERY
+    model = Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=10 ** 6, probe_every=None) as scope:
+        hooked = []
+        for _ in range(2 * AUDIT_EVERY + 2):
+            out = model(x)
+            hooked.append(out._backward_hooks is not None and len(out._backward_hooks) > 0)
+            out.sum().backward()
+        assert scope.passes.sentinel == "rnn.weight_ih_l0"
+    assert scope.step == 2 * AUDIT_EVERY + 2
+    # pass 0 scheduled; off-schedule passes 1, 2, … audited at 1, 1 + AUDIT_EVERY, …
+    assert [i for i, h in enumerate(hooked) if h] == [0, 1, 1 + AUDIT_EVERY, 1 + 2 * AUDIT_EVERY]
+    assert not any("counted at the model's outputs" in n for n in scope.recording.notes)
+
+
+def test_backward_that_skips_the_sentinel_moves_counting_to_the_outputs():
+    # The rule (gradscope.capture.passes): backward calls that skip the sentinel go uncounted until
+    # an audit or scheduled pass sees one; from then on every backward reaching the outputs counts.
+    from gradscope.capture.passes import AUDIT_EVERY
+    model = TwoBranch()
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=10 ** 6, probe_every=None) as scope:
+        a, b = model(x)
+        (a.sum() + b.sum()).backward()                  # step 0, scheduled
+        for _ in range(5):                              # off-schedule passes 1-5 (1: audit, passes)
+            a, b = model(x)
+            (a.sum() + b.sum()).backward()
+        assert scope.step == 6 and scope.passes.sentinel == "side.weight"
+        for i in range(6, 6 + 2 * AUDIT_EVERY):         # the loss skips the sentinel's branch
+            a, b = model(x)
+            b.sum().backward()
+            if i < 1 + AUDIT_EVERY:
+                assert scope.step == 6                  # missed until the next audit pass
+        assert scope.passes.sentinel is None
+    counted_after = 6 + 2 * AUDIT_EVERY - (1 + AUDIT_EVERY)  # from the audit pass on
+    assert scope.step == 6 + counted_after
+    assert any("counted at the model's outputs from step 6 on" in n and "'side.weight'" in n
+               for n in scope.recording.notes)
+
+
+def test_a_scheduled_backward_that_skips_the_sentinel_is_still_a_step():
+    model = TwoBranch()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with gradscope.watch(model, every=2, probe_every=None) as scope:
+        torch.autograd.grad(model(x)[1].sum(), x)       # step 0, scheduled: the parameters untouched
+        for _ in range(3):
+            model(x)[1].sum().backward()                # steps 1-3
+    assert scope.step == 4 and list(scope.recording.steps) == [0, 2]
+    assert any("from step 0 on" in n for n in scope.recording.notes)
+
+
+def test_freezing_the_sentinel_keeps_the_count():
+    model = Seq(nn.LSTM(3, 4), 4)
+    x = torch.randn(5, 2, 3)
+    with gradscope.watch(model, every=3, probe_every=None) as scope:
+        train_steps(model, x, n=4)
+        model.rnn.weight_ih_l0.requires_grad_(False)    # e.g. gradual freezing of the first layers
+        train_steps(model, x, n=5)
+        assert scope.step == 9
+        model.rnn.weight_ih_l0.requires_grad_(True)
+        train_steps(model, x, n=2)
+    assert scope.step == 11 and list(scope.recording.steps) == [0, 3, 6, 9]
+    assert any("from step 4 on: the parameter 'rnn.weight_ih_l0' stopped requiring gradients" in n
+               for n in scope.recording.notes)
+
+
 def test_sparse_parameter_gradients_are_normed():
     class Tagger(nn.Module):
         def __init__(self):
@@ -443,13 +525,20 @@ def test_steps_off_schedule_leave_no_python_hook_on_parameters(device):
     # Parameter hooks live for a scheduled backward only. Removing a handle only empties a
     # parameter's _backward_hooks dict, and torch's wrapper around the dict would still enter
     # Python for every parameter in every later backward: the dict must be gone between steps.
+    # One parameter, the step counter's sentinel (the first), keeps one hook for the whole watch.
     model = Seq(nn.LSTM(3, 4), 4).to(device)
     x = torch.randn(5, 2, 3).to(device)
+
+    def hooked():
+        return {n: len(p._backward_hooks) for n, p in model.named_parameters() if p._backward_hooks is not None}
+
     with gradscope.watch(model, every=2) as scope:
         train_steps(model, x, n=3)  # steps 0 and 2 scheduled
-        assert all(p._backward_hooks is None for p in model.parameters())
+        assert hooked() == {"rnn.weight_ih_l0": 1}
         model(x).pow(2).mean().backward()  # step 3, off schedule: no parameter hook fires
-        assert all(p._backward_hooks is None for p in model.parameters())
+        assert hooked() == {"rnn.weight_ih_l0": 1}
+        assert scope.step == 4
+    assert hooked() == {}
     assert len(scope.recording) == 2
 
 
