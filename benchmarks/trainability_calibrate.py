@@ -93,6 +93,7 @@ def cmd_fit():
     calall = [r for r in data if tb.split_of(r["seed"]) == "calibration"]
     ga = [r for r in calall if r["gated"] and r["reach"] < lo and r["task"] == "adding"]
     gr = [r for r in calall if r["gated"] and r["reach"] < lo and r["task"] == "recall"]
+    forget = forget_evidence()
     src = (f"benchmarks/trainability.py, calibration half: {len(cal)} recall runs (seeds "
            f"{', '.join(map(str, tb.CALIBRATION_SEEDS))}), "
            f"H {tb.H}, Adam 1e-3, batch 64, clip 1.0, {tb.PROTOCOL['max_steps']} steps")
@@ -108,8 +109,30 @@ def cmd_fit():
         f"CELLS = {dict(sorted(cells.items()))!r}\n"
         f"# gated runs with reach below LO on the calibration half: (runs, learned)\n"
         f"GATED_ADDING = {(len(ga), sum(r['learned'] for r in ga))!r}\n"
-        f"GATED_RECALL = {(len(gr), sum(r['learned'] for r in gr))!r}\n")
+        f"GATED_RECALL = {(len(gr), sum(r['learned'] for r in gr))!r}\n"
+        f"# single-layer LSTMs on recall, calibration half, by forget-gate memory time τ = -1/ln σ(b_f)\n"
+        f"# against T (lstm_fb* configs; lstm_default at b_f = 0, PyTorch's biases being drawn around 0):\n"
+        f"# 'tau >= T', 'T/ln 1000 <= tau < T', 'tau < T/ln 1000' -> (runs, learned)\n"
+        f"FORGET_TAU = {forget!r}\n")
     print(f"lo={lo:.3f} hi={hi:.3f} edges={edges} cells={cells}")
+
+
+def forget_evidence():
+    """What the forget-bias remedy's target (τ ≥ T) rests on: calibration recall runs of LSTMs with
+    a known forget bias, by memory time against T."""
+    out = {"tau >= T": [0, 0], "T/ln 1000 <= tau < T": [0, 0], "tau < T/ln 1000": [0, 0]}
+    for r in tb.load_runs():
+        cfg = r["config"]
+        if tb.split_of(r["seed"]) != "calibration" or r["task"] != "recall" or not (
+                cfg == "lstm_default" or cfg.startswith("lstm_fb")):
+            continue
+        b = 0.0 if cfg == "lstm_default" else float(cfg[len("lstm_fb"):])
+        tau = -1.0 / math.log(1.0 / (1.0 + math.exp(-b)))
+        key = ("tau >= T" if tau >= r["T"] else
+               "T/ln 1000 <= tau < T" if tau >= r["T"] / math.log(1000) else "tau < T/ln 1000")
+        out[key][0] += 1
+        out[key][1] += int(r["learned"])
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def single_rule(cal, feat):

@@ -15,3 +15,7 @@ CELLS = {('above', 1): (3, 0), ('above', 2): (5, 0), ('below', 0): (39, 1), ('be
 # gated runs with reach below LO on the calibration half: (runs, learned)
 GATED_ADDING = (63, 32)
 GATED_RECALL = (63, 0)
+# single-layer LSTMs on recall, calibration half, by forget-gate memory time τ = -1/ln σ(b_f)
+# against T (lstm_fb* configs; lstm_default at b_f = 0, PyTorch's biases being drawn around 0):
+# 'tau >= T', 'T/ln 1000 <= tau < T', 'tau < T/ln 1000' -> (runs, learned)
+FORGET_TAU = {'tau >= T': (9, 9), 'T/ln 1000 <= tau < T': (9, 7), 'tau < T/ln 1000': (36, 1)}
