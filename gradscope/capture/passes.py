@@ -124,7 +124,7 @@ class Passes:
 
     Args:
         sentinel: ``(name, parameter)`` of the parameter whose hook counts steps (module
-            docstring), or None to count at the outputs.
+            docstring; hooked by :meth:`install`), or None to count at the outputs.
         note: adds a note to the recording (key, text): says when counting moves to the outputs.
 
     Attributes:
@@ -159,8 +159,12 @@ class Passes:
         self._fired = 0             # backward calls that reached the sentinel ...
         self._counted = 0           # ... of which counted as steps
         self._off = 0               # off-schedule forward passes while the sentinel counts
-        if sentinel is not None:
-            self.sentinel, self._sentinel_param = sentinel
+        self._sentinel_spec = sentinel
+
+    def install(self) -> None:
+        """Register the sentinel's hook (counting at the outputs where there is none)."""
+        if self._sentinel_spec is not None and self._sentinel_handle is None and not self.closed:
+            self.sentinel, self._sentinel_param = self._sentinel_spec
             self._sentinel_handle = self._sentinel_param.register_hook(self._on_sentinel_grad)
 
     def _on_sentinel_grad(self, grad) -> None:

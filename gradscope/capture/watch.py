@@ -153,6 +153,7 @@ class Scope:
         _ACTIVE[model] = weakref.ref(self)
         try:
             # ScopeHook: a copy of the model (deepcopy, pickle) gets no-op hooks, not a copy of this watch
+            self.passes.install()  # the step counter's hook on the sentinel parameter
             self._root_handles = [model.register_forward_pre_hook(ScopeHook(self._root_pre)),
                                   model.register_forward_hook(ScopeHook(self._root_post))]
             self._cells.install()
