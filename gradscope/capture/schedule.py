@@ -1,8 +1,8 @@
 """When a watched step gets a deep pass (per-timestep capture) and when a probe: fixed or by budget.
 
-A *step* is one forward pass of the watched model with gradients enabled (through to its backward
-pass). Every step pays only the light tier: counting, and on recorded steps the parameter-gradient
-norms. Two kinds of work cost more:
+A *step* is one backward call that reaches the watched model, with the forward passes (gradients
+enabled) it goes back through (:mod:`.passes`); its schedule is decided at its first forward pass.
+Every step pays only the light tier: counting, and on recorded steps the parameter-gradient norms. Two kinds of work cost more:
 
 * a **deep pass** — the per-timestep capture (replay of fused modules, a hook per state): on the
   order of a plain step's time again;
@@ -11,11 +11,13 @@ norms. Two kinds of work cost more:
 
 ``every=N`` / ``probe_every=N`` fix the schedule. Otherwise the schedule keeps gradscope's extra
 time within ``overhead`` (default 3%) of the training loop's own time, split evenly between deep
-passes and probes: each kind earns ``overhead / 2`` of every step's duration as credit, a pass of
+passes and probes: each kind earns ``overhead × (1 - RESERVE) / 2`` of every step's duration as
+credit, a pass of
 that kind runs when the credit covers its last measured extra cost, and the cost is then charged.
 The light tier is paid from the same budget: the watch reports the time its own hooks take on
 plain steps (:meth:`Schedule.light`), and that time is taken from both kinds' credit before they
-earn any (the cost of the hooks' mere presence in nn.Module's call path is not seen by this clock).
+earn any. What this clock cannot see — the hooks' mere presence in nn.Module's call path, the step
+counter's hook inside backward — is paid by spending only ``1 - RESERVE`` (85%) of the budget.
 The first step always gets both (discovery needs one, and ``diagnose`` needs Jacobian evidence);
 neither is ever rarer than ``max_interval`` steps (which can overrun the budget: say so in the
 meta). Durations are host wall-clock times between consecutive forward passes (on a GPU the host
@@ -36,13 +38,18 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from ..errors import GradscopeError
 
-__all__ = ["Schedule", "AUTO", "DEFAULT_OVERHEAD", "DEFAULT_MAX_INTERVAL"]
+__all__ = ["Schedule", "AUTO", "DEFAULT_OVERHEAD", "DEFAULT_MAX_INTERVAL", "RESERVE"]
 
 AUTO = "auto"
 DEFAULT_OVERHEAD = 0.03
 DEFAULT_MAX_INTERVAL = 10_000
 _RECENT = 32  # plain-step durations kept for the running mean
 _MIN_COST = 0.1  # the least extra cost charged for a deep pass or probe, in plain steps
+# The share of the budget kept for what this clock cannot see: the hooked call path of the model
+# (nn.Module's slow path for a module with hooks) and the step counter's hook inside backward. On
+# the small CPU LSTM step of benchmarks/overhead.py those cost 0.1-0.4% of the step (the
+# off-schedule row's ratio minus the light tier the watch times), about a tenth of a 3% budget.
+RESERVE = 0.15
 # a step with both: each kind's share of the extra cost (the probe is the larger part)
 _SHARE = {(True, False): (1.0, 0.0), (False, True): (0.0, 1.0), (True, True): (0.2, 0.8)}
 
@@ -135,7 +142,7 @@ class Schedule:
         if not math.isfinite(seconds) or seconds < 0:
             return
         self.elapsed += seconds
-        earned = (seconds * self.overhead - self._light_new) / 2
+        earned = (seconds * self.overhead * (1.0 - RESERVE) - self._light_new) / 2
         self._light_new = 0.0
         self._deep.credit += earned
         self._probe.credit += earned
