@@ -126,12 +126,14 @@ def _head_colors(H: int) -> List:
 
 def _entropy_panel(ax, steps: np.ndarray, E: Optional[np.ndarray], colors: Sequence, title: str,
                    label_y: bool = True) -> int:
-    """Lines of ``E`` ``[S, H]`` over ``steps`` into ``ax``; returns how many values were not finite.
+    """Lines of ``E`` ``[S, H]`` over ``steps`` into ``ax`` (with one step: a point per head, the
+    heads along the x axis, ``len(colors)`` of them); returns how many values were not finite.
 
     Non-finite values break their head's line and are marked by crosses on the bottom edge.
     """
     ax.set_title(title, fontsize=9, parse_math=False)
-    ax.set_xlabel("training step", fontsize=8)
+    one = len(steps) == 1  # one recorded step (a probe): heads along the x axis
+    ax.set_xlabel(f"head (step {int(steps[0])}, the only recorded step)" if one else "training step", fontsize=8)
     if label_y:
         ax.set_ylabel("normalised attention entropy", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -146,22 +148,30 @@ def _entropy_panel(ax, steps: np.ndarray, E: Optional[np.ndarray], colors: Seque
         fin = np.isfinite(E)
         marker = "o" if len(steps) <= 40 else None
         H = E.shape[1]
-        # one step (a probe): heads side by side around it, so that equal values do not hide each other
-        dodge = (np.arange(H) - (H - 1) / 2) * min(0.6 / max(H - 1, 1), 0.12) if len(steps) == 1 else np.zeros(H)
         for h in range(H):
-            if fin[:, h].any():
-                ax.plot(steps + dodge[h], np.where(fin[:, h], E[:, h], np.nan), color=colors[h], lw=1.3,
-                        marker=marker, ms=3 if len(steps) > 1 else 4, label=f"head {h}")
+            if not fin[:, h].any():
+                continue
+            if one:  # a lollipop per head: its value, and a stem down to 0 (one-hot)
+                ax.vlines(h, 0.0, E[0, h], color=colors[h], lw=1.0, alpha=0.5, zorder=1)
+                ax.plot([h], E[0, h:h + 1], color=colors[h], ls="", marker="o", ms=5, label=f"head {h}", zorder=2)
+            else:
+                ax.plot(steps, np.where(fin[:, h], E[:, h], np.nan), color=colors[h], lw=1.3,
+                        marker=marker, ms=3, label=f"head {h}")
         if fin.any():
             lo = min(lo, float(E[fin].min()) - 0.04)
             hi = max(hi, float(E[fin].max()) + 0.04)
         else:
             C.message(ax, "no finite attention entropy\nin the recorded steps", backgroundcolor="white")
         bad = int((~fin).sum())
-        _mark_nonfinite(ax, steps[(~fin).any(axis=1)])
+        _mark_nonfinite(ax, np.flatnonzero(~fin[0]) if one else steps[(~fin).any(axis=1)])
     ax.set_ylim(lo, hi)
     ax.set_yticks(*_ENTROPY_TICKS)
-    _step_axis(ax, steps)
+    if one:  # the same limits on every panel of a grid (their x axes are shared)
+        H = len(colors)
+        ax.set_xticks(range(0, H, max(1, -(-H // 12))))  # ≤ 12 tick labels
+        ax.set_xlim(-0.6, H - 0.4)
+    else:
+        _step_axis(ax, steps)
     ax.grid(axis="y", alpha=0.25)
     return bad
 
@@ -200,9 +210,9 @@ def attention_entropy(rec, site: Optional[str] = None, *, module: Optional[str] 
     rows, so that **1 is uniform attention** (every key weighted alike) and **0 is one-hot**
     (every query attends a single key); the y axis is labelled so. Heads falling toward 0 while
     training is the attention-entropy collapse of Zhai et al. (2023); heads stuck at 1 attend
-    nothing in particular. With one recorded step (a probe) every head is one point, the heads set
-    side by side around the step. A non-finite value breaks its head's line; a cross on the bottom
-    edge marks its step and the legend counts them.
+    nothing in particular. With one recorded step (a probe) the x axis is the head instead: one
+    point per head on a stem from 0. A non-finite value breaks its head's line; a cross on the
+    bottom edge marks its step (its head, with one step) and the legend counts them.
 
     Args:
         rec: a :class:`~gradscope.Recording` (or a :class:`~gradscope.Diagnosis` of one) of a model

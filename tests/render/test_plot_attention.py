@@ -155,15 +155,18 @@ def test_entropy_draws_into_given_axes(trained):
         gp.attention_entropy(trained, "layers.0", ax=given)
 
 
-def test_entropy_of_a_probe_draws_points(probed, review_dir):
+def test_entropy_of_a_probe_draws_one_point_per_head(probed, review_dir):
     axes = gp.attention_entropy(probed)
     assert len(axes) == 2 and len(axes[0].figure.axes) == 2
     for a in axes:
         lines = data_lines(a)
         assert len(lines) == 2 and all(ln.get_marker() == "o" and len(ln.get_xdata()) == 1 for ln in lines)
-        assert a.get_xlim()[0] < 0 < a.get_xlim()[1]
         xs = [float(ln.get_xdata()[0]) for ln in lines]
-        assert xs[0] < 0 < xs[1] and abs(xs[0] + xs[1]) < 1e-12  # heads side by side around step 0
+        assert xs == [0.0, 1.0]  # one recorded step: the heads along the x axis
+        assert a.get_xlim()[0] < 0 and a.get_xlim()[1] > 1
+        assert a.get_xlabel().startswith("head")
+        E = probed.attention_entropy(a.get_title())
+        assert [float(ln.get_ydata()[0]) for ln in lines] == pytest.approx(list(E[0]))
     save_and_check(axes[0].figure, os.path.join(review_dir, "attn_entropy_probe.png"), min_std=0.01)
 
 
@@ -217,7 +220,9 @@ def test_entropy_of_cross_attention_by_module(review_dir):
                                rec.attention_entropy("decoder.layers.1", "multihead_attn")[:, 1])
     axes = gp.attention_entropy(rec, module="multihead_attn")  # the encoder block has no cross-attention
     assert len(axes) == 3 and any("no attention entropy" in t for t in notes(axes[0]))
-    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["0"]  # one step: one tick, no made-up steps
+    # one step: the x axis is the head (two here), the same on the panel without the measure
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["0", "1"]
+    assert axes[0].get_xlabel().startswith("head")
     save_and_check(axes[0].figure, os.path.join(review_dir, "attn_entropy_cross_attention.png"), min_std=0.01)
 
 
