@@ -89,10 +89,20 @@ yields the total ∂L/∂h_t and ∂L/∂c_t; weight gradients are then a few la
 compiled at run time (an earlier C++ extension, removed, bought every=1 on the small LSTM 1.6 →
 1.2× and nothing on a GPU).
 
-Off schedule, reproduced (2026-12-04, same machine, the two checkouts alternating runs): the
-checkout before gradient checkpointing, update ratios and the capture restructure gave 1.012× and
-1.019×, this one 1.022× and 1.017×: no change beyond run-to-run noise, and neither meets ≤ 1.01×
-reliably (an earlier 1.006× did not reproduce). The default rows are within ±1% of 1.03×."""
+Steps off the schedule. A step is counted by a hook set once on the model's first trainable
+parameter (the *sentinel*, `gradscope/capture/passes.py`; checked against a hook on the outputs on
+scheduled passes and one off-schedule pass in 16) instead of a hook registered on every step's
+output — registering a hook on a fresh autograd node cost 39–52 µs on this CPU, whose caches the
+model's own step has just evicted — and off-schedule passes share one inert pass object. The
+watch's own clocked time on a plain small-LSTM step fell from 149 µs to 46 µs (`light_seconds` per
+step, 1 thread, quiet machine), the off-schedule row from 1.015–1.030× (three runs of the earlier
+code) to 1.002–1.010× (four runs: 1.004, 1.007, 1.002, 1.010). The default budget keeps 15% of
+itself (`schedule.RESERVE`)
+for what its clock cannot see — nn.Module's hooked call path and the sentinel's hook inside
+backward, 0.1–0.4% of the small step by the off-schedule rows less the clocked light tier. Without
+the reserve two runs of the default rows gave 1.014/1.024/1.027/1.023 and 0.991/1.019/1.031/1.028
+(large LSTM, small LSTM, GRU, LSTMCell); with it the table above and, in a repeat of the default
+rows, 1.006/1.022/1.024/1.024 (2026-12-04, same machine). Ratios move by about ±0.5% between runs."""
 
 NOTES_CUDA = """On CUDA every timed step ends with `torch.cuda.synchronize()`; the watched copy's fused weights
 are re-flattened after the deep copy (else cuDNN compacts them on every call). A scheduled watched
