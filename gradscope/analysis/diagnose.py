@@ -355,6 +355,11 @@ class Diagnosis:
                 how = f"budget {b} of the loop's time"
         real = sc.get("realised_overhead")
         cost = f", realised overhead {real:.1%}" if isinstance(real, (int, float)) else ""
+        light, budget = sc.get("light_overhead"), sc.get("overhead_budget")
+        if isinstance(light, (int, float)) and isinstance(budget, (int, float)) and light > budget:
+            cost += (f", of which {light:.1%} the hooks on every step alone — over the budget: with "
+                     f"steps this short only the first deep pass and probe (and those max_interval "
+                     f"forces) run")
         return (f"schedule: {how} — {sc.get('deep_passes', 0)} deep pass(es), {sc.get('probes', 0)} "
                 f"probe(s){cost}")
 

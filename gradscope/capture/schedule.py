@@ -187,6 +187,8 @@ class Schedule:
                 "deep_passes": self._deep.count, "probes": self._probe.count,
                 "light_seconds": self.light_seconds,
                 "realised_overhead": spent / base if base > 0 else None,
+                # the hooks' own share alone (on very short steps it can exceed the budget)
+                "light_overhead": self.light_seconds / base if base > 0 else None,
                 "measured_seconds": self.elapsed}
 
 

@@ -65,8 +65,12 @@ def test_the_light_tier_is_paid_from_the_same_budget():
     # every plain step paid (steps with both a deep pass and a probe counted once: rel 1e-3)
     assert paid["light_seconds"] == pytest.approx(0.01 * (20_000 - paid["deep_passes"] - paid["probes"]), rel=1e-3)
     assert paid["realised_overhead"] == pytest.approx(spend, rel=0.15)   # light tier included
-    # hooks that cost more than the budget leave nothing for deep passes beyond the first
-    assert run(0.05)["deep_passes"] == 1
+    # hooks that cost more than the budget leave nothing for deep passes beyond the first, and
+    # the meta says what the hooks alone took
+    over = run(0.05)
+    assert over["deep_passes"] == 1
+    assert over["light_overhead"] == pytest.approx(0.05, rel=0.05)
+    assert paid["light_overhead"] == pytest.approx(0.01, rel=0.05) and free["light_overhead"] == 0.0
 
 
 def test_budget_adapts_to_the_measured_cost():
@@ -151,3 +155,18 @@ def test_the_schedule_line_says_which_part_the_budget_spaces(kw, says):
         for _ in range(4):
             model(torch.randn(5, 2, 3))[0].sum().backward()
     assert scope.diagnose().schedule_line().startswith(f"schedule: {says} — ")
+
+
+def test_the_schedule_line_says_when_the_hooks_alone_exceed_the_budget():
+    model = nn.RNN(3, 4)
+    with gradscope.watch(model) as scope:
+        for _ in range(4):
+            model(torch.randn(5, 2, 3))[0].sum().backward()
+    diag = scope.diagnose()
+    sched = diag.meta["schedule"]
+    assert isinstance(sched["light_overhead"], float) and sched["light_overhead"] > 0
+    sched.update(light_overhead=0.052, overhead_budget=0.03)
+    line = diag.schedule_line()
+    assert "of which 5.2% the hooks on every step alone — over the budget" in line
+    sched.update(light_overhead=0.004)
+    assert "hooks on every step" not in diag.schedule_line()
