@@ -46,7 +46,7 @@ from .sites import flatten_tensors
 __all__ = ["Pass", "Passes", "CaptureHost", "MAX_PENDING", "AUDIT_EVERY"]
 
 MAX_PENDING = 16  # forwards with gradients that never saw a backward; older ones are dropped
-AUDIT_EVERY = 16  # in sentinel counting, one off-schedule step in this many also hooks its outputs
+AUDIT_EVERY = 16  # in sentinel counting, one off-schedule forward pass in this many also hooks its outputs
 
 
 class Pass:
@@ -169,16 +169,17 @@ class Passes:
 
     def _on_sentinel_grad(self, grad) -> None:
         # once per backward call that reaches it (a leaf's hook sees the gradient summed over all
-        # its uses in that call), after the model's outputs (the parameter is upstream of them)
+        # its uses in that call), after the model's outputs (the parameter is upstream of them);
+        # no graph_task_id() here: end_backward compares counts, which a reentrant checkpoint's
+        # inner backward call (a task of its own) also advances
         self._fired += 1
 
     def off_schedule(self) -> Pass:
         """The pass object for an off-schedule forward pass starting now: the shared inert
         :attr:`plain` while the sentinel counts steps, an *audit* pass (its outputs hooked, the
         sentinel checked at the end of its backward) on the first off-schedule pass and one in
-        :data:`AUDIT_EVERY` after it, a fresh
-        pass with hooked outputs once steps are counted at the outputs. A sentinel that stopped
-        requiring gradients (frozen) ends sentinel counting."""
+        :data:`AUDIT_EVERY` after it, a fresh pass with hooked outputs once steps are counted at
+        the outputs. A sentinel that stopped requiring gradients (frozen) ends sentinel counting."""
         if self._sentinel_handle is not None and not self._sentinel_param.requires_grad:
             self._count_at_outputs(f"the parameter {self.sentinel!r} stopped requiring gradients")
         if self._sentinel_handle is None:

@@ -250,6 +250,28 @@ def test_checkpoint_around_the_whole_model_from_the_training_loop(reentrant):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_whole_model_checkpointed_off_schedule_steps_are_counted_by_the_sentinel(reentrant):
+    # every=2: the step counter's sentinel parameter lies inside the checkpointed region; under
+    # reentrant checkpointing its gradient arrives in an inner backward call of the step's own.
+    torch.manual_seed(7)
+    model = CellCkpt(LinearCell(H, I), False, None).double()
+    plain = copy.deepcopy(model)
+    xs = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    with gradscope.watch(model, every=2, probe_every=None) as scope:
+        assert scope.passes.sentinel is not None
+        for x in xs:
+            model.zero_grad()
+            _loss(checkpoint(model, x, use_reentrant=reentrant)).backward()
+            plain.zero_grad()
+            _loss(plain(x)).backward()
+            for a, b in zip(model.parameters(), plain.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, rtol=RTOL, atol=1e-12)
+        assert scope.passes.sentinel is not None  # never had to fall back
+    assert scope.step == 5 and list(scope.recording.steps) == [0, 2, 4] and not scope.recording.notes
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("problem", ["lstm", "linear-cell-chunks"])
 def test_probe_of_a_checkpointed_model(problem, reentrant):
     torch.manual_seed(3)
