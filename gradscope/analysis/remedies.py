@@ -247,8 +247,8 @@ def forget_bias_plan(evidence: Mapping[str, Any], threshold: float = KEEP_OVER_S
     target (the gradient horizon's 1e-3, τ ≥ T/6.9) was tried first and is too little in practice:
     on the calibration half of ``benchmarks/trainability.py`` (recall task, fixed forget biases) the
     share of LSTMs that learned falls from τ ≥ T to τ < T/6.9 (the counts are ``FORGET_TAU`` of
-    :mod:`._trainability_table`, written by ``benchmarks/trainability_calibrate.py fit``; at the
-    time of writing 9 of 9, 7 of 9 and 1 of 36); the remedy benchmark
+    :mod:`._trainability_table`, written by ``benchmarks/trainability_calibrate.py fit``, and
+    quoted in the remedy's text); the remedy benchmark
     (``benchmarks/remedies_trained.py``) checks the target on held-out runs.
 
     Returns:
@@ -543,9 +543,7 @@ def _bias_lines(c: _Ctx, stmts: List[str]) -> List[str]:
 
 def _forget_evidence() -> str:
     """The calibration runs the τ ≥ T target rests on, from the generated table."""
-    ev = getattr(_table, "FORGET_TAU", None)
-    if not ev:
-        return ""
+    ev = _table.FORGET_TAU
     (n1, k1), (n2, k2), (n3, k3) = ev["tau >= T"], ev["T/ln 1000 <= tau < T"], ev["tau < T/ln 1000"]
     return (f"In the calibration half of gradscope's trainability benchmark (recall task) LSTMs learned "
             f"in {k1} of {n1} runs with τ ≥ T, {k2} of {n2} with T/6.9 ≤ τ < T and {k3} of {n3} with "

@@ -123,8 +123,6 @@ class Passes:
     """The pass in progress, the pending passes and the step count of one watch.
 
     Args:
-        sentinel: ``(name, parameter)`` of the parameter whose hook counts steps (module
-            docstring; hooked by :meth:`install`), or None to count at the outputs.
         note: adds a note to the recording (key, text): says when counting moves to the outputs.
 
     Attributes:
@@ -138,8 +136,7 @@ class Passes:
         sentinel: the sentinel parameter's name while steps are counted by it, else None.
     """
 
-    def __init__(self, sentinel: Optional[Tuple[str, Any]] = None,
-                 note: Callable[[Any, str], None] = lambda key, text: None):
+    def __init__(self, note: Callable[[Any, str], None] = lambda key, text: None):
         self.current: Optional[Pass] = None
         self.plain = Pass(False)  # the pass object of every off-schedule, non-audit forward pass
         self.pending: List[Pass] = []
@@ -159,13 +156,18 @@ class Passes:
         self._fired = 0             # backward calls that reached the sentinel ...
         self._counted = 0           # ... of which counted as steps
         self._off = 0               # off-schedule forward passes while the sentinel counts
-        self._sentinel_spec = sentinel
 
-    def install(self) -> None:
-        """Register the sentinel's hook (counting at the outputs where there is none)."""
-        if self._sentinel_spec is not None and self._sentinel_handle is None and not self.closed:
-            self.sentinel, self._sentinel_param = self._sentinel_spec
+    def install(self, sentinel: Optional[Tuple[str, Any]]) -> None:
+        """Count steps by the hook of ``sentinel``, ``(name, parameter)`` (module docstring); None:
+        count at the outputs."""
+        if sentinel is not None and self._sentinel_handle is None and not self.closed:
+            self.sentinel, self._sentinel_param = sentinel
             self._sentinel_handle = self._sentinel_param.register_hook(self._on_sentinel_grad)
+
+    def _remove_sentinel(self) -> None:
+        self._settle_sentinel()
+        remove_leaf_hooks([self._sentinel_handle], [self._sentinel_param])
+        self._sentinel_handle = self._sentinel_param = None
 
     def _on_sentinel_grad(self, grad) -> None:
         # once per backward call that reaches it (a leaf's hook sees the gradient summed over all
@@ -191,9 +193,7 @@ class Passes:
         """End sentinel counting: from now on each backward call reaching the outputs is a step."""
         if self._sentinel_handle is None:
             return
-        self._settle_sentinel()
-        remove_leaf_hooks([self._sentinel_handle], [self._sentinel_param])
-        self._sentinel_handle = self._sentinel_param = None
+        self._remove_sentinel()
         self._note("step-count", f"steps are counted at the model's outputs from step {self.step} on: {why} "
                                  f"(steps were counted by the gradient reaching {self.sentinel!r} before; "
                                  f"backward calls that skipped it were not counted)")
@@ -321,9 +321,7 @@ class Passes:
     def close(self) -> None:
         """Mark closed, remove the sentinel's hook and drop every pending pass."""
         if self._sentinel_handle is not None:
-            self._settle_sentinel()
-            remove_leaf_hooks([self._sentinel_handle], [self._sentinel_param])
-            self._sentinel_handle = self._sentinel_param = None
+            self._remove_sentinel()
         self.closed = True
         for p in self.pending:
             p.drop()

@@ -2,7 +2,8 @@
 
 A *step* is one backward call that reaches the watched model, with the forward passes (gradients
 enabled) it goes back through (:mod:`.passes`); its schedule is decided at its first forward pass.
-Every step pays only the light tier: counting, and on recorded steps the parameter-gradient norms. Two kinds of work cost more:
+Every step pays only the light tier: counting, and on recorded steps the parameter-gradient norms.
+Two kinds of work cost more:
 
 * a **deep pass** — the per-timestep capture (replay of fused modules, a hook per state): on the
   order of a plain step's time again;
@@ -12,8 +13,8 @@ Every step pays only the light tier: counting, and on recorded steps the paramet
 ``every=N`` / ``probe_every=N`` fix the schedule. Otherwise the schedule keeps gradscope's extra
 time within ``overhead`` (default 3%) of the training loop's own time, split evenly between deep
 passes and probes: each kind earns ``overhead × (1 - RESERVE) / 2`` of every step's duration as
-credit, a pass of
-that kind runs when the credit covers its last measured extra cost, and the cost is then charged.
+credit, a pass of that kind runs when the credit covers its last measured extra cost, and the cost
+is then charged.
 The light tier is paid from the same budget: the watch reports the time its own hooks take on
 plain steps (:meth:`Schedule.light`), and that time is taken from both kinds' credit before they
 earn any. What this clock cannot see — the hooks' mere presence in nn.Module's call path, the step

@@ -12,7 +12,7 @@ lifetime and every handle; the work is done by collaborators it owns, each with 
   module call belongs to (also for activation-checkpoint recomputations inside backward) and when
   a step ends. Off schedule the only work is the two root hooks and a hook set once on one
   parameter that counts the backward calls (the *sentinel*, checked against the outputs on
-  scheduled steps and one plain step in 16); fused modules run their own kernel untouched
+  scheduled steps and one off-schedule pass in 16); fused modules run their own kernel untouched
   (bitwise identical results).
 * :mod:`.cells` — :class:`~.cells.Cells`: on scheduled passes fused ``nn.RNN/LSTM/GRU`` modules
   are replayed step by step (:mod:`.replay`) so every h_t and c_t is a graph node, user cells get
@@ -120,10 +120,7 @@ class Scope:
         self._begin = eager(self._schedule.begin)
         self._probe_now = eager(self._probe)
         self._collector = Collector(NORM_CHUNK)  # this step's values; normed in batches, one host copy
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # every pass scheduled (every=1): all outputs are hooked anyway, no sentinel needed
-        sentinel = trainable[0] if trainable and trainable[0][1].is_leaf and every != 1 else None
-        self.passes = Passes(sentinel, self._notes.add)
+        self.passes = Passes(self._notes.add)
         self._params = ParamGrads(model, self.passes, self._collector, hooked=self.ddp is None)
         self._update_ratio, why_not = resolve_update_ratio(update_ratio, [p for _, p in self._params.params])
         if why_not:
@@ -153,7 +150,10 @@ class Scope:
         _ACTIVE[model] = weakref.ref(self)
         try:
             # ScopeHook: a copy of the model (deepcopy, pickle) gets no-op hooks, not a copy of this watch
-            self.passes.install()  # the step counter's hook on the sentinel parameter
+            # the step counter's hook on the first trainable parameter; with every pass scheduled
+            # (every=1) all outputs are hooked anyway and steps are counted there
+            trainable = self._params.params
+            self.passes.install(trainable[0] if trainable and every != 1 else None)
             self._root_handles = [model.register_forward_pre_hook(ScopeHook(self._root_pre)),
                                   model.register_forward_hook(ScopeHook(self._root_post))]
             self._cells.install()

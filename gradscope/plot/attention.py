@@ -87,12 +87,9 @@ def _series(rec, site: str, getter) -> Optional[np.ndarray]:
 
 
 def _step_axis(ax, steps: np.ndarray) -> None:
+    """Training steps on the x axis (two or more; one step puts the heads there instead)."""
     from matplotlib.ticker import MaxNLocator
 
-    if len(steps) == 1:  # a probe: one point per head above its step, no made-up neighbouring steps
-        ax.set_xlim(steps[0] - 1, steps[0] + 1)
-        ax.set_xticks([steps[0]], labels=[str(int(steps[0]))])
-        return
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     pad = 0.03 * float(steps[-1] - steps[0])
     ax.set_xlim(steps[0] - pad, steps[-1] + pad)
